@@ -2,15 +2,244 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
+#include <random>
 #include <vector>
 
 namespace lossguard::analyzers {
 namespace {
 
+// A range test as LR finders run it: lr = 1e-7 * 1.06^i up to `max_lr`.
+std::vector<double> ExponentialLrs(double max_lr, double start = 1e-7,
+                                   double factor = 1.06) {
+  std::vector<double> lrs;
+  for (double lr = start; lr <= max_lr; lr *= factor) lrs.push_back(lr);
+  return lrs;
+}
+
+// Flat at 2.3 below lr 1e-4, falls linearly in log10(lr) to 0.3 at 1e-2,
+// flat at 0.3 up to lr 1, then blows up (x10 per third of a decade).
+double IdealLoss(double lr) {
+  const double x = std::log10(lr);
+  if (x < -4) return 2.3;
+  if (x < -2) return 2.3 - (x + 4);
+  if (x < 0) return 0.3;
+  return 0.3 * std::pow(10.0, 3.0 * x);
+}
+
+std::vector<double> Losses(const std::vector<double>& lrs,
+                           double (*loss_of_lr)(double)) {
+  std::vector<double> losses;
+  for (double lr : lrs) losses.push_back(loss_of_lr(lr));
+  return losses;
+}
+
+// Adds minibatch-like noise: Gaussian with this standard deviation.
+void AddNoise(std::vector<double>& losses, double sigma, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> noise(0.0, sigma);
+  for (double& loss : losses) loss += noise(rng);
+}
+
+// |log10(a / b)|: the distance of two LRs in decades.
+double Decades(double a, double b) { return std::abs(std::log10(a / b)); }
+
 TEST(LrRangeTest, RejectsMismatchedLengths) {
   std::vector<double> lrs = {1e-7, 1e-6};
   std::vector<double> losses = {2.3};
   EXPECT_EQ(SuggestLearningRate(lrs, losses).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LrRangeTest, SuggestsMiddleOfSteepDescent) {
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  const std::vector<double> losses = Losses(lrs, IdealLoss);
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_GE(s->suggested_lr, 1e-4);
+  EXPECT_LE(s->suggested_lr, 1e-2);
+  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.1) << s->evidence;
+  // The region is the descent, give or take the smoothing window.
+  EXPECT_LT(Decades(s->steep_lo_lr, 1e-4), 0.3) << s->evidence;
+  EXPECT_LT(Decades(s->steep_hi_lr, 1e-2), 0.3) << s->evidence;
+  EXPECT_LE(s->steep_lo_lr, s->suggested_lr);
+  EXPECT_GE(s->steep_hi_lr, s->suggested_lr);
+  EXPECT_LT(Decades(s->steepest_slope_per_decade, -1.0), 0.05);
+  // The blow-up past lr 1 is found, and the minimum lies before it.
+  EXPECT_GT(s->diverge_lr, 1.0);
+  EXPECT_LT(s->diverge_lr, 3.0);
+  EXPECT_GE(s->min_loss_lr, 1e-2);
+  EXPECT_LT(s->min_loss_lr, s->diverge_lr);
+  EXPECT_LT(s->points_used, static_cast<int>(lrs.size()));
+  EXPECT_FALSE(s->still_descending);
+  EXPECT_NE(s->evidence.find("steepest-descent region"), std::string::npos);
+}
+
+TEST(LrRangeTest, RobustToMinibatchNoise) {
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  for (unsigned seed : {1u, 2u, 3u, 4u, 5u}) {
+    std::vector<double> losses = Losses(lrs, IdealLoss);
+    AddNoise(losses, 0.1, seed);
+    absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+    ASSERT_TRUE(s.ok()) << "seed " << seed << ": " << s.status();
+    EXPECT_GE(s->suggested_lr, 1e-4) << "seed " << seed;
+    EXPECT_LE(s->suggested_lr, 1e-2) << "seed " << seed;
+    EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25)
+        << "seed " << seed << ": " << s->evidence;
+  }
+}
+
+TEST(LrRangeTest, RobustToLossSpikes) {
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  std::vector<double> losses = Losses(lrs, IdealLoss);
+  AddNoise(losses, 0.05, 7);
+  // One batch in eleven is five times as hard.
+  for (std::size_t i = 0; i < losses.size(); i += 11) losses[i] *= 5;
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25) << s->evidence;
+  EXPECT_GT(s->diverge_lr, 1.0) << s->evidence;
+}
+
+TEST(LrRangeTest, ScaleFreeInTheLoss) {
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  std::vector<double> losses = Losses(lrs, IdealLoss);
+  AddNoise(losses, 0.1, 11);
+  std::vector<double> scaled = losses;
+  for (double& loss : scaled) loss *= 1000.0;
+  absl::StatusOr<LrSuggestion> a = SuggestLearningRate(lrs, losses);
+  absl::StatusOr<LrSuggestion> b = SuggestLearningRate(lrs, scaled);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_DOUBLE_EQ(a->suggested_lr, b->suggested_lr);
+}
+
+TEST(LrRangeTest, HandlesCurveThatNeverDiverges) {
+  // Stops at lr 0.3: the loss is flat at its minimum to the end.
+  const std::vector<double> lrs = ExponentialLrs(0.3);
+  std::vector<double> losses = Losses(lrs, IdealLoss);
+  AddNoise(losses, 0.05, 3);
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->diverge_lr, 0.0);
+  EXPECT_EQ(s->points_used, static_cast<int>(lrs.size()));
+  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25) << s->evidence;
+  EXPECT_NE(s->evidence.find("did not blow up"), std::string::npos);
+}
+
+TEST(LrRangeTest, FlagsCurveStillFallingAtTheEnd) {
+  // Stops at lr 3e-3, in the middle of the descent.
+  const std::vector<double> lrs = ExponentialLrs(3e-3);
+  const std::vector<double> losses = Losses(lrs, IdealLoss);
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_TRUE(s->still_descending);
+  EXPECT_GE(s->suggested_lr, 1e-4);
+  EXPECT_LE(s->suggested_lr, 3e-3);
+  EXPECT_NE(s->evidence.find("still falling"), std::string::npos);
+}
+
+TEST(LrRangeTest, CutsAtNanTail) {
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  std::vector<double> losses = Losses(lrs, IdealLoss);
+  AddNoise(losses, 0.05, 5);
+  std::size_t first_nan = 0;
+  while (lrs[first_nan] < 0.1) ++first_nan;
+  for (std::size_t i = first_nan; i < losses.size(); ++i) {
+    losses[i] = (i % 2 == 0) ? std::numeric_limits<double>::quiet_NaN()
+                             : std::numeric_limits<double>::infinity();
+  }
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->points_used, static_cast<int>(first_nan));
+  EXPECT_DOUBLE_EQ(s->diverge_lr, lrs[first_nan]);
+  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25) << s->evidence;
+  EXPECT_NE(s->evidence.find("non-finite"), std::string::npos);
+}
+
+TEST(LrRangeTest, RejectsTooFewPoints) {
+  const std::vector<double> lrs = ExponentialLrs(1e-6);  // 40 points
+  std::vector<double> losses(lrs.size(), 2.3);
+  LrRangeTestOptions options;
+  options.min_points = static_cast<int>(lrs.size()) + 1;
+  EXPECT_EQ(SuggestLearningRate(lrs, losses, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Default options: 10 points are too few.
+  const std::vector<double> few(lrs.begin(), lrs.begin() + 10);
+  const std::vector<double> few_losses(10, 2.3);
+  EXPECT_EQ(SuggestLearningRate(few, few_losses).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Enough points, but a NaN early leaves too few finite ones.
+  losses[5] = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_EQ(SuggestLearningRate(lrs, losses).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LrRangeTest, RejectsLrThatDoesNotGrow) {
+  std::vector<double> lrs = ExponentialLrs(10.0);
+  const std::vector<double> losses = Losses(lrs, IdealLoss);
+  std::vector<double> flat_step = lrs;
+  flat_step[100] = flat_step[99];
+  EXPECT_EQ(SuggestLearningRate(flat_step, losses).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<double> decreasing(lrs.rbegin(), lrs.rend());
+  EXPECT_EQ(SuggestLearningRate(decreasing, losses).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<double> zero = lrs;
+  zero[0] = 0.0;
+  EXPECT_EQ(SuggestLearningRate(zero, losses).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<double> nan_lr = lrs;
+  nan_lr[50] = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_EQ(SuggestLearningRate(nan_lr, losses).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LrRangeTest, FlatCurveIsAnErrorNotAGuess) {
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  for (unsigned seed : {1u, 2u, 3u}) {
+    std::vector<double> losses(lrs.size(), 2.3);
+    AddNoise(losses, 0.05, seed);
+    absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition)
+        << "seed " << seed << ": "
+        << (s.ok() ? s->evidence : std::string(s.status().message()));
+    if (!s.ok()) {
+      EXPECT_NE(s.status().message().find("no usable descent"),
+                std::string::npos);
+    }
+  }
+}
+
+TEST(LrRangeTest, RisingCurveIsAnError) {
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  std::vector<double> losses;
+  for (double lr : lrs) losses.push_back(1.0 + 0.1 * (std::log10(lr) + 7));
+  EXPECT_EQ(SuggestLearningRate(lrs, losses).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(LrRangeTest, SparseTestStillWorks) {
+  // 100 iterations over 8 decades (fastai's default num_it): ~12 per decade.
+  const std::vector<double> lrs =
+      ExponentialLrs(10.0, 1e-7, std::pow(10.0, 8.0 / 99));
+  std::vector<double> losses = Losses(lrs, IdealLoss);
+  AddNoise(losses, 0.05, 9);
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.3) << s->evidence;
+}
+
+TEST(LrRangeTest, RejectsBadOptions) {
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  const std::vector<double> losses = Losses(lrs, IdealLoss);
+  LrRangeTestOptions options;
+  options.fit_half_width_decades = 0.0;
+  EXPECT_EQ(SuggestLearningRate(lrs, losses, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options = LrRangeTestOptions();
+  options.divergence_factor = 1.0;
+  EXPECT_EQ(SuggestLearningRate(lrs, losses, options).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 

@@ -29,7 +29,8 @@ class CurveAnalyzer {
   // Feeds one step. Diagnoses decided at this step are appended to `*out`
   // (which may be null to discard them). Returns InvalidArgument, and
   // changes nothing, if `rec.step` is not greater than the previous step or
-  // if `rec.lr` is negative or not finite. Non-finite losses are data.
+  // if `rec.lr` is negative or infinite (NaN means "not logged"). Non-finite
+  // losses are data.
   absl::Status Feed(const StepRecord& rec, std::vector<Diagnosis>* out);
 
   // Number of steps accepted so far.

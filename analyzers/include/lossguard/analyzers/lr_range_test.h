@@ -9,9 +9,74 @@
 namespace lossguard::analyzers {
 
 // Options of the LR range test analysis (Smith 2015/2017, "LR finder").
+//
+// The curve is read against x = log10(lr). Windows are given in decades of
+// LR, so the defaults do not depend on how many steps the test took per
+// decade; for a sparse test they widen to hold a minimum number of points.
+// Thresholds on the loss are relative (to the best loss, to the steepest
+// slope, to the local noise), so they serve a loss of 0.01 and one of 10.
 struct LrRangeTestOptions {
-  // Filled in by the implementation (see lr_range_test.cc); every field gets
-  // a comment and a default.
+  // --- input ---
+  // Fewest finite points (before the first non-finite loss) that are
+  // analysed; fewer is InvalidArgument. Below this the smoothing windows
+  // hold only a handful of points.
+  int min_points = 20;
+
+  // --- smoothing ---
+  // Full width, in decades of LR, of the running median applied to the raw
+  // minibatch losses first. It removes single-batch spikes without the lag
+  // of an EMA. 0.1 decade = 2 points either side at the usual x1.06 step.
+  double median_window_decades = 0.1;
+  // The running median reaches at least (min_median_points - 1) / 2
+  // neighbours on either side (for sparse tests), whatever
+  // `median_window_decades` says. 5: one spike among them never moves the
+  // median, even at the ends of the curve where the window is one-sided.
+  int min_median_points = 5;
+  // Half-width, in decades, of the tricube-weighted local linear fit of the
+  // median-filtered loss against log10(lr) that gives the smoothed loss and
+  // its slope. Half a decade in all: narrow enough to resolve a descent one
+  // decade wide, wide enough to average ~20 points at the x1.06 step.
+  double fit_half_width_decades = 0.25;
+  // The local fit gives a non-zero weight to at least
+  // (min_fit_points - 1) / 2 neighbours on either side (for sparse tests).
+  int min_fit_points = 11;
+  // Half-width, in decades, of the window over which the local noise of the
+  // raw losses (robust sigma of their residuals around the smoothed loss)
+  // is measured for the standard errors; at least the fit's half-width. A
+  // decade in all holds ~40 points at the x1.06 step, so sigma is itself
+  // steady, while the noise may still change along the curve.
+  double noise_half_width_decades = 0.5;
+
+  // --- divergence ---
+  // The usable curve ends at the first non-finite loss, or where the
+  // running-median loss rises above this factor times its best value so far
+  // and stays above it to the end (fastai and Lightning stop their range
+  // tests at 4x the best smoothed loss). For a non-positive best loss the
+  // factor applies to the drop from the start.
+  double divergence_factor = 4.0;
+
+  // --- steepest-descent region ---
+  // The region is found by hysteresis, as edges are in images. It is seeded
+  // by points whose slope is at least this many standard errors below zero
+  // (standard error from the local robust noise of the raw losses), so
+  // minibatch noise in a flat stretch never looks like descent...
+  double slope_sigmas = 3.0;
+  // ...and grows over neighbours whose slope is at least this many standard
+  // errors below zero, so one noisy point inside a descent does not split it.
+  double extend_sigmas = 1.0;
+  // Every point of the region also has a slope of at least this fraction of
+  // the steepest significant slope before the loss minimum. 0.1 keeps the
+  // part of a sigmoidal drop that holds ~95% of the fall and drops its
+  // gentle tails.
+  double steep_fraction = 0.1;
+  // The region's drop in smoothed loss must be at least this many standard
+  // errors. The largest of the many noise-only stretches a long flat curve
+  // holds is ~3-4 standard errors; 5 leaves them out, while a real descent
+  // is usually tens of standard errors.
+  double drop_sigmas = 5.0;
+  // The region must lower the smoothed loss by at least this fraction of
+  // the loss at its start; otherwise the curve has no usable descent.
+  double min_relative_drop = 0.02;
 };
 
 // The suggestion drawn from one range-test curve.
@@ -23,12 +88,35 @@ struct LrSuggestion {
   double diverge_lr = 0.0;    // LR where the loss blew up (0 if it did not)
   int points_used = 0;        // finite points analysed
   std::string evidence;       // words with the numbers behind them
+
+  double steepest_lr = 0.0;                // LR of the steepest slope
+  double steepest_slope_per_decade = 0.0;  // d(smoothed loss)/d log10(lr)
+  double region_start_loss = 0.0;          // smoothed loss at steep_lo_lr
+  double region_end_loss = 0.0;            // smoothed loss at steep_hi_lr
+  // True when the smoothed loss is lowest at the last usable point: the test
+  // ended before the loss turned, so the region may reach further.
+  bool still_descending = false;
 };
 
 // Suggests the initial LR from a range test: `lrs` grows exponentially,
 // `losses[i]` is the minibatch loss at `lrs[i]`. Non-finite losses end the
-// usable part of the curve. InvalidArgument if the inputs differ in length,
-// hold too few points or the LR does not grow.
+// usable part of the curve.
+//
+// Method: running median of the losses, then a tricube local linear fit
+// against log10(lr) (smoothed loss, slope per decade and its standard
+// error); the curve is cut where the loss blows up; among the stretches
+// before the loss minimum where the slope is significantly negative and at
+// least `steep_fraction` of the steepest slope, the one with the largest
+// loss drop is the steepest-descent region, and the suggestion is its
+// geometric middle.
+//
+// Errors: InvalidArgument if the inputs differ in length, an LR is not
+// finite and positive, the LR does not strictly grow, or fewer than
+// `options.min_points` finite losses precede the first non-finite one.
+// FailedPrecondition if the curve has no usable descent (flat, only rising,
+// or blown up before `min_points` points); the message says why.
+//
+// Thread-safety: a pure function; safe to call concurrently.
 absl::StatusOr<LrSuggestion> SuggestLearningRate(
     std::span<const double> lrs, std::span<const double> losses,
     const LrRangeTestOptions& options = LrRangeTestOptions());

@@ -4,11 +4,143 @@
 namespace lossguard::analyzers {
 
 // Every threshold of the curve analyzer, with its default. The statistics
-// are scale-free (ratios, log-loss, robust z-scores), so one set of defaults
-// serves loss 0.01 and loss 10, 300-step and 300,000-step runs.
+// are scale-free (ratios to the run's own initial loss, log-loss, robust
+// z-scores) and windows are counted in points, so one set of defaults serves
+// loss 0.01 and loss 10, per-step and per-epoch logs.
+//
+// The training loss is summarised in blocks: a block's level is the median
+// log-loss of its points. Blocks start one point long and double in length
+// (up to `max_block_points`) whenever the run has seen `blocks_per_run`
+// blocks' worth of points, so a 20-point epoch log and a 300,000-step log are
+// both seen as a few dozen to a few hundred levels.
 struct AnalyzerOptions {
-  // Filled in by curve_analyzer.cc's detectors.
-  int min_points = 8;
+  // --- block summary of the training loss ---------------------------------
+  // Target number of blocks covering the run so far.
+  int blocks_per_run = 64;
+  // Longest block, in points (bounds per-run memory and detection delay).
+  int max_block_points = 64;
+  // Blocks kept for windowed statistics (memory bound: this many levels).
+  int history_blocks = 512;
+  // Smoothed level = median of the latest block levels covering at least
+  // this many blocks and this many points.
+  int level_median_blocks = 3;
+  int level_median_points = 16;
+  // Initial loss L0 = median of this many first finite losses.
+  int initial_points = 5;
+
+  // --- divergence ---------------------------------------------------------
+  // A rise counts when the smoothed loss exceeds its best level by this
+  // factor...
+  double divergence_rise_factor = 1.5;
+  // ...and by this many robust standard deviations of the smoothed level...
+  double divergence_rise_sigmas = 4.0;
+  // ...and by this fraction of the initial loss (a rise from 1e-5 to 1e-4
+  // is noise at the scale of the task, not divergence).
+  double divergence_min_rise_of_initial = 0.1;
+  // The rise must last this many blocks, and this many points or this
+  // fraction of the points seen before it began (capped at
+  // `divergence_confirm_max_points`), whichever is more, to be "for good"
+  // rather than a spike. The points are divided by how many margins the
+  // rise clears: a loss that jumps 1000x needs less confirmation than one
+  // 1.6x up.
+  int divergence_confirm_blocks = 3;
+  int divergence_confirm_points = 20;
+  double divergence_confirm_fraction = 0.25;
+  int divergence_confirm_max_points = 500;
+  // A non-finite gradient norm is an immediate divergence (set false for
+  // mixed-precision runs that report the scaled, skipped steps' norms).
+  bool nonfinite_grad_norm_is_divergence = true;
+  // An LR that jumps up by this factor in one step is a warm restart: the
+  // loss may rise for a while without that being divergence.
+  double restart_lr_jump = 1.5;
+  // After a warm restart the reference level follows the loss up for at most
+  // this many blocks.
+  int restart_follow_blocks = 6;
+
+  // --- recovered loss spikes (events) --------------------------------------
+  // A loss spike is a block level this factor above the smoothed level that
+  // comes back within `divergence_confirm_blocks`.
+  double spike_factor = 2.0;
+
+  // --- oscillation ----------------------------------------------------------
+  // Points per oscillation window.
+  int oscillation_window = 50;
+  // EMA span (points) that smooths single-minibatch noise before measuring
+  // swings.
+  double oscillation_ema_span = 5.0;
+  // A window's swing is measured two ways, about its linear trend: the std
+  // of the smoothed log-loss (relative swings) and the std of the smoothed
+  // loss divided by the initial loss (swings at the scale of the task). The
+  // window swings when the geometric mean of the two exceeds this (e.g. 0.5
+  // in log-loss with 0.02 of the initial loss, or 0.2 with 0.05)...
+  double oscillation_swing = 0.1;
+  // ...and each exceeds its floor.
+  double oscillation_min_log_std = 0.1;
+  double oscillation_min_rel_std = 0.01;
+  // Oscillation is reported when this many of the last
+  // `oscillation_recent_windows` windows swing...
+  int oscillation_confirm_windows = 2;
+  int oscillation_recent_windows = 3;
+  // ...when, over them, the smoothed loss neither fell nor rose by more
+  // than this factor (no net progress, no lasting rise).
+  double oscillation_progress_factor = 2.0;
+
+  // --- stagnation -----------------------------------------------------------
+  // Fewest points before stagnation may be decided.
+  int stagnation_min_points = 64;
+  // The window examined is this fraction of the points seen so far.
+  double stagnation_window_fraction = 0.5;
+  // No meaningful progress: at the recent rate the loss would take more than
+  // this many times the steps seen so far to halve.
+  double stagnation_halving_ratio = 10.0;
+  // An active stagnation clears once the halving time falls below this
+  // fraction of the threshold above (hysteresis).
+  double stagnation_clear_fraction = 0.25;
+  // Far from converged, case 1: the loss is still above this fraction of
+  // its initial level.
+  double stagnation_initial_fraction = 0.75;
+  // Far from converged, case 2: the LR was cut by at least this factor in
+  // one step...
+  double stagnation_lr_drop = 4.0;
+  // ...while the loss was still above this fraction of its initial level
+  // (the LR decayed before the loss had even halved).
+  double stagnation_drop_fraction = 0.5;
+  // The LR rising by this factor over the window (warmup, range test)
+  // suppresses stagnation.
+  double stagnation_lr_rise = 1.2;
+  // This many identical finite losses in a row, at a loss of at least
+  // `stagnation_constant_min_fraction` of the initial loss, mean a dead
+  // model (a converged loss printed with few digits also repeats).
+  int stagnation_constant_points = 10;
+  double stagnation_constant_min_fraction = 0.1;
+
+  // --- overfitting ----------------------------------------------------------
+  // Validation points smoothed by a running median of this many.
+  int overfit_smooth_points = 3;
+  // Smoothed validation loss must rise this fraction above its minimum...
+  double overfit_rise_fraction = 0.10;
+  // ...and this many robust standard deviations of validation noise...
+  double overfit_rise_sigmas = 2.0;
+  // ...on this many consecutive validation points.
+  int overfit_confirm_points = 2;
+  // A smaller rise, of at least `overfit_trend_rise_fraction`, also counts
+  // when the smoothed validation loss rose on each of the last
+  // `overfit_trend_points` evaluations (a steady climb, not noise).
+  double overfit_trend_rise_fraction = 0.05;
+  int overfit_trend_points = 4;
+  // Training loss must not have risen by more than this factor since the
+  // validation minimum ("keeps falling").
+  double overfit_train_rise_factor = 1.0;
+
+  // --- gradient explosion ---------------------------------------------------
+  // EMA span (points) of the robust gradient-norm level.
+  double grad_ema_span = 50.0;
+  // Explosion: gradient norm this factor above its robust level...
+  double grad_explosion_factor = 10.0;
+  // ...and this many robust standard deviations (log scale) above it.
+  double grad_explosion_sigmas = 6.0;
+  // Points of gradient norm needed before explosions are judged.
+  int grad_min_points = 20;
 };
 
 }  // namespace lossguard::analyzers

@@ -12,7 +12,8 @@ namespace lossguard::analyzers {
 // that is data (a divergence signal), not an error.
 struct StepRecord {
   int64_t step = 0;
-  double lr = 0.0;    // learning rate of the first param group
+  // Learning rate of the first param group; NaN when the log does not say.
+  double lr = 0.0;
   double loss = 0.0;  // training loss of this step's minibatch
   std::optional<double> val_loss;   // validation loss, when measured
   std::optional<double> grad_norm;  // global L2 norm before clipping

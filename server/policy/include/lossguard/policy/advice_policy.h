@@ -1,0 +1,153 @@
+#ifndef LOSSGUARD_POLICY_ADVICE_POLICY_H_
+#define LOSSGUARD_POLICY_ADVICE_POLICY_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "lossguard/analyzers/types.h"
+
+namespace lossguard::policy {
+
+// What the trainer is advised to do.
+enum class ActionKind {
+  kNone,            // nothing (see Advice::reason)
+  kScaleLr,         // multiply the LR by Advice::lr_factor
+  kSetLr,           // set the LR to Advice::lr_to (a bound clipped the scale)
+  kRestartCosine,   // restart a cosine cycle: t_0, eta_max, eta_min
+  kEnableGradClip,  // clip the global grad norm at Advice::clip_max_norm
+  kEarlyStop,       // stop training (keep the best checkpoint)
+};
+
+// "none", "scale_lr", "set_lr", "restart_cosine", "enable_grad_clip",
+// "early_stop".
+std::string_view ActionName(ActionKind action);
+
+// The guard rail that blocked an action, if any.
+enum class GuardRail {
+  kNone,
+  kMinStepsSeen,  // too few steps seen to act on
+  kMaxActions,    // the run has had its share of actions
+  kCooldown,      // the last action is too recent
+  kLrBound,       // the LR is already at the bound the action moves towards
+};
+
+// "none", "min_steps_seen", "max_actions", "cooldown", "lr_bound".
+std::string_view GuardRailName(GuardRail rail);
+
+// The LR schedule as far as the LR history shows it.
+enum class ScheduleHint {
+  kUnknown,   // no LR seen yet, or the current LR is not known
+  kConstant,  // the current LR is (close to) the largest seen
+  kDecaying,  // the current LR is clearly below the largest seen
+};
+
+// "unknown", "constant", "decaying".
+std::string_view ScheduleName(ScheduleHint hint);
+
+// Guard rails and remedies of the policy, with their defaults.
+struct PolicyOptions {
+  // Guard rails.
+  // No action sets the LR below this.
+  double min_lr = 1e-7;
+  // No action sets the LR above this.
+  double max_lr = 10.0;
+  // Steps after an action during which no other action is taken.
+  int64_t cooldown_steps = 100;
+  // Actions per run at most.
+  int max_actions = 5;
+  // Steps the analyzer must have seen before any action.
+  int64_t min_steps_seen = 20;
+
+  // Remedies.
+  // LR factor on divergence.
+  double divergence_lr_factor = 0.1;
+  // LR factor on oscillation.
+  double oscillation_lr_factor = 0.5;
+  // LR factor on stagnation at a constant (or early-decayed) LR.
+  double stagnation_lr_factor = 3.0;
+  // LR factor on the first overfitting diagnosis.
+  double overfitting_lr_factor = 0.5;
+  // Gradient clipping max_norm, as a multiple of the typical grad norm.
+  double clip_level_multiple = 2.0;
+  // Cosine restart cycle length t_0, as a fraction of the steps seen.
+  double restart_t0_fraction = 0.5;
+  // Shortest cosine restart cycle, in steps.
+  int64_t restart_min_t0 = 100;
+  // Cosine restart eta_min, as a fraction of eta_max.
+  double restart_eta_min_fraction = 0.01;
+  // Relative LR change below which two LRs count as the same.
+  double lr_tolerance = 0.05;
+};
+
+// What the policy knows about the run besides the diagnosis. Kept up to date
+// by ObserveStep and ObserveAdvice.
+struct RunContext {
+  int64_t step = 0;          // current step
+  double lr = 0.0;           // LR at the current step (NaN: not logged)
+  double max_lr_seen = 0.0;  // largest LR seen so far
+  int64_t steps_seen = 0;    // steps fed to the analyzer so far
+  std::optional<int64_t> last_action_step;  // step of the last action
+  int actions_taken = 0;                    // actions advised so far
+  bool grad_explosion_seen = false;  // a gradient explosion was diagnosed
+  double grad_norm_level = 0.0;      // robust typical grad norm (0: unknown)
+  bool overfitting_advised = false;  // an overfitting action was advised
+  ScheduleHint schedule = ScheduleHint::kUnknown;
+};
+
+// The policy's answer to one diagnosis. Parameters not used by `action`
+// keep their defaults.
+struct Advice {
+  analyzers::DiagnosisKind diagnosis = analyzers::DiagnosisKind::kDivergence;
+  int64_t at_step = 0;  // the diagnosis's step
+  ActionKind action = ActionKind::kNone;
+  double lr_factor = 1.0;      // kScaleLr: new LR = lr_factor x lr_from
+  double lr_from = 0.0;        // kScaleLr, kSetLr: the LR now
+  double lr_to = 0.0;          // kScaleLr, kSetLr: the LR to use
+  double clip_max_norm = 0.0;  // kEnableGradClip, or with an LR action
+                               // after a gradient explosion; 0: no clipping
+  int64_t t_0 = 0;             // kRestartCosine: cycle length in steps
+  double eta_max = 0.0;        // kRestartCosine: LR at the cycle's start
+  double eta_min = 0.0;        // kRestartCosine: LR at the cycle's end
+  GuardRail blocked_by = GuardRail::kNone;  // set when a guard rail blocked
+  std::string reason;                       // kNone: why no action
+  std::string explanation;                  // one sentence, with the numbers
+};
+
+// Decides the advice for diagnosis `d` given the run context `ctx`:
+//   divergence         -> LR x0.1, plus gradient clipping if a gradient
+//                         explosion was seen before
+//   oscillation        -> LR x0.5
+//   stagnation         -> LR x3 when the LR is constant or was decayed
+//                         before the stall (flat since the onset); restart
+//                         the cosine cycle when the LR is still decaying
+//   overfitting        -> LR x0.5 the first time, early stop after that
+//   gradient_explosion -> clip at clip_level_multiple x the grad-norm level
+//   loss_spike         -> no action
+// Guard rails (min_steps_seen, max_actions, cooldown_steps, then the LR
+// bounds) turn an action into kNone with `blocked_by` and `reason` set; an
+// LR move that would cross a bound stops at the bound (kSetLr).
+// A pure function: thread-safe.
+Advice Decide(const analyzers::Diagnosis& d, const RunContext& ctx,
+              const PolicyOptions& options = PolicyOptions());
+
+// The schedule hint from the LR history: kConstant when `current_lr` is
+// within `tolerance` (relative) of `max_lr_seen`, kDecaying when below it,
+// kUnknown before any positive LR or when `current_lr` is NaN (not logged).
+ScheduleHint InferSchedule(double max_lr_seen, double current_lr,
+                           double tolerance);
+
+// Brings `ctx` up to date with one more step fed to the analyzer.
+void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
+                 RunContext* ctx);
+
+// Records diagnosis `d` and the advice sent for it, as a live run would:
+// an action sets last_action_step and counts; an overfitting action sets
+// overfitting_advised; a gradient explosion and a grad-norm level are noted.
+void ObserveAdvice(const analyzers::Diagnosis& d, const Advice& advice,
+                   RunContext* ctx);
+
+}  // namespace lossguard::policy
+
+#endif  // LOSSGUARD_POLICY_ADVICE_POLICY_H_

@@ -1,0 +1,283 @@
+#include "lossguard/policy/advice_policy.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace lossguard::policy {
+namespace {
+
+using analyzers::Diagnosis;
+using analyzers::DiagnosisKind;
+
+// "divergence at step 431 (onset 410, severity 0.90)"
+std::string Situation(const Diagnosis& d) {
+  return absl::StrFormat("%s at step %d (onset %d, severity %.2f)",
+                         analyzers::KindName(d.kind), d.step, d.onset,
+                         d.severity);
+}
+
+void Block(GuardRail rail, std::string reason, Advice* a) {
+  a->action = ActionKind::kNone;
+  a->blocked_by = rail;
+  a->reason = std::move(reason);
+}
+
+// Makes `a` move the LR by `factor` from `ctx.lr`, stopping at the bound it
+// moves towards; blocks `a` when the LR cannot move that way.
+void MoveLr(double factor, const RunContext& ctx, const PolicyOptions& o,
+            Advice* a) {
+  const bool down = factor < 1.0;
+  const double bound = down ? o.min_lr : o.max_lr;
+  if (!std::isfinite(ctx.lr) || ctx.lr <= 0.0) {
+    Block(GuardRail::kNone,
+          absl::StrFormat("the LR is %g, which no factor can move", ctx.lr), a);
+    return;
+  }
+  const double wanted = ctx.lr * factor;
+  const double target =
+      down ? std::max(wanted, bound) : std::min(wanted, bound);
+  if (down ? target >= ctx.lr : target <= ctx.lr) {
+    Block(GuardRail::kLrBound,
+          absl::StrFormat("the LR %g is already at or beyond %s %g", ctx.lr,
+                          down ? "min_lr" : "max_lr", bound),
+          a);
+    return;
+  }
+  a->action = target == wanted ? ActionKind::kScaleLr : ActionKind::kSetLr;
+  a->lr_factor = target == wanted ? factor : 1.0;
+  a->lr_from = ctx.lr;
+  a->lr_to = target;
+}
+
+// The action of `a` in words: "scale the LR x0.1, from 0.3 to 0.03".
+std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
+  std::string s;
+  switch (a.action) {
+    case ActionKind::kScaleLr:
+      s = absl::StrFormat("scale the LR x%g, from %g to %g", a.lr_factor,
+                          a.lr_from, a.lr_to);
+      break;
+    case ActionKind::kSetLr:
+      s = absl::StrFormat("set the LR from %g to %g, the %s bound", a.lr_from,
+                          a.lr_to, a.lr_to < a.lr_from ? "min_lr" : "max_lr");
+      break;
+    case ActionKind::kRestartCosine:
+      s = absl::StrFormat(
+          "restart the cosine cycle with t_0 %d steps, eta_max %g, eta_min %g",
+          a.t_0, a.eta_max, a.eta_min);
+      break;
+    case ActionKind::kEnableGradClip:
+      break;  // the clipping clause below says it
+    case ActionKind::kEarlyStop:
+      s = "stop early and keep the best checkpoint";
+      break;
+    case ActionKind::kNone:
+      s = absl::StrCat("no action, because ", a.reason);
+      break;
+  }
+  if (a.clip_max_norm > 0.0) {
+    absl::StrAppend(
+        &s, s.empty() ? "" : ", and ",
+        absl::StrFormat("clip the gradient norm at %g (%gx the typical %g)",
+                        a.clip_max_norm, o.clip_level_multiple,
+                        a.clip_max_norm / o.clip_level_multiple));
+  }
+  return s;
+}
+
+// Fills the action of `a` for `d`; returns the rationale that precedes the
+// action in the explanation ("" if none).
+std::string Remedy(const Diagnosis& d, const RunContext& ctx,
+                   const PolicyOptions& o, Advice* a) {
+  const double grad_level =
+      d.grad_norm_level > 0.0 ? d.grad_norm_level : ctx.grad_norm_level;
+  switch (d.kind) {
+    case DiagnosisKind::kDivergence: {
+      MoveLr(o.divergence_lr_factor, ctx, o, a);
+      if (!ctx.grad_explosion_seen || grad_level <= 0.0) return "";
+      a->clip_max_norm = o.clip_level_multiple * grad_level;
+      if (a->action != ActionKind::kNone) {
+        return "a gradient explosion preceded it, so ";
+      }
+      const std::string why = absl::StrCat(a->reason, ", so ");
+      a->action = ActionKind::kEnableGradClip;
+      a->blocked_by = GuardRail::kNone;
+      a->reason.clear();
+      return why;
+    }
+    case DiagnosisKind::kOscillation:
+      MoveLr(o.oscillation_lr_factor, ctx, o, a);
+      return "";
+    case DiagnosisKind::kStagnation: {
+      const bool still_decaying =
+          ctx.schedule == ScheduleHint::kDecaying && d.lr_at_onset > 0.0 &&
+          ctx.lr < d.lr_at_onset * (1.0 - o.lr_tolerance);
+      if (!still_decaying) {
+        MoveLr(o.stagnation_lr_factor, ctx, o, a);
+        return ctx.schedule == ScheduleHint::kDecaying
+                   ? absl::StrFormat(
+                         "the LR was decayed early (max %g, now "
+                         "%g) and is flat since the onset, so ",
+                         ctx.max_lr_seen, ctx.lr)
+                   : absl::StrFormat("the LR is constant at %g, so ", ctx.lr);
+      }
+      const double eta_max = std::min(ctx.max_lr_seen, o.max_lr);
+      if (eta_max <= ctx.lr) {
+        Block(GuardRail::kLrBound,
+              absl::StrFormat("a restart at eta_max %g (max_lr %g) would not "
+                              "raise the LR %g",
+                              eta_max, o.max_lr, ctx.lr),
+              a);
+        return "";
+      }
+      a->action = ActionKind::kRestartCosine;
+      a->eta_max = eta_max;
+      a->eta_min = std::min(
+          eta_max, std::max(o.min_lr, o.restart_eta_min_fraction * eta_max));
+      a->t_0 = std::max<int64_t>(
+          o.restart_min_t0, std::llround(static_cast<double>(ctx.steps_seen) *
+                                         o.restart_t0_fraction));
+      return absl::StrFormat(
+          "the LR is still decaying (%g at the onset, %g now), so ",
+          d.lr_at_onset, ctx.lr);
+    }
+    case DiagnosisKind::kOverfitting:
+      if (ctx.overfitting_advised) {
+        a->action = ActionKind::kEarlyStop;
+        return "it persists after the LR was lowered, so ";
+      }
+      MoveLr(o.overfitting_lr_factor, ctx, o, a);
+      return "";
+    case DiagnosisKind::kGradientExplosion:
+      if (grad_level <= 0.0) {
+        Block(GuardRail::kNone, "no typical grad-norm level is known", a);
+        return "";
+      }
+      a->action = ActionKind::kEnableGradClip;
+      a->clip_max_norm = o.clip_level_multiple * grad_level;
+      return "";
+    case DiagnosisKind::kLossSpike:
+      Block(GuardRail::kNone, "a loss spike that recovered needs none", a);
+      return "";
+  }
+  Block(GuardRail::kNone, "the diagnosis kind is unknown", a);
+  return "";
+}
+
+}  // namespace
+
+std::string_view ActionName(ActionKind action) {
+  switch (action) {
+    case ActionKind::kNone:
+      return "none";
+    case ActionKind::kScaleLr:
+      return "scale_lr";
+    case ActionKind::kSetLr:
+      return "set_lr";
+    case ActionKind::kRestartCosine:
+      return "restart_cosine";
+    case ActionKind::kEnableGradClip:
+      return "enable_grad_clip";
+    case ActionKind::kEarlyStop:
+      return "early_stop";
+  }
+  return "unknown";
+}
+
+std::string_view GuardRailName(GuardRail rail) {
+  switch (rail) {
+    case GuardRail::kNone:
+      return "none";
+    case GuardRail::kMinStepsSeen:
+      return "min_steps_seen";
+    case GuardRail::kMaxActions:
+      return "max_actions";
+    case GuardRail::kCooldown:
+      return "cooldown";
+    case GuardRail::kLrBound:
+      return "lr_bound";
+  }
+  return "unknown";
+}
+
+std::string_view ScheduleName(ScheduleHint hint) {
+  switch (hint) {
+    case ScheduleHint::kUnknown:
+      return "unknown";
+    case ScheduleHint::kConstant:
+      return "constant";
+    case ScheduleHint::kDecaying:
+      return "decaying";
+  }
+  return "unknown";
+}
+
+Advice Decide(const Diagnosis& d, const RunContext& ctx,
+              const PolicyOptions& options) {
+  Advice a;
+  a.diagnosis = d.kind;
+  a.at_step = d.step;
+  std::string why;
+  if (d.kind == DiagnosisKind::kLossSpike) {
+    why = Remedy(d, ctx, options, &a);
+  } else if (ctx.steps_seen < options.min_steps_seen) {
+    Block(GuardRail::kMinStepsSeen,
+          absl::StrFormat("only %d steps were seen (min_steps_seen %d)",
+                          ctx.steps_seen, options.min_steps_seen),
+          &a);
+  } else if (ctx.actions_taken >= options.max_actions) {
+    Block(GuardRail::kMaxActions,
+          absl::StrFormat("the run already had %d actions (max_actions %d)",
+                          ctx.actions_taken, options.max_actions),
+          &a);
+  } else if (ctx.last_action_step.has_value() &&
+             ctx.step - *ctx.last_action_step < options.cooldown_steps) {
+    Block(GuardRail::kCooldown,
+          absl::StrFormat(
+              "the last action was %d steps ago (cooldown_steps %d)",
+              ctx.step - *ctx.last_action_step, options.cooldown_steps),
+          &a);
+  } else {
+    why = Remedy(d, ctx, options, &a);
+  }
+  a.explanation =
+      absl::StrCat(Situation(d), ": ", why, ActionPhrase(a, options), ".");
+  return a;
+}
+
+ScheduleHint InferSchedule(double max_lr_seen, double current_lr,
+                           double tolerance) {
+  if (!(max_lr_seen > 0.0) || !std::isfinite(current_lr)) {
+    return ScheduleHint::kUnknown;
+  }
+  return current_lr >= max_lr_seen * (1.0 - tolerance)
+             ? ScheduleHint::kConstant
+             : ScheduleHint::kDecaying;
+}
+
+void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
+                 RunContext* ctx) {
+  ctx->step = rec.step;
+  ctx->lr = rec.lr;
+  if (std::isfinite(rec.lr)) {
+    ctx->max_lr_seen = std::max(ctx->max_lr_seen, rec.lr);
+  }
+  ++ctx->steps_seen;
+  ctx->schedule = InferSchedule(ctx->max_lr_seen, rec.lr, options.lr_tolerance);
+}
+
+void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
+  if (d.kind == DiagnosisKind::kGradientExplosion) {
+    ctx->grad_explosion_seen = true;
+  }
+  if (d.grad_norm_level > 0.0) ctx->grad_norm_level = d.grad_norm_level;
+  if (advice.action == ActionKind::kNone) return;
+  ctx->last_action_step = advice.at_step;
+  ++ctx->actions_taken;
+  if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;
+}
+
+}  // namespace lossguard::policy

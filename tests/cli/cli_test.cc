@@ -1,0 +1,224 @@
+// End-to-end tests of the `lossguard` binary: exit codes, stdout, stderr.
+// They check the shape of the output only, so that they hold for any
+// analyzer implementation.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::StartsWith;
+
+namespace fs = std::filesystem;
+
+struct Result {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string ReadAll(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::string Example(const std::string& name) {
+  return std::string(LOSSGUARD_EXAMPLES_DIR) + "/" + name;
+}
+
+constexpr char kDiverging[] = "digits-mlp-sgdm-lr0.3-b32-s9.csv";
+constexpr char kHealthy[] = "digits-mlp-sgdm-lr0.01-b32-s6.csv";
+constexpr char kRangeTest[] = "digits-mlp-sgdm-lr1e-07-b32-exp-lrrange-s1.csv";
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(::testing::TempDir()) /
+           (std::string("lossguard_cli_test_") +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Runs `lossguard ARGS` (ARGS already quoted for the shell).
+  Result Run(const std::string& args) {
+    const fs::path out = dir_ / "stdout";
+    const fs::path err = dir_ / "stderr";
+    const std::string cmd = "'" + std::string(LOSSGUARD_BIN) + "' " + args +
+                            " >'" + out.string() + "' 2>'" + err.string() +
+                            "' </dev/null";
+    const int status = std::system(cmd.c_str());
+    Result r;
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = ReadAll(out);
+    r.err = ReadAll(err);
+    return r;
+  }
+
+  // Writes `text` to a file in the test's folder; returns its path.
+  std::string Write(const std::string& name, const std::string& text) {
+    const fs::path path = dir_ / name;
+    std::ofstream(path, std::ios::binary) << text;
+    return path.string();
+  }
+
+  // Parses `text` as exactly one JSON object.
+  static nlohmann::json ParseObject(const std::string& text) {
+    nlohmann::json j = nlohmann::json::parse(text, nullptr,
+                                             /*allow_exceptions=*/false);
+    EXPECT_FALSE(j.is_discarded()) << "not one JSON value: " << text;
+    EXPECT_TRUE(j.is_object()) << text;
+    return j;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(CliTest, Help) {
+  for (const char* args : {"--help", "help", "-h"}) {
+    Result r = Run(args);
+    EXPECT_EQ(r.exit_code, 0) << args;
+    EXPECT_THAT(r.out, StartsWith("usage: lossguard")) << args;
+    EXPECT_THAT(r.out, HasSubstr("analyze"));
+    EXPECT_THAT(r.out, HasSubstr("lr-find"));
+  }
+  Result r = Run("help analyze");
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_THAT(r.out, StartsWith("usage: lossguard analyze"));
+  r = Run("lr-find --help");
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_THAT(r.out, StartsWith("usage: lossguard lr-find"));
+}
+
+TEST_F(CliTest, UsageErrorsExitTwo) {
+  for (const char* args :
+       {"", "frobnicate x.csv", "analyze", "lr-find --json",
+        "analyze --bogus x.csv", "analyze a.csv b.csv", "help nosuchcommand"}) {
+    Result r = Run(args);
+    EXPECT_EQ(r.exit_code, 2) << args;
+    EXPECT_THAT(r.out, IsEmpty()) << args;
+    EXPECT_THAT(r.err, HasSubstr("usage: lossguard")) << args;
+  }
+}
+
+TEST_F(CliTest, AnalyzeJsonIsOneObject) {
+  for (const char* name : {kDiverging, kHealthy}) {
+    Result r = Run("analyze '" + Example(name) + "' --json");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_THAT(r.err, IsEmpty());
+    nlohmann::json j = ParseObject(r.out);
+    EXPECT_EQ(j["file"], Example(name));
+    EXPECT_EQ(j["steps"], 1500);
+    EXPECT_TRUE(j["verdict"] == "healthy" || j["verdict"] == "unhealthy");
+    ASSERT_TRUE(j["diagnoses"].is_array());
+    ASSERT_TRUE(j["events"].is_array());
+    ASSERT_TRUE(j["advice"].is_array());
+    EXPECT_EQ(j["advice"].size(), j["diagnoses"].size());
+    EXPECT_EQ(j["verdict"] == "healthy", j["diagnoses"].empty());
+    for (const auto& d : j["diagnoses"]) {
+      for (const char* key :
+           {"kind", "step", "onset", "severity", "confidence", "evidence"}) {
+        EXPECT_TRUE(d.contains(key)) << key << " in " << d;
+      }
+      EXPECT_NE(d["kind"], "loss_spike");
+    }
+    for (const auto& e : j["events"]) EXPECT_EQ(e["kind"], "loss_spike");
+    for (const auto& a : j["advice"]) {
+      for (const char* key : {"at_step", "kind", "action", "explanation"}) {
+        EXPECT_TRUE(a.contains(key)) << key << " in " << a;
+      }
+    }
+  }
+}
+
+TEST_F(CliTest, AnalyzeText) {
+  Result r = Run("analyze '" + Example(kDiverging) + "'");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("summary: 1500 steps, final loss"));
+  EXPECT_THAT(r.out, HasSubstr("verdict"));
+}
+
+TEST_F(CliTest, NonFiniteLossesAreData) {
+  const std::string path =
+      Write("nan.csv",
+            "step,lr,loss,val_loss,grad_norm\r\n0,0.1,2.3,,\r\n"
+            "1,0.1,inf,,inf\r\n2,0.1,nan,nan,\r\n");
+  Result r = Run("analyze '" + path + "' --json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  nlohmann::json j = ParseObject(r.out);
+  EXPECT_EQ(j["steps"], 3);
+  EXPECT_TRUE(j["final_loss"].is_null());
+}
+
+TEST_F(CliTest, LrFind) {
+  Result r = Run("lr-find '" + Example(kRangeTest) + "' --json");
+  if (r.exit_code == 0) {
+    nlohmann::json j = ParseObject(r.out);
+    for (const char* key :
+         {"suggested_lr", "steep_lo_lr", "steep_hi_lr", "min_loss_lr",
+          "diverge_lr", "points_used", "evidence"}) {
+      EXPECT_TRUE(j.contains(key)) << key;
+    }
+  } else {
+    // The analysis may fail (or not be written yet): a clean error then.
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_THAT(r.out, IsEmpty());
+    EXPECT_THAT(r.err, StartsWith(Example(kRangeTest) + ": "));
+  }
+}
+
+TEST_F(CliTest, BadFileNamesFileAndLine) {
+  const std::string path =
+      Write("bad.csv", "step,lr,loss\n0,0.1,2.3\n1,0.1,oops\n");
+  for (const char* args :
+       {"analyze", "analyze --json", "lr-find", "lr-find --json"}) {
+    Result r = Run(std::string(args) + " '" + path + "'");
+    EXPECT_EQ(r.exit_code, 1) << args;
+    EXPECT_THAT(r.out, IsEmpty()) << args;
+    EXPECT_THAT(r.err, StartsWith(path + ":3: loss 'oops'")) << args;
+  }
+}
+
+TEST_F(CliTest, BadFileCases) {
+  struct Case {
+    const char* text;
+    const char* prefix;
+  };
+  for (const Case& c : {
+           Case{"", ":1: empty file"},
+           Case{"step,loss\n0,1\n", ":1: missing required column 'lr'"},
+           Case{"step,lr,loss\n0,0.1,1\n1,0.1\n", ":3: expected 3 fields"},
+           Case{"step,lr,loss\n5,0.1,1\n5,0.1,1\n",
+                ":3: step 5 is not greater"},
+           Case{"step,lr,loss\n0,0.1,\n", ":2: missing loss value"},
+       }) {
+    const std::string path = Write("case.csv", c.text);
+    Result r = Run("analyze --json '" + path + "'");
+    EXPECT_EQ(r.exit_code, 1) << c.text;
+    EXPECT_THAT(r.out, IsEmpty()) << c.text;
+    EXPECT_THAT(r.err, StartsWith(path + c.prefix)) << c.text;
+  }
+}
+
+TEST_F(CliTest, MissingFile) {
+  const std::string path = (dir_ / "nope.csv").string();
+  Result r = Run("analyze '" + path + "'");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.out, IsEmpty());
+  EXPECT_THAT(r.err, StartsWith(path + ": no such file"));
+}
+
+}  // namespace
