@@ -134,6 +134,8 @@ class CurveAnalyzer::Impl {
   int osc_points_ = 0;
   int64_t osc_window_start_ = 0;
   uint32_t osc_history_ = 0;
+  int64_t osc_windows_ = 0;  // windows completed
+  double osc_last_log_std_ = 0.0;  // swing of the latest window
   bool osc_streak_ = false;
   int64_t osc_run_start_ = 0;
   RingBuffer<double> osc_means_{32};  // mean smoothed log-loss per window
@@ -144,6 +146,7 @@ class CurveAnalyzer::Impl {
   double val_min_ = kInf;       // min of smoothed log val loss
   int64_t val_min_step_ = 0;
   double val_min_train_ = kNaN;  // smoothed train log-loss at the val min
+  double val_min_lr_ = kNaN;     // LR at the val min
   int val_rise_points_ = 0;
   int val_rising_ = 0;  // consecutive rises of the smoothed val loss
   double prev_val_smoothed_ = kNaN;
@@ -319,8 +322,11 @@ void CurveAnalyzer::Impl::CheckDivergence(const Block& b,
   // Noise of the smoothed level: per-point scale over the points it spans.
   const double level_sd = 1.2533 * point_noise_.Sigma() /
                           std::sqrt(std::max(1, smoothed_points_));
+  // Swings correlated over many steps don't average out in the level: the
+  // latest window's swing amplitude widens the margin.
   const double margin = std::max(std::log(options_.divergence_rise_factor),
-                                 options_.divergence_rise_sigmas * level_sd);
+                                 options_.divergence_rise_sigmas * level_sd) +
+                        osc_last_log_std_;
   const double rise = level - best_level_;
   const bool material = std::exp(level) - std::exp(best_level_) >=
                         options_.divergence_min_rise_of_initial * l0_;
@@ -535,6 +541,8 @@ void CurveAnalyzer::Impl::OnOscillationPoint(const StepRecord& rec,
 
   const double log_std = osc_log_.ResidualStd();
   const double rel_std = osc_rel_.ResidualStd();
+  osc_last_log_std_ = log_std;
+  ++osc_windows_;
   const double swing = std::sqrt(log_std * rel_std);
   const double mean = osc_log_.MeanY();
   osc_log_.Reset();
@@ -560,7 +568,13 @@ void CurveAnalyzer::Impl::OnOscillationPoint(const StepRecord& rec,
     osc_run_start_ = osc_window_start_;
   }
   // A pending divergence rise is a lasting rise in the making, not a swing.
-  if (!swinging || flagged < options_.oscillation_confirm_windows ||
+  // The run's first window holds its initial transient: it never confirms
+  // on its own.
+  const bool strong =
+      swing > options_.oscillation_strong_swing * options_.oscillation_swing &&
+      osc_windows_ > 1;
+  if (!swinging ||
+      (flagged < options_.oscillation_confirm_windows && !strong) ||
       IsActive(DiagnosisKind::kOscillation) || diverged_ || rise_blocks_ > 0) {
     return;
   }
@@ -620,6 +634,7 @@ void CurveAnalyzer::Impl::OnValLoss(const StepRecord& rec,
     val_min_ = smoothed;
     val_min_step_ = rec.step;
     val_min_train_ = train;
+    val_min_lr_ = lr_;
     val_rise_points_ = 0;
     return;
   }
@@ -635,7 +650,10 @@ void CurveAnalyzer::Impl::OnValLoss(const StepRecord& rec,
   const bool steady_climb =
       val_rising_ >= options_.overfit_trend_points &&
       rise > std::log1p(options_.overfit_trend_rise_fraction);
-  if ((rise > margin || steady_climb) && train_ok) {
+  // A validation rise while the LR climbs is the LR's doing, not overfitting.
+  const bool lr_rose = !std::isnan(val_min_lr_) && !std::isnan(lr_) &&
+                       lr_ > val_min_lr_ * options_.stagnation_lr_rise;
+  if ((rise > margin || steady_climb) && train_ok && !lr_rose) {
     ++val_rise_points_;
   } else {
     val_rise_points_ = 0;
