@@ -188,7 +188,7 @@ absl::Status ValidateOptions(const LrRangeTestOptions& o) {
         "LrRangeTestOptions out of range (need min_points >= 3, "
         "min_median_points >= 1, min_fit_points >= 3, windows >= 0 with a "
         "positive fit half-width, divergence_factor > 1, "
-        "0 <= extend_sigmas <= slope_sigmas, "
+        "0 <= extend_sigmas <= slope_sigmas, drop_sigmas >= 0, "
         "steep_fraction in [0, 1], min_relative_drop >= 0)");
   }
   return absl::OkStatus();

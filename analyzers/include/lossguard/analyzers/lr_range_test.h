@@ -55,28 +55,31 @@ struct LrRangeTestOptions {
   // factor applies to the drop from the start.
   double divergence_factor = 4.0;
 
-  // --- steepest-descent region ---
-  // The region is found by hysteresis, as edges are in images. It is seeded
-  // by points whose slope is at least this many standard errors below zero
-  // (standard error from the local robust noise of the raw losses), so
-  // minibatch noise in a flat stretch never looks like descent...
+  // --- descent and steepest-descent region ---
+  // Descents are found by hysteresis, as edges are in images: a descent is
+  // seeded by a point whose slope is at least this many standard errors
+  // below zero (standard error from the local robust noise of the raw
+  // losses; not within a half-window of either end, where the fit is
+  // one-sided), so minibatch noise in a flat stretch rarely seeds one...
   double slope_sigmas = 3.0;
   // ...and grows over neighbours whose slope is at least this many standard
-  // errors below zero, so one noisy point inside a descent does not split it.
+  // errors below zero; a gap narrower than the fit's half-width after which
+  // the loss is lower is filled. One noisy point does not split a descent.
   double extend_sigmas = 1.0;
-  // Every point of the region also has a slope of at least this fraction of
-  // the steepest significant slope before the loss minimum. 0.1 keeps the
-  // part of a sigmoidal drop that holds ~95% of the fall and drops its
-  // gentle tails.
-  double steep_fraction = 0.1;
-  // The region's drop in smoothed loss must be at least this many standard
+  // A descent's drop in smoothed loss must be at least this many standard
   // errors. The largest of the many noise-only stretches a long flat curve
-  // holds is ~3-4 standard errors; 5 leaves them out, while a real descent
-  // is usually tens of standard errors.
+  // holds is ~3-4 standard errors; 5 leaves them out (1 flat noisy curve in
+  // 300 gave a suggestion in a synthetic check), while a real descent is
+  // tens of standard errors.
   double drop_sigmas = 5.0;
-  // The region must lower the smoothed loss by at least this fraction of
-  // the loss at its start; otherwise the curve has no usable descent.
+  // ...and at least this fraction of the loss at its start. Of the descents
+  // that pass, the one with the largest drop is kept.
   double min_relative_drop = 0.02;
+  // The steepest-descent region is the part of that descent, around its
+  // steepest point, whose slope is at least this fraction of the steepest.
+  // 0.1 keeps the part of a sigmoidal drop that holds ~95% of the fall and
+  // leaves out its gentle tails.
+  double steep_fraction = 0.1;
 };
 
 // The suggestion drawn from one range-test curve.
@@ -102,19 +105,23 @@ struct LrSuggestion {
 // `losses[i]` is the minibatch loss at `lrs[i]`. Non-finite losses end the
 // usable part of the curve.
 //
-// Method: running median of the losses, then a tricube local linear fit
-// against log10(lr) (smoothed loss, slope per decade and its standard
-// error); the curve is cut where the loss blows up; among the stretches
-// before the loss minimum where the slope is significantly negative and at
-// least `steep_fraction` of the steepest slope, the one with the largest
-// loss drop is the steepest-descent region, and the suggestion is its
-// geometric middle.
+// Method: a running median of the losses, then a tricube local linear fit
+// against log10(lr) gives the smoothed loss and its slope per decade, with
+// standard errors from the local robust noise. The curve is cut where the
+// loss blows up. Before the smoothed-loss minimum, the stretches where the
+// slope is significantly negative (hysteresis: seeded at `slope_sigmas`,
+// grown at `extend_sigmas`) are the candidate descents; the one with the
+// largest significant drop is kept. Its steepest-descent region is the part
+// around its steepest point where the slope is at least `steep_fraction` of
+// the steepest, and the suggestion is that region's geometric middle.
 //
-// Errors: InvalidArgument if the inputs differ in length, an LR is not
-// finite and positive, the LR does not strictly grow, or fewer than
-// `options.min_points` finite losses precede the first non-finite one.
-// FailedPrecondition if the curve has no usable descent (flat, only rising,
-// or blown up before `min_points` points); the message says why.
+// Errors: InvalidArgument if the options are out of range, the inputs differ
+// in length, an LR is not finite and positive, the LR does not strictly
+// grow, or fewer than `options.min_points` finite losses precede the first
+// non-finite one. FailedPrecondition if the curve has no usable descent
+// (flat, only rising, a descent within noise or under `min_relative_drop`,
+// or blown up before `min_points` points): no suggestion is guessed, and the
+// message gives the numbers.
 //
 // Thread-safety: a pure function; safe to call concurrently.
 absl::StatusOr<LrSuggestion> SuggestLearningRate(
