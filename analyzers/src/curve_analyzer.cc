@@ -134,7 +134,6 @@ class CurveAnalyzer::Impl {
   int osc_points_ = 0;
   int64_t osc_window_start_ = 0;
   uint32_t osc_history_ = 0;
-  int64_t osc_windows_ = 0;  // windows completed
   double osc_last_log_std_ = 0.0;  // swing of the latest window
   bool osc_streak_ = false;
   int64_t osc_run_start_ = 0;
@@ -542,7 +541,6 @@ void CurveAnalyzer::Impl::OnOscillationPoint(const StepRecord& rec,
   const double log_std = osc_log_.ResidualStd();
   const double rel_std = osc_rel_.ResidualStd();
   osc_last_log_std_ = log_std;
-  ++osc_windows_;
   const double swing = std::sqrt(log_std * rel_std);
   const double mean = osc_log_.MeanY();
   osc_log_.Reset();
@@ -568,13 +566,7 @@ void CurveAnalyzer::Impl::OnOscillationPoint(const StepRecord& rec,
     osc_run_start_ = osc_window_start_;
   }
   // A pending divergence rise is a lasting rise in the making, not a swing.
-  // The run's first window holds its initial transient: it never confirms
-  // on its own.
-  const bool strong =
-      swing > options_.oscillation_strong_swing * options_.oscillation_swing &&
-      osc_windows_ > 1;
-  if (!swinging ||
-      (flagged < options_.oscillation_confirm_windows && !strong) ||
+  if (!swinging || flagged < options_.oscillation_confirm_windows ||
       IsActive(DiagnosisKind::kOscillation) || diverged_ || rise_blocks_ > 0) {
     return;
   }

@@ -1,9 +1,124 @@
 #include "lossguard/analyzers/curve_analyzer.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <limits>
+#include <memory>
+#include <numbers>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "synthetic.h"
 
 namespace lossguard::analyzers {
 namespace {
+
+using synthetic::CurveSpec;
+using synthetic::ExpDecay;
+using synthetic::Generate;
+using synthetic::HealthySpec;
+using synthetic::kL0;
+using synthetic::PowerLaw;
+using ::testing::ContainsRegex;
+using ::testing::HasSubstr;
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kPi = std::numbers::pi;
+
+std::string Describe(const std::vector<Diagnosis>& ds) {
+  std::string s;
+  for (const Diagnosis& d : ds) {
+    s += "\n  " + std::string(KindName(d.kind)) +
+         " step=" + std::to_string(d.step) +
+         " onset=" + std::to_string(d.onset) +
+         " sev=" + std::to_string(d.severity) +
+         " conf=" + std::to_string(d.confidence) + ": " + d.evidence;
+  }
+  return s.empty() ? "\n  (none)" : s;
+}
+
+// Invariants of every diagnosis: decided at the step that reported it, onset
+// not after that, severity and confidence in [0,1], evidence with numbers.
+void ExpectWellFormed(const Diagnosis& d, int64_t fed_step) {
+  SCOPED_TRACE(Describe({d}));
+  EXPECT_EQ(d.step, fed_step);
+  EXPECT_LE(d.onset, d.step);
+  EXPECT_GE(d.severity, 0.0);
+  EXPECT_LE(d.severity, 1.0);
+  EXPECT_GE(d.confidence, 0.0);
+  EXPECT_LE(d.confidence, 1.0);
+  EXPECT_THAT(d.evidence, ContainsRegex("[0-9]"));
+}
+
+// Feeds all of `recs`, checking each is accepted and each diagnosis is
+// well formed; returns the diagnoses in order.
+std::vector<Diagnosis> FeedAll(CurveAnalyzer& a,
+                               const std::vector<StepRecord>& recs) {
+  std::vector<Diagnosis> all;
+  std::vector<Diagnosis> out;
+  for (const StepRecord& r : recs) {
+    out.clear();
+    const absl::Status s = a.Feed(r, &out);
+    EXPECT_TRUE(s.ok()) << "step " << r.step << ": " << s;
+    if (!s.ok()) break;
+    for (Diagnosis& d : out) {
+      ExpectWellFormed(d, r.step);
+      all.push_back(std::move(d));
+    }
+  }
+  return all;
+}
+
+std::vector<Diagnosis> Analyze(const std::vector<StepRecord>& recs,
+                               const AnalyzerOptions& options = {}) {
+  CurveAnalyzer a(options);
+  return FeedAll(a, recs);
+}
+
+std::vector<Diagnosis> OfKind(const std::vector<Diagnosis>& ds,
+                              DiagnosisKind kind) {
+  std::vector<Diagnosis> r;
+  for (const Diagnosis& d : ds) {
+    if (d.kind == kind) r.push_back(d);
+  }
+  return r;
+}
+
+bool Has(const std::vector<Diagnosis>& ds, DiagnosisKind kind) {
+  return !OfKind(ds, kind).empty();
+}
+
+// Exp-decay loss as a function of the point index.
+std::function<double(int64_t)> Decay(double final_loss, double tau,
+                                     double initial = kL0) {
+  return [=](int64_t i) {
+    return ExpDecay(static_cast<double>(i), initial, final_loss, tau);
+  };
+}
+
+// Loss as a function of the LR schedule: progress is proportional to the
+// cumulative LR. Returns sum(lr[0..i)) for each point.
+std::shared_ptr<const std::vector<double>> CumulativeLr(
+    int64_t points, const std::function<double(int64_t)>& lr) {
+  auto s = std::make_shared<std::vector<double>>(static_cast<size_t>(points));
+  double sum = 0.0;
+  for (int64_t i = 0; i < points; ++i) {
+    (*s)[static_cast<size_t>(i)] = sum;
+    sum += lr(i);
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Input validation and state.
 
 TEST(CurveAnalyzerTest, RejectsNonIncreasingSteps) {
   CurveAnalyzer a;
@@ -11,6 +126,1029 @@ TEST(CurveAnalyzerTest, RejectsNonIncreasingSteps) {
   EXPECT_EQ(a.Feed({.step = 5, .lr = 0.1, .loss = 1.0}, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(a.steps_seen(), 1);
+}
+
+TEST(CurveAnalyzerTest, FreshAnalyzerState) {
+  CurveAnalyzer a;
+  EXPECT_EQ(a.steps_seen(), 0);
+  EXPECT_EQ(a.last_step(), -1);
+  EXPECT_TRUE(a.Active().empty());
+  // The first step may be any number, zero and negative included.
+  EXPECT_TRUE(a.Feed({.step = -3, .lr = 0.1, .loss = 2.0}, nullptr).ok());
+  EXPECT_EQ(a.last_step(), -3);
+  EXPECT_TRUE(a.Feed({.step = 0, .lr = 0.1, .loss = 2.0}, nullptr).ok());
+  EXPECT_EQ(a.steps_seen(), 2);
+  EXPECT_EQ(a.last_step(), 0);
+}
+
+TEST(CurveAnalyzerTest, RejectsNegativeAndInfiniteLr) {
+  CurveAnalyzer a;
+  ASSERT_TRUE(a.Feed({.step = 1, .lr = 0.1, .loss = 2.3}, nullptr).ok());
+  std::vector<Diagnosis> out;
+  EXPECT_EQ(a.Feed({.step = 2, .lr = -0.1, .loss = 2.3}, &out).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(a.Feed({.step = 2, .lr = kInf, .loss = 2.3}, &out).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(a.Feed({.step = 2, .lr = -kInf, .loss = 2.3}, &out).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(out.empty());
+  EXPECT_EQ(a.steps_seen(), 1);
+  EXPECT_EQ(a.last_step(), 1);
+  // The rejected step number is still free; lr 0 is valid.
+  EXPECT_TRUE(a.Feed({.step = 2, .lr = 0.0, .loss = 2.3}, &out).ok());
+  EXPECT_EQ(a.steps_seen(), 2);
+}
+
+TEST(CurveAnalyzerTest, RejectedRecordsLeaveStateUnchanged) {
+  // A run that diverges, so any state a rejected record leaked (a NaN loss,
+  // a huge loss, a grad norm) would change what is reported.
+  CurveSpec spec = HealthySpec(3000, 100.0);
+  spec.loss = [](int64_t i) {
+    const double base = ExpDecay(static_cast<double>(i), kL0, 0.3, 100.0);
+    return i < 2000 ? base : base * std::exp((i - 2000) / 100.0);
+  };
+  const std::vector<StepRecord> recs = Generate(spec);
+
+  CurveAnalyzer clean;
+  const std::vector<Diagnosis> expected = FeedAll(clean, recs);
+  ASSERT_TRUE(Has(expected, DiagnosisKind::kDivergence)) << Describe(expected);
+
+  CurveAnalyzer a;
+  std::vector<Diagnosis> got;
+  for (const StepRecord& r : recs) {
+    if (r.step == 1000) {
+      const int64_t last = a.last_step();
+      const int64_t seen = a.steps_seen();
+      const std::vector<StepRecord> bad = {
+          {.step = last, .lr = 0.1, .loss = kNaN},
+          {.step = last - 10, .lr = 1.0, .loss = 1e9, .grad_norm = 1e9},
+          {.step = r.step, .lr = -1.0, .loss = kNaN, .grad_norm = kInf},
+          {.step = r.step, .lr = kInf, .loss = 1e9, .val_loss = 1e9},
+      };
+      for (const StepRecord& b : bad) {
+        std::vector<Diagnosis> out;
+        EXPECT_EQ(a.Feed(b, &out).code(), absl::StatusCode::kInvalidArgument)
+            << "step " << b.step;
+        EXPECT_TRUE(out.empty()) << Describe(out);
+      }
+      EXPECT_EQ(a.last_step(), last);
+      EXPECT_EQ(a.steps_seen(), seen);
+      EXPECT_TRUE(a.Active().empty()) << Describe(a.Active());
+    }
+    ASSERT_TRUE(a.Feed(r, &got).ok());
+  }
+  ASSERT_EQ(got.size(), expected.size())
+      << "got" << Describe(got) << "\nexpected" << Describe(expected);
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].kind, expected[i].kind);
+    EXPECT_EQ(got[i].step, expected[i].step);
+    EXPECT_EQ(got[i].onset, expected[i].onset);
+    EXPECT_EQ(got[i].severity, expected[i].severity);
+    EXPECT_EQ(got[i].confidence, expected[i].confidence);
+    EXPECT_EQ(got[i].evidence, expected[i].evidence);
+  }
+  EXPECT_EQ(a.steps_seen(), clean.steps_seen());
+  EXPECT_EQ(Describe(a.Active()), Describe(clean.Active()));
+}
+
+TEST(CurveAnalyzerTest, NanLrMeansNotLogged) {
+  // A healthy run whose log has no LR at all.
+  CurveSpec spec = HealthySpec(5000, 100.0);
+  spec.lr = [](int64_t) { return kNaN; };
+  std::vector<Diagnosis> ds = Analyze(Generate(spec));
+  EXPECT_TRUE(ds.empty()) << Describe(ds);
+
+  // An LR logged only every 10th step: the gaps are neither cuts nor
+  // restarts.
+  spec.lr = [](int64_t i) { return i % 10 == 0 ? 0.1 : kNaN; };
+  ds = Analyze(Generate(spec));
+  EXPECT_TRUE(ds.empty()) << Describe(ds);
+
+  // Without an LR, a stuck run is still stagnation.
+  CurveSpec flat;
+  flat.points = 1000;
+  flat.lr = [](int64_t) { return kNaN; };
+  flat.loss = [](int64_t) { return kL0; };
+  EXPECT_TRUE(Has(Analyze(Generate(flat)), DiagnosisKind::kStagnation));
+}
+
+TEST(CurveAnalyzerTest, NullOutputStillTracksActive) {
+  CurveAnalyzer a;
+  CurveSpec spec;
+  spec.points = 500;
+  spec.loss = [](int64_t) { return kL0; };
+  for (const StepRecord& r : Generate(spec)) {
+    ASSERT_TRUE(a.Feed(r, nullptr).ok());
+  }
+  const std::vector<Diagnosis> active = a.Active();
+  ASSERT_EQ(active.size(), 1u) << Describe(active);
+  EXPECT_EQ(active[0].kind, DiagnosisKind::kStagnation);
+}
+
+TEST(CurveAnalyzerTest, ActiveHoldsAtMostOneOfEachKind) {
+  // Stuck, then learning with grad-norm bursts, then overfitting, then a
+  // NaN: whatever was reported, Active() has at most one per kind and no
+  // spike events.
+  CurveSpec spec = HealthySpec(6000, 100.0);
+  spec.loss = [](int64_t i) {
+    return i < 500 ? kL0 : ExpDecay(i - 500.0, kL0, 0.05, 100.0);
+  };
+  spec.val_loss = [](int64_t i) {
+    return i < 2000 ? ExpDecay(i, kL0, 0.5, 300.0)
+                    : 0.5 * (1.0 + 0.5 * (i - 2000) / 4000.0);
+  };
+  spec.grad_norm = [](int64_t i) { return i % 1000 == 700 ? 500.0 : 1.0; };
+  std::vector<StepRecord> recs = Generate(spec);
+  recs[5900].loss = kNaN;
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, recs);
+  EXPECT_TRUE(Has(ds, DiagnosisKind::kStagnation)) << Describe(ds);
+  EXPECT_TRUE(Has(ds, DiagnosisKind::kGradientExplosion)) << Describe(ds);
+  EXPECT_TRUE(Has(ds, DiagnosisKind::kOverfitting)) << Describe(ds);
+  EXPECT_TRUE(Has(ds, DiagnosisKind::kDivergence)) << Describe(ds);
+  const std::vector<Diagnosis> active = a.Active();
+  for (DiagnosisKind k :
+       {DiagnosisKind::kDivergence, DiagnosisKind::kOscillation,
+        DiagnosisKind::kStagnation, DiagnosisKind::kOverfitting,
+        DiagnosisKind::kGradientExplosion}) {
+    EXPECT_LE(OfKind(active, k).size(), 1u) << Describe(active);
+  }
+  EXPECT_TRUE(OfKind(active, DiagnosisKind::kLossSpike).empty());
+  // Divergence and overfitting stay; the stall ended long ago.
+  EXPECT_EQ(OfKind(active, DiagnosisKind::kDivergence).size(), 1u);
+  EXPECT_EQ(OfKind(active, DiagnosisKind::kOverfitting).size(), 1u);
+  EXPECT_TRUE(OfKind(active, DiagnosisKind::kStagnation).empty())
+      << Describe(active);
+}
+
+// ---------------------------------------------------------------------------
+// Divergence.
+
+TEST(CurveAnalyzerTest, ExponentialRiseIsDivergence) {
+  // Converged to 0.3; from step 3000 the loss grows e-fold every 100 steps.
+  constexpr int64_t kOnset = 3000;
+  CurveSpec spec = HealthySpec(4000, 100.0);
+  spec.loss = [](int64_t i) {
+    const double base = ExpDecay(static_cast<double>(i), kL0, 0.3, 100.0);
+    return i < kOnset ? base : base * std::exp((i - kOnset) / 100.0);
+  };
+  spec.grad_norm = [](int64_t) { return 1.0; };
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, Generate(spec));
+  const std::vector<Diagnosis> div = OfKind(ds, DiagnosisKind::kDivergence);
+  ASSERT_EQ(div.size(), 1u) << Describe(ds);
+  const Diagnosis& d = div[0];
+  EXPECT_GE(d.onset, kOnset - 50) << Describe(div);
+  EXPECT_LE(d.onset, kOnset + 200) << Describe(div);
+  EXPECT_GT(d.step, d.onset);
+  EXPECT_GT(d.step, kOnset);
+  // Decided while the loss is a few x up, not after it has grown 150x.
+  EXPECT_LE(d.step, kOnset + 500) << Describe(div);
+  EXPECT_THAT(d.evidence, HasSubstr("x its best"));
+  EXPECT_NEAR(d.best_loss, 0.3, 0.05);
+  EXPECT_GT(d.loss_at_onset, 1.5 * d.best_loss);
+  EXPECT_GT(d.severity, 0.0);
+  EXPECT_GE(d.confidence, 0.5);
+  // Nothing else was said about the healthy part or the rise.
+  EXPECT_EQ(ds.size(), 1u) << Describe(ds);
+  // A divergence stays active.
+  EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kDivergence).size(), 1u);
+}
+
+TEST(CurveAnalyzerTest, SlowLastingRiseIsDivergence) {
+  // The loss doubles over 1000 steps and stays up: a lasting rise, even
+  // though no single step looks bad.
+  CurveSpec spec;
+  spec.points = 5000;
+  spec.loss = [](int64_t i) {
+    const double base = ExpDecay(static_cast<double>(i), kL0, 0.3, 100.0);
+    if (i < 2000) return base;
+    return base * (i < 3000 ? 1.0 + 2.0 * (i - 2000) / 1000.0 : 3.0);
+  };
+  const std::vector<Diagnosis> ds = Analyze(Generate(spec));
+  const std::vector<Diagnosis> div = OfKind(ds, DiagnosisKind::kDivergence);
+  ASSERT_EQ(div.size(), 1u) << Describe(ds);
+  EXPECT_GE(div[0].onset, 2000);
+  EXPECT_LE(div[0].onset, 3000);
+  EXPECT_THAT(div[0].evidence, HasSubstr("x its best"));
+}
+
+class NonFiniteLossTest : public ::testing::TestWithParam<double> {};
+
+TEST_P(NonFiniteLossTest, IsImmediateDivergence) {
+  std::vector<StepRecord> recs = Generate(HealthySpec(2000, 100.0));
+  constexpr size_t kBad = 1234;
+  recs[kBad].loss = GetParam();
+  // The run goes on logging non-finite losses: reported once.
+  for (size_t i = kBad + 1; i < recs.size(); i += 7) recs[i].loss = GetParam();
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, recs);
+  ASSERT_EQ(ds.size(), 1u) << Describe(ds);
+  const Diagnosis& d = ds[0];
+  EXPECT_EQ(d.kind, DiagnosisKind::kDivergence);
+  EXPECT_EQ(d.step, recs[kBad].step);
+  EXPECT_EQ(d.onset, recs[kBad].step);
+  EXPECT_EQ(d.severity, 1.0);
+  EXPECT_EQ(d.confidence, 1.0);
+  EXPECT_THAT(d.evidence, HasSubstr("non-finite"));
+  EXPECT_THAT(d.evidence, HasSubstr("step 1234"));
+  EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kDivergence).size(), 1u);
+}
+
+INSTANTIATE_TEST_SUITE_P(NanAndInf, NonFiniteLossTest,
+                         ::testing::Values(kNaN, kInf, -kInf));
+
+TEST(CurveAnalyzerTest, NanOnFirstStepIsDivergence) {
+  CurveAnalyzer a;
+  std::vector<Diagnosis> out;
+  ASSERT_TRUE(a.Feed({.step = 0, .lr = 0.1, .loss = kNaN}, &out).ok());
+  ASSERT_EQ(out.size(), 1u);
+  ExpectWellFormed(out[0], 0);
+  EXPECT_EQ(out[0].kind, DiagnosisKind::kDivergence);
+}
+
+TEST(CurveAnalyzerTest, InfiniteGradNormIsDivergence) {
+  std::vector<StepRecord> recs = Generate(HealthySpec(2000, 100.0));
+  recs[700].grad_norm = kInf;
+  const std::vector<Diagnosis> ds = Analyze(recs);
+  ASSERT_EQ(ds.size(), 1u) << Describe(ds);
+  EXPECT_EQ(ds[0].kind, DiagnosisKind::kDivergence);
+  EXPECT_EQ(ds[0].step, 700);
+  EXPECT_EQ(ds[0].onset, 700);
+  EXPECT_THAT(ds[0].evidence, HasSubstr("gradient norm"));
+
+  // Mixed-precision runs report inf norms for skipped steps: opt out.
+  AnalyzerOptions amp;
+  amp.nonfinite_grad_norm_is_divergence = false;
+  recs[900].grad_norm = kNaN;
+  const std::vector<Diagnosis> amp_ds = Analyze(recs, amp);
+  EXPECT_TRUE(amp_ds.empty()) << Describe(amp_ds);
+}
+
+TEST(CurveAnalyzerTest, RecoveredSpikeIsEventNotDivergence) {
+  // A healthy run; at step 2000 the loss jumps 6x for 40 steps, then comes
+  // back to where it was.
+  CurveSpec spec = HealthySpec(4000, 100.0);
+  spec.loss = [](int64_t i) {
+    const double base = ExpDecay(static_cast<double>(i), kL0, 0.3, 100.0);
+    return (i >= 2000 && i < 2040) ? 6.0 * base : base;
+  };
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, Generate(spec));
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kDivergence)) << Describe(ds);
+  const std::vector<Diagnosis> spikes = OfKind(ds, DiagnosisKind::kLossSpike);
+  ASSERT_EQ(spikes.size(), 1u) << Describe(ds);
+  const Diagnosis& s = spikes[0];
+  EXPECT_GE(s.onset, 1990);
+  EXPECT_LE(s.onset, 2040);
+  EXPECT_GT(s.step, 2040);
+  EXPECT_LE(s.step, 2300);
+  EXPECT_THAT(s.evidence, HasSubstr("recovered"));
+  EXPECT_GT(s.loss_at_onset, 2.0 * s.best_loss);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kStagnation)) << Describe(ds);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kOverfitting)) << Describe(ds);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kOscillation)) << Describe(ds);
+  // A spike is an event, never active.
+  EXPECT_TRUE(a.Active().empty()) << Describe(a.Active());
+}
+
+// A larger recovered spike (10x for 40 steps) is a kLossSpike event only;
+// one window holding a step change is not a swing.
+TEST(CurveAnalyzerTest, RecoveredSpikeIsNotOscillation) {
+  CurveSpec spec = HealthySpec(4000, 100.0);
+  spec.loss = [](int64_t i) {
+    const double base = ExpDecay(static_cast<double>(i), kL0, 0.3, 100.0);
+    return (i >= 2000 && i < 2040) ? 10.0 * base : base;
+  };
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, Generate(spec));
+  EXPECT_TRUE(Has(ds, DiagnosisKind::kLossSpike)) << Describe(ds);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kOscillation)) << Describe(ds);
+  EXPECT_TRUE(a.Active().empty()) << Describe(a.Active());
+}
+
+// DISABLED: one bad minibatch (a single step 50x or 20x the loss) is
+// reported as oscillation. Observed: "oscillation step=1503 onset=1454:
+// 1 of the last 3 windows of 50 steps swing ... std 0.57 in log-loss and
+// 0.36 of the initial loss (swing 0.456)" and again at step 2203 for the
+// 20x point (one 10x minibatch on a loss of 0.8: 17/20 seeds). The EMA(5) of
+// the *linear* loss carries the outlier for ~10 points, and the single-window
+// strong-swing rule confirms it. Expected: nothing (no oscillation, no
+// divergence, no spike event) for an isolated outlier, which the block medians
+// already ignore.
+TEST(CurveAnalyzerTest, DISABLED_SingleBadMinibatchIsNotOscillation) {
+  std::vector<StepRecord> recs = Generate(HealthySpec(3000, 100.0));
+  recs[1500].loss *= 50.0;
+  recs[2200].loss *= 20.0;
+  const std::vector<Diagnosis> ds = Analyze(recs);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kOscillation)) << Describe(ds);
+}
+
+TEST(CurveAnalyzerTest, SingleBadMinibatchIsNotDivergenceOrSpike) {
+  std::vector<StepRecord> recs = Generate(HealthySpec(3000, 100.0));
+  recs[1500].loss *= 50.0;
+  recs[2200].loss *= 20.0;
+  const std::vector<Diagnosis> ds = Analyze(recs);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kDivergence)) << Describe(ds);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kLossSpike)) << Describe(ds);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kStagnation)) << Describe(ds);
+}
+
+// ---------------------------------------------------------------------------
+// Oscillation.
+
+// Converges to 0.5 by step ~1000, then from step `start` swings by
+// e^(+-0.8) (5x peak to trough) around that flat level with a period of 20
+// steps, until `stop`.
+CurveSpec SwingingSpec(int64_t points, int64_t start, int64_t stop) {
+  CurveSpec spec;
+  spec.points = points;
+  spec.loss = [start, stop](int64_t i) {
+    const double base = ExpDecay(static_cast<double>(i), kL0, 0.5, 150.0);
+    if (i < start || i >= stop) return base;
+    return base * std::exp(0.8 * std::sin(2 * kPi * (i - start) / 20.0));
+  };
+  return spec;
+}
+
+TEST(CurveAnalyzerTest, LargeSwingsWithoutProgressAreOscillation) {
+  constexpr int64_t kStart = 1000;
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds =
+      FeedAll(a, Generate(SwingingSpec(2000, kStart, 2000)));
+  const std::vector<Diagnosis> osc = OfKind(ds, DiagnosisKind::kOscillation);
+  ASSERT_EQ(osc.size(), 1u) << Describe(ds);
+  EXPECT_GE(osc[0].onset, kStart - 50) << Describe(osc);
+  EXPECT_LE(osc[0].onset, kStart + 50) << Describe(osc);
+  EXPECT_LE(osc[0].step, kStart + 200) << Describe(osc);
+  EXPECT_THAT(osc[0].evidence, HasSubstr("in log-loss"));
+  EXPECT_THAT(osc[0].evidence, ContainsRegex("swing [0-9.]+, threshold"));
+  EXPECT_GT(osc[0].severity, 0.0);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kDivergence)) << Describe(ds);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kStagnation)) << Describe(ds);
+  EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kOscillation).size(), 1u);
+}
+
+TEST(CurveAnalyzerTest, OscillationClearsWhenSwingsStop) {
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds =
+      FeedAll(a, Generate(SwingingSpec(3000, 1000, 1600)));
+  EXPECT_EQ(OfKind(ds, DiagnosisKind::kOscillation).size(), 1u) << Describe(ds);
+  EXPECT_TRUE(OfKind(a.Active(), DiagnosisKind::kOscillation).empty())
+      << Describe(a.Active());
+}
+
+// ---------------------------------------------------------------------------
+// Stagnation.
+
+CurveSpec FlatSpec(int64_t points) {
+  CurveSpec spec;
+  spec.points = points;
+  spec.loss = [](int64_t) { return kL0; };
+  return spec;
+}
+
+TEST(CurveAnalyzerTest, FlatAtInitialLossIsStagnation) {
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, Generate(FlatSpec(2000)));
+  const std::vector<Diagnosis> st = OfKind(ds, DiagnosisKind::kStagnation);
+  ASSERT_GE(st.size(), 1u) << Describe(ds);
+  EXPECT_GE(st[0].step, a.options().stagnation_min_points - 1);
+  EXPECT_LE(st[0].step, 300) << Describe(st);
+  EXPECT_THAT(st[0].evidence, HasSubstr("of the initial loss"));
+  EXPECT_NEAR(st[0].loss_at_onset, kL0, 0.1 * kL0);
+  EXPECT_GE(st[0].severity, 0.75);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kDivergence)) << Describe(ds);
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kOscillation)) << Describe(ds);
+  EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kStagnation).size(), 1u);
+}
+
+// DISABLED: a run stuck at its initial loss is reported, cleared and
+// reported again. Observed (seed 42): "stagnation step=63 ... it did not
+// fall at all", then again at step 124 "went from 2.324 to 2.276 over the
+// last 62 steps (-2.1%)": in between, minibatch noise in the 32-point window
+// made the loss look like it was falling (halving time below the clear
+// threshold) and the diagnosis was cleared. Expected: one report that stays
+// active while the loss stays flat (the clear test should need progress
+// that is significant against the point noise, like the rise test does).
+TEST(CurveAnalyzerTest, DISABLED_StuckRunIsReportedOnceAndStaysActive) {
+  CurveAnalyzer a;
+  std::vector<Diagnosis> ds;
+  for (const StepRecord& r : Generate(FlatSpec(5000))) {
+    ASSERT_TRUE(a.Feed(r, &ds).ok());
+    if (!ds.empty()) {
+      EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kStagnation).size(), 1u)
+          << "cleared at step " << r.step;
+    }
+  }
+  EXPECT_EQ(ds.size(), 1u) << Describe(ds);
+}
+
+TEST(CurveAnalyzerTest, StagnationClearsWhenLossStartsFalling) {
+  // Stuck at L0 for 1000 steps, then learns quickly.
+  CurveSpec spec;
+  spec.points = 3000;
+  spec.loss = [](int64_t i) {
+    return i < 1000 ? kL0 : ExpDecay(i - 1000.0, kL0, 0.1, 200.0);
+  };
+  CurveAnalyzer a;
+  std::vector<Diagnosis> ds;
+  for (const StepRecord& r : Generate(spec)) {
+    ASSERT_TRUE(a.Feed(r, &ds).ok());
+    if (r.step == 999) {
+      EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kStagnation).size(), 1u)
+          << Describe(a.Active());
+    }
+  }
+  EXPECT_GE(OfKind(ds, DiagnosisKind::kStagnation).size(), 1u) << Describe(ds);
+  for (const Diagnosis& d : ds) EXPECT_LT(d.step, 1200) << Describe({d});
+  EXPECT_TRUE(a.Active().empty()) << Describe(a.Active());
+}
+
+TEST(CurveAnalyzerTest, ExactlyConstantLossIsStagnation) {
+  // A dead model prints the same loss every step.
+  std::vector<StepRecord> recs;
+  for (int64_t i = 0; i < 30; ++i) {
+    recs.push_back(
+        {.step = i, .lr = 0.1, .loss = i < 5 ? kL0 + 0.01 * i : 1.7});
+  }
+  const std::vector<Diagnosis> ds = Analyze(recs);
+  ASSERT_EQ(ds.size(), 1u) << Describe(ds);
+  EXPECT_EQ(ds[0].kind, DiagnosisKind::kStagnation);
+  EXPECT_EQ(ds[0].onset, 5);
+  EXPECT_EQ(ds[0].step, 14);
+  EXPECT_THAT(ds[0].evidence, HasSubstr("exactly 1.7"));
+}
+
+class LrCutEarlyTest : public ::testing::TestWithParam<double> {};
+
+TEST_P(LrCutEarlyTest, IsStagnation) {
+  // The LR is cut 10x at 5% of the run while the loss is still 0.8 L0; the
+  // loss then eases to GetParam() * L0 and stays there.
+  constexpr int64_t kPoints = 2000;
+  constexpr int64_t kCut = kPoints / 20;
+  const double settle = GetParam();
+  CurveSpec spec;
+  spec.points = kPoints;
+  spec.lr = [](int64_t i) { return i < kCut ? 0.1 : 0.01; };
+  spec.loss = [settle](int64_t i) {
+    if (i < kCut) return kL0 * (1.0 - 0.2 * i / static_cast<double>(kCut));
+    return kL0 * ExpDecay(static_cast<double>(i - kCut), 0.8, settle, 30.0);
+  };
+  spec.loss_noise = 0.05;
+  const std::vector<Diagnosis> ds = Analyze(Generate(spec));
+  const std::vector<Diagnosis> st = OfKind(ds, DiagnosisKind::kStagnation);
+  ASSERT_EQ(st.size(), 1u) << Describe(ds);
+  EXPECT_GT(st[0].step, kCut);
+  EXPECT_LE(st[0].step, 10 * kCut) << Describe(st);
+  EXPECT_GE(st[0].onset, kCut / 2) << Describe(st);
+  EXPECT_LE(st[0].onset, 3 * kCut) << Describe(st);
+  EXPECT_EQ(ds.size(), 1u) << Describe(ds);
+}
+
+// 0.8: flat at the level of the cut (also "near the initial loss"); 0.6:
+// settled lower, so only the early cut explains it.
+INSTANTIATE_TEST_SUITE_P(SettleLevels, LrCutEarlyTest,
+                         ::testing::Values(0.8, 0.6));
+
+TEST(CurveAnalyzerTest, LrCutEarlyEvidenceNamesTheCut) {
+  CurveSpec spec;
+  spec.points = 2000;
+  spec.lr = [](int64_t i) { return i < 100 ? 0.1 : 0.01; };
+  spec.loss = [](int64_t i) {
+    if (i < 100) return kL0 * (1.0 - 0.2 * i / 100.0);
+    return kL0 * ExpDecay(i - 100.0, 0.8, 0.6, 30.0);
+  };
+  spec.loss_noise = 0.05;
+  const std::vector<Diagnosis> st =
+      OfKind(Analyze(Generate(spec)), DiagnosisKind::kStagnation);
+  ASSERT_EQ(st.size(), 1u) << Describe(st);
+  EXPECT_EQ(st[0].onset, 100);
+  EXPECT_THAT(st[0].evidence, HasSubstr("the LR was cut 10x at step 100"));
+}
+
+// ---------------------------------------------------------------------------
+// Overfitting.
+
+TEST(CurveAnalyzerTest, ValidationRiseWhileTrainFallsIsOverfitting) {
+  // Train keeps falling (a power law, still falling at the end); validation
+  // (every 50 steps) falls to its minimum at step ~2500, then rises 30% by
+  // step 6000.
+  constexpr int64_t kValMin = 2500;
+  CurveSpec spec;
+  spec.points = 6000;
+  spec.loss = [](int64_t i) {
+    return PowerLaw(static_cast<double>(i), kL0, 0.0, 50.0, 0.7);
+  };
+  spec.val_every = 50;
+  const double v_min = ExpDecay(kValMin, kL0, 0.6, 400.0);
+  spec.val_loss = [v_min](int64_t i) {
+    if (i <= kValMin) return ExpDecay(static_cast<double>(i), kL0, 0.6, 400.0);
+    return v_min * (1.0 + 0.3 * (i - kValMin) / (6000.0 - kValMin));
+  };
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, Generate(spec));
+  const std::vector<Diagnosis> of = OfKind(ds, DiagnosisKind::kOverfitting);
+  ASSERT_EQ(of.size(), 1u) << Describe(ds);
+  EXPECT_GE(of[0].onset, kValMin - 500) << Describe(of);
+  EXPECT_LE(of[0].onset, kValMin + 300) << Describe(of);
+  // Decided once the rise is clear of noise (10% up is step ~3700).
+  EXPECT_GE(of[0].step, 3000) << Describe(of);
+  EXPECT_LE(of[0].step, 4500) << Describe(of);
+  EXPECT_THAT(of[0].evidence, HasSubstr("above its minimum"));
+  EXPECT_NEAR(of[0].best_loss, v_min, 0.03 * v_min);
+  EXPECT_EQ(ds.size(), 1u) << Describe(ds);
+  // Overfitting stays active.
+  EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kOverfitting).size(), 1u);
+}
+
+TEST(CurveAnalyzerTest, ValidationRiseWithTrainRiseIsNotOverfitting) {
+  // Both rise together by 30% (less than divergence needs): not
+  // overfitting.
+  CurveSpec spec;
+  spec.points = 6000;
+  auto f = [](int64_t i) {
+    const double base = ExpDecay(static_cast<double>(i), kL0, 0.6, 100.0);
+    return i < 3000 ? base : base * (1.0 + 0.3 * (i - 3000) / 3000.0);
+  };
+  spec.loss = f;
+  spec.val_every = 50;
+  spec.val_loss = [f](int64_t i) { return 1.1 * f(i); };
+  const std::vector<Diagnosis> ds = Analyze(Generate(spec));
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kOverfitting)) << Describe(ds);
+}
+
+// ---------------------------------------------------------------------------
+// Gradient explosion.
+
+TEST(CurveAnalyzerTest, GradNormJumpIsExplosionAndClears) {
+  // Grad norm ~1 with 20% noise; 100x for steps 1000..1004.
+  CurveSpec spec = HealthySpec(2000, 100.0);
+  spec.grad_norm = [](int64_t i) {
+    return (i >= 1000 && i < 1005) ? 100.0 : 1.0;
+  };
+  CurveAnalyzer a;
+  std::vector<Diagnosis> ds;
+  for (const StepRecord& r : Generate(spec)) {
+    std::vector<Diagnosis> out;
+    ASSERT_TRUE(a.Feed(r, &out).ok());
+    for (const Diagnosis& d : out) ExpectWellFormed(d, r.step);
+    ds.insert(ds.end(), out.begin(), out.end());
+    if (r.step == 1002) {
+      EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kGradientExplosion).size(),
+                1u)
+          << Describe(a.Active());
+    }
+  }
+  ASSERT_EQ(ds.size(), 1u) << Describe(ds);
+  EXPECT_EQ(ds[0].kind, DiagnosisKind::kGradientExplosion);
+  EXPECT_EQ(ds[0].step, 1000);
+  EXPECT_EQ(ds[0].onset, 1000);
+  EXPECT_THAT(ds[0].evidence, HasSubstr("x its robust level"));
+  EXPECT_NEAR(ds[0].grad_norm_level, 1.0, 0.3);
+  // Cleared once the norm is back to normal.
+  EXPECT_TRUE(a.Active().empty()) << Describe(a.Active());
+}
+
+TEST(CurveAnalyzerTest, NoisyGradNormIsNotExplosion) {
+  // Heavy-tailed but stationary norms (50% log-normal noise).
+  CurveSpec spec = HealthySpec(20000, 100.0);
+  spec.grad_noise = 0.5;
+  const std::vector<Diagnosis> ds = Analyze(Generate(spec));
+  EXPECT_TRUE(ds.empty()) << Describe(ds);
+}
+
+// ---------------------------------------------------------------------------
+// Hard negatives: healthy runs must not be told about divergence,
+// oscillation, stagnation, overfitting or gradient explosion. Each scenario
+// runs with several seeds; each (scenario, kind) pair is its own test, so a
+// known false positive disables only that pair.
+
+using ScenarioFn = std::function<std::vector<StepRecord>(uint32_t seed)>;
+
+struct Scenario {
+  std::string name;
+  ScenarioFn make;
+};
+
+// Unless the early phase is the subject, scenarios fall quickly at first
+// (tau 50), so the early-window stagnation issue (KnownIssues) stays out of
+// them.
+constexpr double kFastTau = 50.0;
+
+std::vector<StepRecord> ConvergedFlatLowLoss(uint32_t seed) {
+  // Converges by step ~300, then a flat tail 60x as long.
+  CurveSpec spec = HealthySpec(20000, kFastTau, seed);
+  spec.loss = Decay(0.05, kFastTau);
+  spec.val_loss = Decay(0.08, kFastTau);
+  return Generate(spec);
+}
+
+// As above, with validation on a small set: 3% noise per evaluation.
+std::vector<StepRecord> NoisyValidationFlat(uint32_t seed) {
+  CurveSpec spec = HealthySpec(20000, kFastTau, seed);
+  spec.loss = Decay(0.05, kFastTau);
+  spec.val_loss = Decay(0.08, kFastTau);
+  spec.val_noise = 0.03;
+  return Generate(spec);
+}
+
+std::vector<StepRecord> LossPrintedWithFewDigits(uint32_t seed) {
+  // A converged loss logged to 2 decimals repeats exactly: not a dead model.
+  CurveSpec spec;
+  spec.points = 5000;
+  spec.loss = Decay(0.02, 300.0);
+  spec.loss_noise = 0.02;
+  spec.seed = seed;
+  std::vector<StepRecord> recs = Generate(spec);
+  for (StepRecord& r : recs) r.loss = std::round(r.loss * 100.0) / 100.0;
+  return recs;
+}
+
+std::vector<StepRecord> WarmupThenCosine(uint32_t seed) {
+  constexpr int64_t kPoints = 10000;
+  constexpr int64_t kWarmup = 500;
+  constexpr double kMaxLr = 1e-3;
+  CurveSpec spec = HealthySpec(kPoints, 100.0, seed);
+  spec.lr = [](int64_t i) {
+    if (i < kWarmup) return kMaxLr * i / kWarmup;
+    const double x = static_cast<double>(i - kWarmup) / (kPoints - kWarmup);
+    return kMaxLr * 0.5 * (1.0 + std::cos(kPi * x));
+  };
+  // sum(lr) is 0.25 after warmup and ~5 at the end.
+  const auto s = CumulativeLr(kPoints, spec.lr);
+  spec.loss = [s](int64_t i) {
+    return 0.3 + (kL0 - 0.3) * std::exp(-(*s)[static_cast<size_t>(i)] / 0.5);
+  };
+  spec.val_loss = [f = spec.loss](int64_t i) { return 1.1 * f(i); };
+  return Generate(spec);
+}
+
+std::vector<StepRecord> CosineWithWarmRestarts(uint32_t seed) {
+  // SGDR with T0 = 1000, Tmult = 2: restarts at 1000, 3000, 7000.
+  constexpr int64_t kPoints = 15000;
+  constexpr double kMaxLr = 0.1;
+  // Start of the cycle holding point i, and the fraction of it done.
+  auto cycle = [](int64_t i, int64_t* start) {
+    int64_t begin = 0, len = 1000;
+    while (i >= begin + len) {
+      begin += len;
+      len *= 2;
+    }
+    *start = begin;
+    return static_cast<double>(i - begin) / static_cast<double>(len);
+  };
+  CurveSpec spec = HealthySpec(kPoints, 100.0, seed);
+  spec.lr = [cycle](int64_t i) {
+    int64_t start;
+    return kMaxLr * 0.5 * (1.0 + std::cos(kPi * cycle(i, &start)));
+  };
+  const auto s = CumulativeLr(kPoints, spec.lr);
+  // Progress with the cumulative LR; a high LR holds the loss up (1.5x at
+  // the peak LR, so it jumps 1.5x at each restart), and each restart bumps
+  // it up a further 1.4x, peaking 100 steps later and gone after ~500.
+  spec.loss = [s, cycle, lr = spec.lr](int64_t i) {
+    int64_t start;
+    cycle(i, &start);
+    const double base =
+        0.2 + (kL0 - 0.2) * std::exp(-(*s)[static_cast<size_t>(i)] / 10.0);
+    double bump = 1.0;
+    if (start > 0) {
+      const double x = static_cast<double>(i - start) / 100.0;
+      bump += 0.4 * x * std::exp(1.0 - x);
+    }
+    return base * (1.0 + 0.5 * lr(i) / kMaxLr) * bump;
+  };
+  spec.val_loss = [f = spec.loss](int64_t i) { return 1.1 * f(i); };
+  return Generate(spec);
+}
+
+std::vector<StepRecord> StepDecayAtHalfAndThreeQuarters(uint32_t seed) {
+  constexpr int64_t kPoints = 10000;
+  CurveSpec spec = HealthySpec(kPoints, kFastTau, seed);
+  spec.lr = [](int64_t i) {
+    return i < kPoints / 2 ? 0.1 : i < 3 * kPoints / 4 ? 0.01 : 0.001;
+  };
+  // A plateau held up by the LR (+0.4 at lr 0.1) that drops within ~100
+  // steps of each cut.
+  auto lr_ema = std::make_shared<std::vector<double>>(kPoints);
+  double e = 0.1;
+  for (int64_t i = 0; i < kPoints; ++i) {
+    e += (spec.lr(i) - e) / 100.0;
+    (*lr_ema)[static_cast<size_t>(i)] = e;
+  }
+  spec.loss = [lr_ema](int64_t i) {
+    return ExpDecay(static_cast<double>(i), kL0 - 0.4, 0.2, kFastTau) +
+           4.0 * (*lr_ema)[static_cast<size_t>(i)];
+  };
+  spec.val_loss = [f = spec.loss](int64_t i) { return 1.1 * f(i); };
+  return Generate(spec);
+}
+
+// LR grows 1e-7 -> 1 over 300 steps. The loss is flat at L0 until lr 1e-4
+// (step ~128), falls to 0.3 by lr 1e-2 and stays there; the log stops
+// before the blow-up.
+std::vector<StepRecord> LrRangeTest(uint32_t seed) {
+  CurveSpec spec;
+  spec.points = 300;
+  spec.lr = [](int64_t i) { return 1e-7 * std::pow(1e7, i / 300.0); };
+  spec.loss = [lr = spec.lr](int64_t i) {
+    const double x = std::log10(lr(i));
+    if (x < -4) return kL0;
+    if (x < -2) return kL0 - (kL0 - 0.3) * (x + 4) / 2;
+    return 0.3;
+  };
+  spec.loss_noise = 0.05;
+  spec.seed = seed;
+  return Generate(spec);
+}
+
+std::vector<StepRecord> LrRangeTestFlatStart(uint32_t seed) {
+  std::vector<StepRecord> recs = LrRangeTest(seed);
+  recs.resize(128);
+  return recs;
+}
+
+// Steady convergence with large minibatch noise (log-normal sigma; 0.5 is a
+// coefficient of variation of ~0.53).
+ScenarioFn NoisySmallBatch(double sigma) {
+  return [sigma](uint32_t seed) {
+    CurveSpec spec = HealthySpec(10000, kFastTau, seed);
+    spec.loss_noise = sigma;
+    spec.grad_noise = 0.5;
+    return Generate(spec);
+  };
+}
+
+// A 20-point per-epoch log with an LR step at epoch 10; `stride` steps per
+// epoch.
+ScenarioFn PerEpochLog(int64_t stride) {
+  return [stride](uint32_t seed) {
+    CurveSpec spec;
+    spec.points = 20;
+    spec.first_step = stride;
+    spec.stride = stride;
+    spec.lr = [](int64_t i) { return i < 10 ? 0.1 : 0.01; };
+    spec.loss = Decay(0.3, 4.0);
+    spec.loss_noise = 0.02;
+    spec.val_every = 1;
+    spec.val_loss = Decay(0.4, 4.0);
+    spec.grad_norm = [](int64_t) { return 2.0; };
+    spec.seed = seed;
+    return Generate(spec);
+  };
+}
+
+// The typical curve with a slower time constant: steady, healthy progress
+// from the first step.
+ScenarioFn SlowSteadyDecay(int64_t points, double tau) {
+  return [points, tau](uint32_t seed) {
+    return Generate(HealthySpec(points, tau, seed));
+  };
+}
+
+const std::vector<Scenario>& Scenarios() {
+  static const auto* const kScenarios = new std::vector<Scenario>{
+      {"ConvergedFlatLowLoss", ConvergedFlatLowLoss},
+      {"NoisyValidationFlat", NoisyValidationFlat},
+      {"LossPrintedWithFewDigits", LossPrintedWithFewDigits},
+      {"WarmupThenCosine", WarmupThenCosine},
+      {"CosineWithWarmRestarts", CosineWithWarmRestarts},
+      {"StepDecayAtHalfAndThreeQuarters", StepDecayAtHalfAndThreeQuarters},
+      {"LrRangeTest", LrRangeTest},
+      {"LrRangeTestFlatStart", LrRangeTestFlatStart},
+      {"NoisySmallBatchSigma0p2", NoisySmallBatch(0.2)},
+      {"NoisySmallBatchSigma0p3", NoisySmallBatch(0.3)},
+      {"NoisySmallBatchSigma0p5", NoisySmallBatch(0.5)},
+      {"PerEpochLog20Points", PerEpochLog(1)},
+      {"PerEpochLog20PointsByIteration", PerEpochLog(1000)},
+      {"SlowSteadyDecayTau100", SlowSteadyDecay(5000, 100.0)},
+      {"SlowSteadyDecayTau300", SlowSteadyDecay(5000, 300.0)},
+      {"SlowSteadyDecayTauRunOver5", SlowSteadyDecay(10000, 2000.0)},
+  };
+  return *kScenarios;
+}
+
+struct HealthyCase {
+  std::string scenario;
+  DiagnosisKind kind;
+};
+
+void PrintTo(const HealthyCase& c, std::ostream* os) {
+  *os << c.scenario << "/" << KindName(c.kind);
+}
+
+constexpr DiagnosisKind kHealthyKinds[] = {
+    DiagnosisKind::kDivergence, DiagnosisKind::kOscillation,
+    DiagnosisKind::kStagnation, DiagnosisKind::kOverfitting,
+    DiagnosisKind::kGradientExplosion};
+
+// Known false positives (run with --gtest_also_run_disabled_tests to see
+// them fail). Observed vs expected, all with the defaults of options.h:
+const std::vector<HealthyCase>& KnownIssues() {
+  static const auto* const kKnown = new std::vector<HealthyCase>{
+      // Early-window stagnation. Stagnation is first judged at 64 points
+      // over a 32-point window, comparing medians of ~10 points with no
+      // allowance for their noise, against "halving time > 10x the steps
+      // seen so far". The typical curve with tau = 300 (10% noise) is
+      // reported as "stagnation step=63 onset=32 ... it is 8x% of the
+      // initial loss" in ~2/3 of seeds, tau = 500 in ~97%, and any tau
+      // above ~0.08 x (steps seen) even without noise (tau = run/5 =
+      // 2000: reported at step 63 and again later, flapping). Expected:
+      // no stagnation while the loss falls steadily; lack of progress
+      // should be significant against point noise before it is reported.
+      {"SlowSteadyDecayTau300", DiagnosisKind::kStagnation},
+      {"SlowSteadyDecayTauRunOver5", DiagnosisKind::kStagnation},
+      // White minibatch noise read as oscillation. The swing threshold
+      // (geometric mean of EMA(5) log std and relative std > 0.1) is
+      // absolute, not relative to the run's own point noise: log-normal
+      // noise sigma 0.5 on a loss 0.3 (13% of L0) gives swings ~0.09-0.12,
+      // e.g. "oscillation step=3703 ... std 0.22 in log-loss and 0.048 of
+      // the initial loss (swing 0.102, threshold 0.100); net change -5%".
+      // In my sweep, sigma 0.5 with final loss 0.3: oscillation in 39/50
+      // seeds after step 1000; sigma 0.4: 4/50. Expected: none for i.i.d.
+      // noise of any size (its lag-1 differences already measure it, which
+      // a real oscillation's do not).
+      {"NoisySmallBatchSigma0p5", DiagnosisKind::kOscillation},
+      // The same early-window stagnation, made worse by the initial loss
+      // being the median of only 5 noisy points (with sigma 0.5 it came out
+      // 1.61..2.14 for a true 2.30): "stagnation step=65 onset=33 ...
+      // went from 1.239 to 1.436 over the last 33 steps (+15.9%); it did
+      // not fall at all; it is 82% of the initial loss 1.749" (seed 5),
+      // while the true loss fell 30% over that window.
+      {"NoisySmallBatchSigma0p5", DiagnosisKind::kStagnation},
+      // The dead-model rule (10 identical losses >= 0.1 L0) fires on a
+      // healthy loss logged to 2 decimals: "stagnation step=605 onset=596:
+      // loss has been exactly 0.33 for 10 points" (seed 3; the loss is 14%
+      // of L0 and still falling, with 2% noise). Expected: nothing; 10
+      // repeats are not evidence at a print resolution of 3% of the value.
+      {"LossPrintedWithFewDigits", DiagnosisKind::kStagnation},
+      // Overfitting on a flat, noisy validation loss (3% per evaluation, a
+      // small validation set; training flat at 0.05). The rise is measured
+      // from the running minimum of the smoothed validation loss, which is
+      // biased low by the extreme of hundreds of noisy evaluations, and the
+      // margin is max(10%, 2 sigma/sqrt 2) of one evaluation's noise:
+      // "overfitting step=2749 onset=1099: validation loss (median of 3
+      // evals) rose +11.2% above its minimum 0.07637 at step 1099 (margin
+      // 10.0%) while training loss went from 0.05016 to 0.04942"; 7 of 8
+      // seeds. Expected: no overfitting when validation is flat.
+      {"NoisyValidationFlat", DiagnosisKind::kOverfitting},
+  };
+  return *kKnown;
+}
+
+bool IsKnownIssue(const std::string& scenario, DiagnosisKind kind) {
+  for (const HealthyCase& c : KnownIssues()) {
+    if (c.scenario == scenario && c.kind == kind) return true;
+  }
+  return false;
+}
+
+std::vector<HealthyCase> PassingCases() {
+  std::vector<HealthyCase> cases;
+  for (const Scenario& s : Scenarios()) {
+    for (DiagnosisKind k : kHealthyKinds) {
+      if (!IsKnownIssue(s.name, k)) cases.push_back({s.name, k});
+    }
+  }
+  return cases;
+}
+
+std::string CaseName(const ::testing::TestParamInfo<HealthyCase>& info) {
+  std::string kind(KindName(info.param.kind));
+  std::string camel;
+  bool up = true;
+  for (char c : kind) {
+    if (c == '_') {
+      up = true;
+    } else {
+      camel += up ? static_cast<char>(std::toupper(c)) : c;
+      up = false;
+    }
+  }
+  return info.param.scenario + "_No" + camel;
+}
+
+class HealthyRunTest : public ::testing::TestWithParam<HealthyCase> {};
+
+TEST_P(HealthyRunTest, ReportsNothingOfKind) {
+  const HealthyCase& c = GetParam();
+  const Scenario* scenario = nullptr;
+  for (const Scenario& s : Scenarios()) {
+    if (s.name == c.scenario) scenario = &s;
+  }
+  ASSERT_NE(scenario, nullptr);
+  constexpr uint32_t kSeeds = 8;
+  for (uint32_t seed = 1; seed <= kSeeds; ++seed) {
+    const std::vector<Diagnosis> ds = Analyze(scenario->make(seed));
+    EXPECT_FALSE(Has(ds, c.kind))
+        << c.scenario << " seed " << seed << ":" << Describe(ds);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Healthy, HealthyRunTest,
+                         ::testing::ValuesIn(PassingCases()), CaseName);
+INSTANTIATE_TEST_SUITE_P(DISABLED_KnownIssues, HealthyRunTest,
+                         ::testing::ValuesIn(KnownIssues()), CaseName);
+
+TEST(CurveAnalyzerHealthyTest, RangeTestFlatStartIsNotStagnation) {
+  // Even a long flat start is expected while the LR climbs.
+  CurveSpec spec;
+  spec.points = 2000;
+  spec.lr = [](int64_t i) { return 1e-7 * std::pow(1.01, i); };
+  spec.loss = [](int64_t) { return kL0; };
+  const std::vector<Diagnosis> ds = Analyze(Generate(spec));
+  EXPECT_FALSE(Has(ds, DiagnosisKind::kStagnation)) << Describe(ds);
+}
+
+// ---------------------------------------------------------------------------
+// Scale-free: multiplying every loss by a constant changes nothing.
+
+std::vector<Diagnosis> AnalyzeScaled(CurveSpec spec, double scale) {
+  spec.loss_scale = scale;
+  return Analyze(Generate(std::move(spec)));
+}
+
+void ExpectSameDiagnoses(const std::vector<Diagnosis>& a,
+                         const std::vector<Diagnosis>& b) {
+  ASSERT_EQ(a.size(), b.size()) << Describe(a) << "\nvs" << Describe(b);
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].kind, b[i].kind);
+    EXPECT_EQ(a[i].step, b[i].step);
+    EXPECT_EQ(a[i].onset, b[i].onset);
+    EXPECT_NEAR(a[i].severity, b[i].severity, 1e-6);
+    EXPECT_NEAR(a[i].confidence, b[i].confidence, 1e-6);
+  }
+}
+
+class ScaleFreeTest : public ::testing::TestWithParam<double> {};
+
+TEST_P(ScaleFreeTest, HealthyRun) {
+  const std::vector<Diagnosis> base =
+      AnalyzeScaled(HealthySpec(5000, 100.0), 1.0);
+  EXPECT_TRUE(base.empty()) << Describe(base);
+  const std::vector<Diagnosis> scaled =
+      AnalyzeScaled(HealthySpec(5000, 100.0), GetParam());
+  EXPECT_TRUE(scaled.empty()) << Describe(scaled);
+}
+
+TEST_P(ScaleFreeTest, ProblemRuns) {
+  // A spike, then divergence: the same findings at any scale.
+  CurveSpec spec = HealthySpec(6000, 100.0);
+  spec.loss = [](int64_t i) {
+    double l = ExpDecay(static_cast<double>(i), kL0, 0.3, 100.0);
+    if (i >= 2000 && i < 2040) l *= 6.0;
+    if (i >= 5000) l *= std::exp((i - 5000) / 150.0);
+    return l;
+  };
+  const std::vector<Diagnosis> base = AnalyzeScaled(spec, 1.0);
+  EXPECT_TRUE(Has(base, DiagnosisKind::kLossSpike)) << Describe(base);
+  EXPECT_TRUE(Has(base, DiagnosisKind::kDivergence)) << Describe(base);
+  ExpectSameDiagnoses(base, AnalyzeScaled(spec, GetParam()));
+
+  // Stuck, then overfitting.
+  const std::vector<Diagnosis> flat_base = AnalyzeScaled(FlatSpec(2000), 1.0);
+  EXPECT_TRUE(Has(flat_base, DiagnosisKind::kStagnation));
+  ExpectSameDiagnoses(flat_base, AnalyzeScaled(FlatSpec(2000), GetParam()));
+
+  CurveSpec of = HealthySpec(6000, 100.0);
+  of.loss = [](int64_t i) {
+    return PowerLaw(static_cast<double>(i), kL0, 0.0, 50.0, 0.7);
+  };
+  of.val_loss = [](int64_t i) {
+    return i < 2000 ? ExpDecay(i, kL0, 0.5, 300.0)
+                    : 0.5 * (1.0 + 0.5 * (i - 2000) / 4000.0);
+  };
+  const std::vector<Diagnosis> of_base = AnalyzeScaled(of, 1.0);
+  EXPECT_TRUE(Has(of_base, DiagnosisKind::kOverfitting)) << Describe(of_base);
+  ExpectSameDiagnoses(of_base, AnalyzeScaled(of, GetParam()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Scales, ScaleFreeTest, ::testing::Values(0.01, 100.0));
+
+// ---------------------------------------------------------------------------
+// Long runs: constant time per step, bounded memory.
+
+TEST(CurveAnalyzerLongRunTest, MillionHealthyStepsReportNothing) {
+  // 1,000,000 steps of a power-law curve, val every 50, grad norms.
+  // Streamed, so the test itself holds no per-step state.
+  // t0 = 10: the loss is below half its initial level by step 60, so the
+  // early-window stagnation issue (KnownIssues) stays out of it.
+  CurveSpec spec = synthetic::LongRunSpec(1'000'000, 7);
+  spec.loss = [](int64_t i) {
+    return PowerLaw(static_cast<double>(i), kL0, 0.3, 10.0, 0.5);
+  };
+  synthetic::CurveStream stream(spec);
+  CurveAnalyzer a;
+  std::vector<Diagnosis> out;
+  while (!stream.Done()) {
+    const StepRecord r = stream.Next();
+    ASSERT_TRUE(a.Feed(r, &out).ok()) << r.step;
+  }
+  EXPECT_EQ(a.steps_seen(), 1'000'000);
+  EXPECT_EQ(a.last_step(), 999'999);
+  EXPECT_TRUE(out.empty()) << Describe(out);
+  EXPECT_TRUE(a.Active().empty()) << Describe(a.Active());
 }
 
 }  // namespace

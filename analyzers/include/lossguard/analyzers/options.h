@@ -81,9 +81,6 @@ struct AnalyzerOptions {
   // `oscillation_recent_windows` windows swing...
   int oscillation_confirm_windows = 2;
   int oscillation_recent_windows = 3;
-  // A single window suffices when its swing is this many times the
-  // threshold.
-  double oscillation_strong_swing = 2.0;
   // ...when, over them, the smoothed loss neither fell nor rose by more
   // than this factor (no net progress, no lasting rise).
   double oscillation_progress_factor = 2.0;
