@@ -75,6 +75,15 @@ class CurveAnalyzer::Impl {
   void OnValLoss(const StepRecord& rec, std::vector<Diagnosis>* out);
   void OnGradNorm(const StepRecord& rec, std::vector<Diagnosis>* out);
 
+  // Median log-loss swing of the latest oscillation windows (0 before any).
+  double TypicalSwing() {
+    scratch_swing_.clear();
+    for (size_t i = 0; i < osc_log_stds_.size(); ++i) {
+      scratch_swing_.push_back(osc_log_stds_.FromBack(i));
+    }
+    return scratch_swing_.empty() ? 0.0 : MedianInPlace(scratch_swing_);
+  }
+
   double LogLoss(double loss) const {
     const double floor = (std::isfinite(l0_) ? l0_ : 1.0) * kLogFloorFraction;
     return std::log(std::max(loss, floor));
@@ -126,6 +135,7 @@ class CurveAnalyzer::Impl {
 
   // --- stagnation ---
   std::vector<double> scratch_;
+  std::vector<double> scratch_swing_;
 
   // --- oscillation ---
   double osc_ema_ = kNaN;
@@ -134,7 +144,7 @@ class CurveAnalyzer::Impl {
   int osc_points_ = 0;
   int64_t osc_window_start_ = 0;
   uint32_t osc_history_ = 0;
-  double osc_last_log_std_ = 0.0;  // swing of the latest window
+  RingBuffer<double> osc_log_stds_{3};  // swings of the latest windows
   bool osc_streak_ = false;
   int64_t osc_run_start_ = 0;
   RingBuffer<double> osc_means_{32};  // mean smoothed log-loss per window
@@ -322,10 +332,11 @@ void CurveAnalyzer::Impl::CheckDivergence(const Block& b,
   const double level_sd = 1.2533 * point_noise_.Sigma() /
                           std::sqrt(std::max(1, smoothed_points_));
   // Swings correlated over many steps don't average out in the level: the
-  // latest window's swing amplitude widens the margin.
+  // typical swing amplitude of the latest windows (their median, so that a
+  // window holding the rise itself does not count) widens the margin.
   const double margin = std::max(std::log(options_.divergence_rise_factor),
                                  options_.divergence_rise_sigmas * level_sd) +
-                        osc_last_log_std_;
+                        TypicalSwing();
   const double rise = level - best_level_;
   const bool material = std::exp(level) - std::exp(best_level_) >=
                         options_.divergence_min_rise_of_initial * l0_;
@@ -540,7 +551,7 @@ void CurveAnalyzer::Impl::OnOscillationPoint(const StepRecord& rec,
 
   const double log_std = osc_log_.ResidualStd();
   const double rel_std = osc_rel_.ResidualStd();
-  osc_last_log_std_ = log_std;
+  osc_log_stds_.Push(log_std);
   const double swing = std::sqrt(log_std * rel_std);
   const double mean = osc_log_.MeanY();
   osc_log_.Reset();
