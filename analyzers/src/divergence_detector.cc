@@ -1,0 +1,142 @@
+#include "analyzers/src/divergence_detector.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_format.h"
+
+namespace lossguard::analyzers {
+
+void DivergenceDetector::OnNonFinite(const StepRecord& rec, const char* what,
+                                     double value, const LossTrack& track,
+                                     double grad_norm_level,
+                                     Findings* findings) {
+  if (diverged_) return;
+  diverged_ = true;
+  Diagnosis d;
+  d.kind = DiagnosisKind::kDivergence;
+  d.step = rec.step;
+  d.onset = rec.step;
+  d.severity = 1.0;
+  d.confidence = 1.0;
+  d.loss_at_onset = value;
+  d.best_loss = ExpOrNaN(best_level_);
+  d.lr_at_onset = track.lr();
+  d.grad_norm_level = grad_norm_level;
+  d.evidence = absl::StrFormat("%s is %g at step %d (non-finite)", what, value,
+                               rec.step);
+  if (std::isfinite(best_level_)) {
+    absl::StrAppendFormat(&d.evidence, "; best smoothed loss was %.4g at %d",
+                          std::exp(best_level_), best_step_);
+  }
+  findings->Report(std::move(d));
+}
+
+void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
+                                 double grad_norm_level, Findings* findings) {
+  if (diverged_) return;
+  const Block& b = track.last_block();
+  const double level = track.smoothed_level();
+  if (track.restart_pending()) {
+    track.TakeRestart();
+    follow_blocks_left_ = options_.restart_follow_blocks;
+    best_level_ = level;
+    best_step_ = b.last_step;
+    rise_blocks_ = 0;
+  }
+  if (follow_blocks_left_ > 0) {
+    // Right after a warm restart the loss is expected to rise: the reference
+    // follows it up, then tracking resumes.
+    --follow_blocks_left_;
+    if (level >= best_level_ || follow_blocks_left_ > 0) {
+      best_level_ = level;
+      best_step_ = b.last_step;
+      return;
+    }
+  }
+  // Noise of the smoothed level: per-point scale over the points it spans.
+  const double level_sd = 1.2533 * track.point_sigma() /
+                          std::sqrt(std::max(1, track.smoothed_points()));
+  // Swings correlated over many steps don't average out in the level: the
+  // typical swing amplitude of the latest windows widens the margin.
+  const double margin = std::max(std::log(options_.divergence_rise_factor),
+                                 options_.divergence_rise_sigmas * level_sd) +
+                        typical_swing;
+  const double rise = level - best_level_;
+  const bool material = std::exp(level) - std::exp(best_level_) >=
+                        options_.divergence_min_rise_of_initial * track.l0();
+
+  if (rise > margin && material) {
+    if (rise_blocks_ == 0) {
+      rise_start_step_ = b.first_step;
+      rise_points_ = 0;
+      rise_points_before_ = track.finite_points() - b.points;
+      rise_base_ = best_level_;
+      rise_peak_ = level;
+    }
+    ++rise_blocks_;
+    rise_peak_ = std::max(rise_peak_, level);
+    rise_points_ += b.points;
+    // Confirmation: enough points, fewer the more margins the rise clears.
+    const double needed =
+        std::max<double>(
+            options_.divergence_confirm_points,
+            std::min<double>(options_.divergence_confirm_max_points,
+                             options_.divergence_confirm_fraction *
+                                 static_cast<double>(rise_points_before_))) /
+        std::max(1.0, rise / margin);
+    if (rise_blocks_ < options_.divergence_confirm_blocks ||
+        static_cast<double>(rise_points_) < needed) {
+      return;
+    }
+    diverged_ = true;
+    const int64_t lasted = b.last_step - rise_start_step_ + 1;
+    const double ratio = std::exp(level - rise_base_);
+    Diagnosis d;
+    d.kind = DiagnosisKind::kDivergence;
+    d.step = b.last_step;
+    d.onset = rise_start_step_;
+    d.severity = Clamp01(std::log(ratio) / std::log(10.0));
+    d.confidence = Clamp01(0.5 + 0.5 * (rise - margin) / margin);
+    d.loss_at_onset = std::exp(level);
+    d.best_loss = std::exp(rise_base_);
+    d.lr_at_onset = best_level_lr_;
+    d.grad_norm_level = grad_norm_level;
+    d.evidence = absl::StrFormat(
+        "smoothed loss %.4g is %.2fx its best %.4g (step %d) and has stayed "
+        "above %.2fx for %d steps since step %d",
+        std::exp(level), ratio, std::exp(rise_base_), best_step_,
+        std::exp(margin), lasted, rise_start_step_);
+    findings->Report(std::move(d));
+    return;
+  }
+  if (rise_blocks_ > 0) {
+    // The rise came back before it was confirmed: a recovered spike.
+    const double spike = rise_peak_ - rise_base_;
+    if (spike > std::log(options_.spike_factor)) {
+      Diagnosis d;
+      d.kind = DiagnosisKind::kLossSpike;
+      d.step = b.last_step;
+      d.onset = rise_start_step_;
+      d.severity = Clamp01(spike / std::log(100.0));
+      d.confidence = 1.0;
+      d.loss_at_onset = std::exp(rise_peak_);
+      d.best_loss = std::exp(rise_base_);
+      d.lr_at_onset = track.lr();
+      d.evidence = absl::StrFormat(
+          "smoothed loss spiked to %.4g (%.2fx its best %.4g) at step %d and "
+          "recovered to %.4g by step %d",
+          std::exp(rise_peak_), std::exp(spike), std::exp(rise_base_),
+          rise_start_step_, std::exp(level), b.last_step);
+      findings->Report(std::move(d));
+    }
+    rise_blocks_ = 0;
+  }
+  if (level < best_level_) {
+    best_level_ = level;
+    best_step_ = b.last_step;
+    best_level_lr_ = track.lr();
+  }
+}
+
+}  // namespace lossguard::analyzers

@@ -1,0 +1,56 @@
+#ifndef LOSSGUARD_ANALYZERS_SRC_DIVERGENCE_DETECTOR_H_
+#define LOSSGUARD_ANALYZERS_SRC_DIVERGENCE_DETECTOR_H_
+
+#include <cstdint>
+
+#include "analyzers/src/common.h"
+#include "analyzers/src/loss_track.h"
+#include "lossguard/analyzers/options.h"
+
+namespace lossguard::analyzers {
+
+// Divergence: a non-finite loss or gradient norm at once; otherwise the
+// smoothed level rising above its best by a clear, noise-aware margin and
+// staying there long enough to be "for good". A rise that comes back first
+// is a recovered spike, reported as a kLossSpike event. After a warm restart
+// the reference level follows the loss up for a few blocks.
+//
+// Not thread-safe; owned by one CurveAnalyzer.
+class DivergenceDetector {
+ public:
+  explicit DivergenceDetector(const AnalyzerOptions& options)
+      : options_(options) {}
+
+  // A non-finite `value` of `what` ("loss", "gradient norm", ...).
+  void OnNonFinite(const StepRecord& rec, const char* what, double value,
+                   const LossTrack& track, double grad_norm_level,
+                   Findings* findings);
+  // After `track` closed a block. `typical_swing` is the oscillation
+  // detector's typical log-loss swing, which widens the margin.
+  void OnBlock(LossTrack& track, double typical_swing, double grad_norm_level,
+               Findings* findings);
+
+  bool diverged() const { return diverged_; }
+  // A rise is under way but not yet confirmed or dismissed.
+  bool rise_pending() const { return rise_blocks_ > 0; }
+  // Best smoothed log-loss so far (+inf before the first block).
+  double best_level() const { return best_level_; }
+
+ private:
+  const AnalyzerOptions& options_;
+  bool diverged_ = false;
+  double best_level_ = kInf;
+  int64_t best_step_ = 0;
+  double best_level_lr_ = kNaN;
+  int rise_blocks_ = 0;
+  int64_t rise_points_ = 0;         // points since the rise began
+  int64_t rise_points_before_ = 0;  // points before it began
+  int64_t rise_start_step_ = -1;
+  double rise_peak_ = -kInf;
+  double rise_base_ = kNaN;
+  int follow_blocks_left_ = 0;
+};
+
+}  // namespace lossguard::analyzers
+
+#endif  // LOSSGUARD_ANALYZERS_SRC_DIVERGENCE_DETECTOR_H_

@@ -1,0 +1,138 @@
+#include "analyzers/src/stagnation_detector.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "absl/strings/str_format.h"
+
+namespace lossguard::analyzers {
+
+void StagnationDetector::OnPoint(const StepRecord& rec, const LossTrack& track,
+                                 bool diverged, double best_level,
+                                 Findings* findings) {
+  if (rec.loss == const_value_) {
+    ++const_run_;
+  } else {
+    const_value_ = rec.loss;
+    const_run_ = 1;
+    const_start_ = rec.step;
+  }
+  if (const_run_ != options_.stagnation_constant_points || diverged ||
+      findings->IsActive(DiagnosisKind::kStagnation) || !track.has_l0() ||
+      rec.loss < options_.stagnation_constant_min_fraction * track.l0()) {
+    return;
+  }
+  Diagnosis d;
+  d.kind = DiagnosisKind::kStagnation;
+  d.step = rec.step;
+  d.onset = const_start_;
+  d.severity = 1.0;
+  d.confidence = 0.95;
+  d.loss_at_onset = rec.loss;
+  d.best_loss = std::isfinite(best_level) ? std::exp(best_level) : rec.loss;
+  d.lr_at_onset = track.lr();
+  d.evidence = absl::StrFormat(
+      "loss has been exactly %.6g for %d points since step %d: the model's "
+      "output no longer changes",
+      rec.loss, const_run_, const_start_);
+  findings->Report(std::move(d));
+}
+
+void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
+                                 double best_level, Findings* findings) {
+  const int64_t seen = track.finite_points();
+  if (diverged || seen < options_.stagnation_min_points) return;
+  const int64_t window_points = static_cast<int64_t>(
+      options_.stagnation_window_fraction * static_cast<double>(seen));
+  // Walk back over whole blocks covering the window.
+  const RingBuffer<Block>& blocks = track.blocks();
+  int nblocks = 0;
+  int64_t covered = 0;
+  while (nblocks < static_cast<int>(blocks.size()) &&
+         covered < window_points) {
+    covered += blocks.FromBack(nblocks).points;
+    ++nblocks;
+  }
+  if (nblocks < 3) return;
+  const Block& first = blocks.FromBack(nblocks - 1);
+  const int third = std::max(1, nblocks / 3);
+  scratch_.clear();
+  for (int i = nblocks - 1; i > nblocks - 1 - third; --i) {
+    scratch_.push_back(blocks.FromBack(i).level);
+  }
+  const double head = MedianInPlace(scratch_);
+  scratch_.clear();
+  for (int i = 0; i < third; ++i) scratch_.push_back(blocks.FromBack(i).level);
+  const double tail = MedianInPlace(scratch_);
+  const double progress = head - tail;  // log-loss fallen across the window
+  // Distance between the centres of the head and tail thirds, in points.
+  const double span = static_cast<double>(covered) * (1.0 - 1.0 / 3.0);
+  const double halving_points =
+      progress > 0 ? std::log(2.0) * span / progress : kInf;
+  const double halving_ratio = halving_points / static_cast<double>(seen);
+  const bool no_progress = halving_ratio > options_.stagnation_halving_ratio;
+
+  if (findings->IsActive(DiagnosisKind::kStagnation)) {
+    if (halving_ratio < options_.stagnation_halving_ratio *
+                            options_.stagnation_clear_fraction) {
+      findings->Clear(DiagnosisKind::kStagnation);
+    }
+    return;
+  }
+  if (!no_progress) return;
+  const double lr = track.lr();
+  if (!std::isnan(first.lr) && !std::isnan(lr) &&
+      lr > first.lr * options_.stagnation_lr_rise) {
+    return;  // warmup or a range test: a flat start is expected
+  }
+  const double frac_now = std::exp(tail - track.log_l0());
+  const double frac_best = std::exp(best_level - track.log_l0());
+  const bool near_start = frac_now >= options_.stagnation_initial_fraction &&
+                          frac_best >= options_.stagnation_drop_fraction;
+  const int64_t drop_step = track.lr_drop_step();
+  const bool cut_early =
+      drop_step >= 0 && drop_step <= first.first_step &&
+      std::isfinite(track.lr_drop_level()) &&
+      std::exp(track.lr_drop_level() - track.log_l0()) >=
+          options_.stagnation_drop_fraction;
+  if (!near_start && !cut_early) return;
+
+  const Block& b = track.last_block();
+  Diagnosis d;
+  d.kind = DiagnosisKind::kStagnation;
+  d.step = b.last_step;
+  d.onset = cut_early ? drop_step : first.first_step;
+  d.severity = Clamp01(frac_now);
+  d.confidence = std::isfinite(halving_ratio)
+                     ? Clamp01(0.5 + 0.1 * std::log(
+                                             halving_ratio /
+                                             options_.stagnation_halving_ratio))
+                     : 0.95;
+  d.loss_at_onset = std::exp(tail);
+  d.best_loss = std::exp(best_level);
+  d.lr_at_onset = lr;
+  const std::string rate =
+      std::isfinite(halving_points)
+          ? absl::StrFormat("at its rate it would take %.0f steps (%.1fx the "
+                            "run so far) to halve",
+                            halving_points, halving_ratio)
+          : std::string("it did not fall at all");
+  d.evidence = absl::StrFormat(
+      "smoothed loss went from %.4g to %.4g over the last %d steps (%+.1f%%); "
+      "%s; it is %.0f%% of the initial loss %.4g",
+      std::exp(head), std::exp(tail), b.last_step - first.first_step + 1,
+      100.0 * (std::exp(-progress) - 1.0), rate, 100.0 * frac_now,
+      track.l0());
+  if (cut_early) {
+    absl::StrAppendFormat(
+        &d.evidence,
+        "; the LR was cut %.3gx at step %d while the loss was still %.0f%% of "
+        "its initial level",
+        track.lr_drop_factor(), drop_step,
+        100.0 * std::exp(track.lr_drop_level() - track.log_l0()));
+  }
+  findings->Report(std::move(d));
+}
+
+}  // namespace lossguard::analyzers

@@ -1,0 +1,42 @@
+#ifndef LOSSGUARD_ANALYZERS_SRC_STAGNATION_DETECTOR_H_
+#define LOSSGUARD_ANALYZERS_SRC_STAGNATION_DETECTOR_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "analyzers/src/common.h"
+#include "analyzers/src/loss_track.h"
+#include "lossguard/analyzers/options.h"
+
+namespace lossguard::analyzers {
+
+// Stagnation: over the recent window the loss makes no meaningful progress
+// (at its rate it would take many times the run so far to halve) while it
+// is far from converged: still near its initial level, or stuck after the LR
+// was cut before the loss had even halved. Not while the LR is rising. A
+// loss repeating exactly, well above zero, is a dead model.
+//
+// Not thread-safe; owned by one CurveAnalyzer.
+class StagnationDetector {
+ public:
+  explicit StagnationDetector(const AnalyzerOptions& options)
+      : options_(options) {}
+
+  // After each finite loss: the dead-model (constant loss) rule.
+  void OnPoint(const StepRecord& rec, const LossTrack& track, bool diverged,
+               double best_level, Findings* findings);
+  // After `track` closed a block.
+  void OnBlock(const LossTrack& track, bool diverged, double best_level,
+               Findings* findings);
+
+ private:
+  const AnalyzerOptions& options_;
+  double const_value_ = kNaN;
+  int const_run_ = 0;
+  int64_t const_start_ = 0;
+  std::vector<double> scratch_;
+};
+
+}  // namespace lossguard::analyzers
+
+#endif  // LOSSGUARD_ANALYZERS_SRC_STAGNATION_DETECTOR_H_
