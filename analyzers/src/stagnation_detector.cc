@@ -7,6 +7,23 @@
 #include "absl/strings/str_format.h"
 
 namespace lossguard::analyzers {
+namespace {
+
+// The value of the last decimal digit of `x` as written with the fewest
+// decimals that reproduce it (0.33 -> 0.01, 0.6931 -> 0.0001); a value that
+// needs more than 12 decimals counts as exact (0).
+double PrintResolution(double x) {
+  double scale = 1.0;
+  for (int d = 0; d <= 12; ++d, scale *= 10.0) {
+    const double y = x * scale;
+    if (std::fabs(y - std::round(y)) <= 1e-9 * std::max(1.0, std::fabs(y))) {
+      return 1.0 / scale;
+    }
+  }
+  return 0.0;
+}
+
+}  // namespace
 
 void StagnationDetector::OnPoint(const StepRecord& rec, const LossTrack& track,
                                  bool diverged, double best_level,
@@ -20,7 +37,9 @@ void StagnationDetector::OnPoint(const StepRecord& rec, const LossTrack& track,
   }
   if (const_run_ != options_.stagnation_constant_points || diverged ||
       findings->IsActive(DiagnosisKind::kStagnation) || !track.has_l0() ||
-      rec.loss < options_.stagnation_constant_min_fraction * track.l0()) {
+      rec.loss < options_.stagnation_constant_min_fraction * track.l0() ||
+      PrintResolution(rec.loss) >
+          options_.stagnation_constant_max_resolution * rec.loss) {
     return;
   }
   Diagnosis d;
@@ -66,26 +85,29 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   for (int i = 0; i < third; ++i) scratch_.push_back(blocks.FromBack(i).level);
   const double tail = MedianInPlace(scratch_);
   const double progress = head - tail;  // log-loss fallen across the window
+  if (findings->IsActive(DiagnosisKind::kStagnation)) {
+    if (tail < reported_level_ + std::log1p(-options_.stagnation_clear_fall)) {
+      findings->Clear(DiagnosisKind::kStagnation);
+      candidate_since_ = -1;
+    }
+    return;
+  }
   // Distance between the centres of the head and tail thirds, in points.
   const double span = static_cast<double>(covered) * (1.0 - 1.0 / 3.0);
   const double halving_points =
       progress > 0 ? std::log(2.0) * span / progress : kInf;
   const double halving_ratio = halving_points / static_cast<double>(seen);
-  const bool no_progress = halving_ratio > options_.stagnation_halving_ratio;
-
-  if (findings->IsActive(DiagnosisKind::kStagnation)) {
-    if (halving_ratio < options_.stagnation_halving_ratio *
-                            options_.stagnation_clear_fraction) {
-      findings->Clear(DiagnosisKind::kStagnation);
-    }
+  const double lr = track.lr();
+  const bool lr_rising = !std::isnan(first.lr) && !std::isnan(lr) &&
+                         lr > first.lr * options_.stagnation_lr_rise;
+  // Not while the LR rises (warmup, a range test): a flat start is expected.
+  // Clear progress ends a candidate stretch; a noisy pass does not.
+  if (lr_rising || halving_ratio < options_.stagnation_halving_ratio *
+                                       options_.stagnation_progress_fraction) {
+    candidate_since_ = -1;
     return;
   }
-  if (!no_progress) return;
-  const double lr = track.lr();
-  if (!std::isnan(first.lr) && !std::isnan(lr) &&
-      lr > first.lr * options_.stagnation_lr_rise) {
-    return;  // warmup or a range test: a flat start is expected
-  }
+  if (halving_ratio <= options_.stagnation_halving_ratio) return;
   const double frac_now = std::exp(tail - track.log_l0());
   const double frac_best = std::exp(best_level - track.log_l0());
   const bool near_start = frac_now >= options_.stagnation_initial_fraction &&
@@ -96,7 +118,17 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
       std::isfinite(track.lr_drop_level()) &&
       std::exp(track.lr_drop_level() - track.log_l0()) >=
           options_.stagnation_drop_fraction;
-  if (!near_start && !cut_early) return;
+  if (!near_start && !cut_early) {
+    candidate_since_ = -1;
+    return;
+  }
+  if (candidate_since_ < 0) candidate_since_ = seen;
+  if (static_cast<double>(seen) <
+      options_.stagnation_persist_factor *
+          static_cast<double>(candidate_since_)) {
+    return;
+  }
+  reported_level_ = tail;
 
   const Block& b = track.last_block();
   Diagnosis d;
@@ -114,8 +146,8 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   d.lr_at_onset = lr;
   const std::string rate =
       std::isfinite(halving_points)
-          ? absl::StrFormat("at its rate it would take %.0f steps (%.1fx the "
-                            "run so far) to halve",
+          ? absl::StrFormat("at its rate it would take %.0f steps (%.1fx "
+                            "the run so far) to halve",
                             halving_points, halving_ratio)
           : std::string("it did not fall at all");
   d.evidence = absl::StrFormat(

@@ -34,6 +34,8 @@ class StagnationDetector {
   double const_value_ = kNaN;
   int const_run_ = 0;
   int64_t const_start_ = 0;
+  int64_t candidate_since_ = -1;  // points seen when the condition first held
+  double reported_level_ = kNaN;  // tail level when stagnation was reported
   std::vector<double> scratch_;
 };
 

@@ -523,15 +523,9 @@ TEST(CurveAnalyzerTest, FlatAtInitialLossIsStagnation) {
   EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kStagnation).size(), 1u);
 }
 
-// DISABLED: a run stuck at its initial loss is reported, cleared and
-// reported again. Observed (seed 42): "stagnation step=63 ... it did not
-// fall at all", then again at step 124 "went from 2.324 to 2.276 over the
-// last 62 steps (-2.1%)": in between, minibatch noise in the 32-point window
-// made the loss look like it was falling (halving time below the clear
-// threshold) and the diagnosis was cleared. Expected: one report that stays
-// active while the loss stays flat (the clear test should need progress
-// that is significant against the point noise, like the rise test does).
-TEST(CurveAnalyzerTest, DISABLED_StuckRunIsReportedOnceAndStaysActive) {
+// A run stuck at its initial loss is reported once and stays active while
+// the loss stays flat: minibatch noise does not clear it.
+TEST(CurveAnalyzerTest, StuckRunIsReportedOnceAndStaysActive) {
   CurveAnalyzer a;
   std::vector<Diagnosis> ds;
   for (const StepRecord& r : Generate(FlatSpec(5000))) {
@@ -570,14 +564,23 @@ TEST(CurveAnalyzerTest, ExactlyConstantLossIsStagnation) {
   std::vector<StepRecord> recs;
   for (int64_t i = 0; i < 30; ++i) {
     recs.push_back(
-        {.step = i, .lr = 0.1, .loss = i < 5 ? kL0 + 0.01 * i : 1.7});
+        {.step = i, .lr = 0.1, .loss = i < 5 ? kL0 + 0.01 * i : 1.734921});
   }
   const std::vector<Diagnosis> ds = Analyze(recs);
   ASSERT_EQ(ds.size(), 1u) << Describe(ds);
   EXPECT_EQ(ds[0].kind, DiagnosisKind::kStagnation);
   EXPECT_EQ(ds[0].onset, 5);
   EXPECT_EQ(ds[0].step, 14);
-  EXPECT_THAT(ds[0].evidence, HasSubstr("exactly 1.7"));
+  EXPECT_THAT(ds[0].evidence, HasSubstr("exactly 1.73492"));
+}
+
+TEST(CurveAnalyzerTest, CoarselyPrintedConstantLossIsNotDeadModel) {
+  // 1.7 repeated is what a live loss logged with one decimal looks like.
+  std::vector<StepRecord> recs;
+  for (int64_t i = 0; i < 30; ++i) {
+    recs.push_back({.step = i, .lr = 0.1, .loss = i < 5 ? kL0 : 1.7});
+  }
+  EXPECT_FALSE(Has(Analyze(recs), DiagnosisKind::kStagnation));
 }
 
 class LrCutEarlyTest : public ::testing::TestWithParam<double> {};
@@ -947,17 +950,11 @@ constexpr DiagnosisKind kHealthyKinds[] = {
 // them fail). Observed vs expected, all with the defaults of options.h:
 const std::vector<HealthyCase>& KnownIssues() {
   static const auto* const kKnown = new std::vector<HealthyCase>{
-      // Early-window stagnation. Stagnation is first judged at 64 points
-      // over a 32-point window, comparing medians of ~10 points with no
-      // allowance for their noise, against "halving time > 10x the steps
-      // seen so far". The typical curve with tau = 300 (10% noise) is
-      // reported as "stagnation step=63 onset=32 ... it is 8x% of the
-      // initial loss" in ~2/3 of seeds, tau = 500 in ~97%, and any tau
-      // above ~0.08 x (steps seen) even without noise (tau = run/5 =
-      // 2000: reported at step 63 and again later, flapping). Expected:
-      // no stagnation while the loss falls steadily; lack of progress
-      // should be significant against point noise before it is reported.
-      {"SlowSteadyDecayTau300", DiagnosisKind::kStagnation},
+      // A loss with time constant 2000 steps, seen at steps 80-190 with 10%
+      // noise, falls by ~3% per window: "stagnation step=149 ... went from
+      // 2.191 to 2.226 over the last 75 steps (+1.6%); it did not fall at
+      // all; it is 97% of the initial loss". At that point the data cannot
+      // tell it from a plateau at L0; expected: nothing, in hindsight.
       {"SlowSteadyDecayTauRunOver5", DiagnosisKind::kStagnation},
       // White minibatch noise read as oscillation. The swing threshold
       // (geometric mean of EMA(5) log std and relative std > 0.1) is
@@ -970,19 +967,6 @@ const std::vector<HealthyCase>& KnownIssues() {
       // noise of any size (its lag-1 differences already measure it, which
       // a real oscillation's do not).
       {"NoisySmallBatchSigma0p5", DiagnosisKind::kOscillation},
-      // The same early-window stagnation, made worse by the initial loss
-      // being the median of only 5 noisy points (with sigma 0.5 it came out
-      // 1.61..2.14 for a true 2.30): "stagnation step=65 onset=33 ...
-      // went from 1.239 to 1.436 over the last 33 steps (+15.9%); it did
-      // not fall at all; it is 82% of the initial loss 1.749" (seed 5),
-      // while the true loss fell 30% over that window.
-      {"NoisySmallBatchSigma0p5", DiagnosisKind::kStagnation},
-      // The dead-model rule (10 identical losses >= 0.1 L0) fires on a
-      // healthy loss logged to 2 decimals: "stagnation step=605 onset=596:
-      // loss has been exactly 0.33 for 10 points" (seed 3; the loss is 14%
-      // of L0 and still falling, with 2% noise). Expected: nothing; 10
-      // repeats are not evidence at a print resolution of 3% of the value.
-      {"LossPrintedWithFewDigits", DiagnosisKind::kStagnation},
       // Overfitting on a flat, noisy validation loss (3% per evaluation, a
       // small validation set; training flat at 0.05). The rise is measured
       // from the running minimum of the smoothed validation loss, which is

@@ -93,9 +93,15 @@ struct AnalyzerOptions {
   // No meaningful progress: at the recent rate the loss would take more than
   // this many times the steps seen so far to halve.
   double stagnation_halving_ratio = 10.0;
-  // An active stagnation clears once the halving time falls below this
-  // fraction of the threshold above (hysteresis).
-  double stagnation_clear_fraction = 0.25;
+  // The condition must hold again after the run has grown by this factor
+  // since it first held ("for a long stretch", not one unlucky window)...
+  double stagnation_persist_factor = 1.25;
+  // ...without clear progress in between: a halving time below this
+  // fraction of the threshold.
+  double stagnation_progress_fraction = 0.5;
+  // An active stagnation clears once the smoothed loss has fallen this
+  // fraction below its level when reported.
+  double stagnation_clear_fall = 0.1;
   // Far from converged, case 1: the loss is still above this fraction of
   // its initial level.
   double stagnation_initial_fraction = 0.75;
@@ -110,9 +116,12 @@ struct AnalyzerOptions {
   double stagnation_lr_rise = 1.2;
   // This many identical finite losses in a row, at a loss of at least
   // `stagnation_constant_min_fraction` of the initial loss, mean a dead
-  // model (a converged loss printed with few digits also repeats).
+  // model...
   int stagnation_constant_points = 10;
   double stagnation_constant_min_fraction = 0.1;
+  // ...unless the value is printed so coarsely (its last decimal digit is
+  // worth more than this fraction of it) that a live loss could repeat too.
+  double stagnation_constant_max_resolution = 1e-3;
 
   // --- overfitting ----------------------------------------------------------
   // Validation points smoothed by a running median of this many.
