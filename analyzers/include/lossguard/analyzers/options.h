@@ -31,7 +31,7 @@ struct AnalyzerOptions {
   // --- divergence ---------------------------------------------------------
   // A rise counts when the smoothed loss exceeds its best level by this
   // factor...
-  double divergence_rise_factor = 1.5;
+  double divergence_rise_factor = 1.4;
   // ...and by this many robust standard deviations of the smoothed level...
   double divergence_rise_sigmas = 4.0;
   // ...and by this fraction of the initial loss (a rise from 1e-5 to 1e-4
