@@ -124,19 +124,40 @@ struct AnalyzerOptions {
   double stagnation_constant_max_resolution = 1e-3;
 
   // --- overfitting ----------------------------------------------------------
-  // Validation points smoothed by a running median of this many.
+  // The validation loss is judged in log space against its own evaluation
+  // noise sigma: the median absolute second difference of the last this many
+  // evaluations (a second difference cancels a linear trend, the median
+  // ignores the few large ones at the bends of the curve). A low estimate is
+  // what lets noise pass for a rise, so the window is long: over 64
+  // evaluations the estimate is within ~20% (one sd). At most 64.
+  int overfit_noise_points = 64;
+  // Validation levels: running medians of the last this many evaluations.
+  // The short one follows a clean curve without lag; the long one averages
+  // a small validation set's noise down (sd ~0.44 sigma, against ~0.72 sigma
+  // for 3) so that a sustained rise can stand out of it. At most 16; 0
+  // turns the long level off.
   int overfit_smooth_points = 3;
-  // Smoothed validation loss must rise this fraction above its minimum...
+  int overfit_long_points = 8;
+  // A level has risen when it is above its running minimum by
+  //   sd z + max(log(1 + overfit_rise_fraction), sd z),
+  //   z = overfit_extreme_scale * sqrt(2 ln n),
+  // with sd the level's noise and n the evaluations so far. sqrt(2 ln n) is
+  // the extreme of n Gaussian draws in sds: the running minimum of a flat
+  // noisy level sits about sd z below its true value (the first term), and
+  // over n evaluations the level itself strays about sd z above it (the
+  // second), so a flat curve stays inside the margin however long the run.
+  // The fraction is what "clearly" means once the noise is accounted for: a
+  // validation loss 10% worse than its best is worth stopping for, while a
+  // converged one may drift a few percent either way in a healthy run.
   double overfit_rise_fraction = 0.10;
-  // ...and this many robust standard deviations of validation noise...
-  double overfit_rise_sigmas = 2.0;
-  // ...on this many consecutive validation points.
+  double overfit_extreme_scale = 1.0;
+  // A steady climb counts too: the least-squares line through the
+  // evaluations after the lowest one has risen since it by the same
+  // fraction and by z standard errors of that rise. The line averages all
+  // of those evaluations and is not anchored on the lowest (extreme) value,
+  // so it sees a slow climb through noise that no single level clears.
+  // Every rule must hold on this many consecutive evaluations.
   int overfit_confirm_points = 2;
-  // A smaller rise, of at least `overfit_trend_rise_fraction`, also counts
-  // when the smoothed validation loss rose on each of the last
-  // `overfit_trend_points` evaluations (a steady climb, not noise).
-  double overfit_trend_rise_fraction = 0.05;
-  int overfit_trend_points = 4;
   // Training loss must not have risen by more than this factor since the
   // validation minimum ("keeps falling").
   double overfit_train_rise_factor = 1.0;
