@@ -62,6 +62,11 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
                                  double best_level, Findings* findings) {
   const int64_t seen = track.finite_points();
   if (diverged || seen < options_.stagnation_min_points) return;
+  // The window spans up to `history_blocks` blocks; judging it every
+  // 1/kChecksPerWindow of its length keeps the amortized cost per step
+  // constant however long the run.
+  if (++blocks_since_check_ < last_window_blocks_ / kChecksPerWindow) return;
+  blocks_since_check_ = 0;
   const int64_t window_points = static_cast<int64_t>(
       options_.stagnation_window_fraction * static_cast<double>(seen));
   // Walk back over whole blocks covering the window.
@@ -73,6 +78,7 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
     covered += blocks.FromBack(nblocks).points;
     ++nblocks;
   }
+  last_window_blocks_ = nblocks;
   if (nblocks < 3) return;
   const Block& first = blocks.FromBack(nblocks - 1);
   const int third = std::max(1, nblocks / 3);

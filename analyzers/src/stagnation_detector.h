@@ -34,6 +34,9 @@ class StagnationDetector {
   double const_value_ = kNaN;
   int const_run_ = 0;
   int64_t const_start_ = 0;
+  static constexpr int kChecksPerWindow = 32;
+  int blocks_since_check_ = 0;
+  int last_window_blocks_ = 0;    // blocks in the window at the last check
   int64_t candidate_since_ = -1;  // points seen when the condition first held
   double reported_level_ = kNaN;  // tail level when stagnation was reported
   std::vector<double> scratch_;
