@@ -1,6 +1,7 @@
 #include "lossguard/analyzers/curve_analyzer.h"
 
 #include <array>
+#include <cassert>
 #include <cmath>
 #include <optional>
 
@@ -121,8 +122,90 @@ void CurveAnalyzer::Impl::OnLoss(const StepRecord& rec) {
                       this);
 }
 
+absl::Status ValidateOptions(const AnalyzerOptions& o) {
+  struct Check {
+    bool ok;
+    const char* field;
+    const char* rule;
+  };
+  const Check checks[] = {
+      {o.blocks_per_run >= 1, "blocks_per_run", ">= 1"},
+      {o.max_block_points >= 1, "max_block_points", ">= 1"},
+      {o.history_blocks >= 8, "history_blocks", ">= 8"},
+      {o.level_median_blocks >= 1, "level_median_blocks", ">= 1"},
+      {o.level_median_points >= 1, "level_median_points", ">= 1"},
+      {o.initial_points >= 1, "initial_points", ">= 1"},
+      {o.divergence_rise_factor > 1, "divergence_rise_factor", "> 1"},
+      {o.divergence_rise_sigmas >= 0, "divergence_rise_sigmas", ">= 0"},
+      {o.divergence_min_rise_of_initial >= 0,
+       "divergence_min_rise_of_initial", ">= 0"},
+      {o.divergence_confirm_blocks >= 1, "divergence_confirm_blocks", ">= 1"},
+      {o.divergence_confirm_points >= 1, "divergence_confirm_points", ">= 1"},
+      {o.divergence_confirm_fraction >= 0, "divergence_confirm_fraction",
+       ">= 0"},
+      {o.divergence_confirm_max_points >= 1, "divergence_confirm_max_points",
+       ">= 1"},
+      {o.restart_lr_jump > 1, "restart_lr_jump", "> 1"},
+      {o.restart_follow_blocks >= 0, "restart_follow_blocks", ">= 0"},
+      {o.spike_factor > 1, "spike_factor", "> 1"},
+      {o.oscillation_window >= 3, "oscillation_window", ">= 3"},
+      {o.oscillation_ema_span >= 1, "oscillation_ema_span", ">= 1"},
+      {o.oscillation_swing > 0, "oscillation_swing", "> 0"},
+      {o.oscillation_min_log_std >= 0, "oscillation_min_log_std", ">= 0"},
+      {o.oscillation_min_rel_std >= 0, "oscillation_min_rel_std", ">= 0"},
+      {o.oscillation_recent_windows >= 1 && o.oscillation_recent_windows <= 31,
+       "oscillation_recent_windows", "in [1, 31]"},
+      {o.oscillation_confirm_windows >= 1 &&
+           o.oscillation_confirm_windows <= o.oscillation_recent_windows,
+       "oscillation_confirm_windows", "in [1, oscillation_recent_windows]"},
+      {o.oscillation_progress_factor > 1, "oscillation_progress_factor", "> 1"},
+      {o.stagnation_min_points >= 3, "stagnation_min_points", ">= 3"},
+      {o.stagnation_window_fraction > 0 && o.stagnation_window_fraction <= 1,
+       "stagnation_window_fraction", "in (0, 1]"},
+      {o.stagnation_halving_ratio > 0, "stagnation_halving_ratio", "> 0"},
+      {o.stagnation_persist_factor >= 1, "stagnation_persist_factor", ">= 1"},
+      {o.stagnation_progress_fraction >= 0 &&
+           o.stagnation_progress_fraction <= 1,
+       "stagnation_progress_fraction", "in [0, 1]"},
+      {o.stagnation_clear_fall > 0 && o.stagnation_clear_fall < 1,
+       "stagnation_clear_fall", "in (0, 1)"},
+      {o.stagnation_initial_fraction > 0, "stagnation_initial_fraction", "> 0"},
+      {o.stagnation_lr_drop > 1, "stagnation_lr_drop", "> 1"},
+      {o.stagnation_drop_fraction > 0, "stagnation_drop_fraction", "> 0"},
+      {o.stagnation_lr_rise > 1, "stagnation_lr_rise", "> 1"},
+      {o.stagnation_constant_points >= 2, "stagnation_constant_points", ">= 2"},
+      {o.stagnation_constant_min_fraction >= 0,
+       "stagnation_constant_min_fraction", ">= 0"},
+      {o.stagnation_constant_max_resolution >= 0,
+       "stagnation_constant_max_resolution", ">= 0"},
+      {o.overfit_noise_points >= 3 && o.overfit_noise_points <= 64,
+       "overfit_noise_points", "in [3, 64]"},
+      {o.overfit_smooth_points >= 1 && o.overfit_smooth_points <= 16,
+       "overfit_smooth_points", "in [1, 16]"},
+      {o.overfit_long_points >= 0 && o.overfit_long_points <= 16,
+       "overfit_long_points", "in [0, 16]"},
+      {o.overfit_rise_fraction >= 0, "overfit_rise_fraction", ">= 0"},
+      {o.overfit_extreme_scale >= 0, "overfit_extreme_scale", ">= 0"},
+      {o.overfit_confirm_points >= 1, "overfit_confirm_points", ">= 1"},
+      {o.overfit_train_rise_factor >= 1, "overfit_train_rise_factor", ">= 1"},
+      {o.grad_ema_span >= 1, "grad_ema_span", ">= 1"},
+      {o.grad_explosion_factor > 1, "grad_explosion_factor", "> 1"},
+      {o.grad_explosion_sigmas >= 0, "grad_explosion_sigmas", ">= 0"},
+      {o.grad_min_points >= 0, "grad_min_points", ">= 0"},
+  };
+  for (const Check& c : checks) {
+    if (!c.ok) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("AnalyzerOptions.%s must be %s", c.field, c.rule));
+    }
+  }
+  return absl::OkStatus();
+}
+
 CurveAnalyzer::CurveAnalyzer(const AnalyzerOptions& options)
-    : impl_(std::make_unique<Impl>(options)) {}
+    : impl_(std::make_unique<Impl>(options)) {
+  assert(ValidateOptions(options).ok());
+}
 CurveAnalyzer::~CurveAnalyzer() = default;
 CurveAnalyzer::CurveAnalyzer(CurveAnalyzer&&) noexcept = default;
 CurveAnalyzer& CurveAnalyzer::operator=(CurveAnalyzer&&) noexcept = default;

@@ -90,7 +90,7 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
       return;
     }
     diverged_ = true;
-    const int64_t lasted = b.last_step - rise_start_step_ + 1;
+    const int64_t lasted = StepSpan(rise_start_step_, b.last_step);
     const double ratio = std::exp(level - rise_base_);
     Diagnosis d;
     d.kind = DiagnosisKind::kDivergence;
@@ -103,8 +103,8 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
     d.lr_at_onset = best_level_lr_;
     d.grad_norm_level = grad_norm_level;
     d.evidence = absl::StrFormat(
-        "smoothed loss %.4g is %.2fx its best %.4g (step %d) and has stayed "
-        "above %.2fx for %d steps since step %d",
+        "smoothed loss %.4g is %.3gx its best %.4g (step %d) and has stayed "
+        "above %.3gx for %d steps since step %d",
         std::exp(level), ratio, std::exp(rise_base_), best_step_,
         std::exp(margin), lasted, rise_start_step_);
     findings->Report(std::move(d));
@@ -124,7 +124,7 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
       d.best_loss = std::exp(rise_base_);
       d.lr_at_onset = track.lr();
       d.evidence = absl::StrFormat(
-          "smoothed loss spiked to %.4g (%.2fx its best %.4g) at step %d and "
+          "smoothed loss spiked to %.4g (%.3gx its best %.4g) at step %d and "
           "recovered to %.4g by step %d",
           std::exp(rise_peak_), std::exp(spike), std::exp(rise_base_),
           rise_start_step_, std::exp(level), b.last_step);

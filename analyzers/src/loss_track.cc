@@ -43,13 +43,20 @@ void LossTrack::ObserveLr(const StepRecord& rec) {
 
 bool LossTrack::AddLoss(const StepRecord& rec) {
   ++finite_points_;
-  if (std::isnan(l0_)) {
+  // L0 comes from positive losses only: a log of zero (or a loss that can
+  // go negative, like some NLLs) says nothing about the task's scale.
+  if (std::isnan(l0_) && rec.loss > 0) {
     init_losses_.push_back(rec.loss);
     if (static_cast<int>(init_losses_.size()) >= options_.initial_points) {
       l0_ = std::max(Median(init_losses_), 1e-300);
       log_l0_ = std::log(l0_);
     }
   }
+  // Levels live in log space with losses clamped at 1e-12 L0, so a loss of
+  // zero (or below) is "as low as it gets". Before L0 is known there is no
+  // such scale, and zeros at the very start are a logging artefact: they
+  // count as seen but do not move the levels.
+  if (rec.loss <= 0 && std::isnan(l0_)) return false;
   const double y = LogLoss(rec.loss);
   if (std::isfinite(prev_log_loss_)) point_noise_.Add(y - prev_log_loss_);
   prev_log_loss_ = y;

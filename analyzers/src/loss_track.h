@@ -35,7 +35,8 @@ class LossTrack {
 
   // Call for every accepted step, before AddLoss.
   void ObserveLr(const StepRecord& rec);
-  // Adds a finite loss. Returns true when it closed a block.
+  // Adds a finite loss. Returns true when it closed a block. Losses <= 0
+  // before L0 is known count towards finite_points() but not the levels.
   bool AddLoss(const StepRecord& rec);
 
   // log(loss) with losses clamped at 1e-12 L0, so a loss of 0 stays finite.

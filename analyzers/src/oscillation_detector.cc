@@ -9,16 +9,17 @@
 namespace lossguard::analyzers {
 
 OscillationDetector::OscillationDetector(const AnalyzerOptions& options)
-    : options_(options) {
-  scratch_.reserve(3);
-}
+    : options_(options) {}
 
-double OscillationDetector::TypicalSwing() {
-  scratch_.clear();
-  for (size_t i = 0; i < log_stds_.size(); ++i) {
-    scratch_.push_back(log_stds_.FromBack(i));
-  }
-  return scratch_.empty() ? 0.0 : MedianInPlace(scratch_);
+double OscillationDetector::TypicalSwing() const {
+  const size_t n = log_stds_.size();
+  if (n == 0) return 0.0;
+  const double a = log_stds_.FromBack(0);
+  if (n == 1) return a;
+  const double b = log_stds_.FromBack(1);
+  if (n == 2) return 0.5 * (a + b);
+  const double c = log_stds_.FromBack(2);
+  return std::max(std::min(a, b), std::min(std::max(a, b), c));
 }
 
 void OscillationDetector::OnPoint(const StepRecord& rec,
@@ -26,7 +27,12 @@ void OscillationDetector::OnPoint(const StepRecord& rec,
                                   bool rise_pending, double best_level,
                                   Findings* findings) {
   const double alpha = 2.0 / (options_.oscillation_ema_span + 1.0);
-  ema_ = std::isnan(ema_) ? rec.loss : ema_ + alpha * (rec.loss - ema_);
+  // One absurd minibatch (1e200) must not saturate the EMA and the window
+  // sums for a thousand steps: swings far beyond the task's scale count as
+  // kMaxSwing x L0 (or 1 before L0 is known).
+  const double cap = kMaxSwing * (track.has_l0() ? track.l0() : 1.0);
+  const double loss = std::min(rec.loss, cap);
+  ema_ = std::isnan(ema_) ? loss : ema_ + alpha * (loss - ema_);
   if (!track.has_l0()) return;
   if (points_ == 0) window_start_ = rec.step;
   const double t = static_cast<double>(points_);

@@ -2,7 +2,6 @@
 #define LOSSGUARD_ANALYZERS_SRC_OSCILLATION_DETECTOR_H_
 
 #include <cstdint>
-#include <vector>
 
 #include "analyzers/src/common.h"
 #include "analyzers/src/loss_track.h"
@@ -27,8 +26,8 @@ class OscillationDetector {
   void OnPoint(const StepRecord& rec, const LossTrack& track, bool diverged,
                bool rise_pending, double best_level, Findings* findings);
 
-  // Median log-loss swing of the latest windows (0 before the first).
-  double TypicalSwing();
+  // Median log-loss swing of the latest 3 windows (0 before the first).
+  double TypicalSwing() const;
 
  private:
   const AnalyzerOptions& options_;
@@ -42,7 +41,7 @@ class OscillationDetector {
   int64_t streak_start_ = 0;
   RingBuffer<double> means_{32};    // mean smoothed log-loss per window
   RingBuffer<double> log_stds_{3};  // log-loss swing of the latest windows
-  std::vector<double> scratch_;
+  static constexpr double kMaxSwing = 1e6;  // input cap, in units of L0
 };
 
 }  // namespace lossguard::analyzers

@@ -34,6 +34,7 @@ void StagnationDetector::OnPoint(const StepRecord& rec, const LossTrack& track,
     const_value_ = rec.loss;
     const_run_ = 1;
     const_start_ = rec.step;
+    const_lr_ = track.lr();
   }
   if (const_run_ != options_.stagnation_constant_points || diverged ||
       findings->IsActive(DiagnosisKind::kStagnation) || !track.has_l0() ||
@@ -50,7 +51,8 @@ void StagnationDetector::OnPoint(const StepRecord& rec, const LossTrack& track,
   d.confidence = 0.95;
   d.loss_at_onset = rec.loss;
   d.best_loss = std::isfinite(best_level) ? std::exp(best_level) : rec.loss;
-  d.lr_at_onset = track.lr();
+  d.lr_at_onset = const_lr_;
+  reported_level_ = track.LogLoss(rec.loss);
   d.evidence = absl::StrFormat(
       "loss has been exactly %.6g for %d points since step %d: the model's "
       "output no longer changes",
@@ -149,17 +151,19 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
                      : 0.95;
   d.loss_at_onset = std::exp(tail);
   d.best_loss = std::exp(best_level);
-  d.lr_at_onset = lr;
+  // The LR when the stagnant stretch began: a policy compares it with the
+  // LR now to tell a schedule still decaying from a constant LR.
+  d.lr_at_onset = first.lr;
   const std::string rate =
       std::isfinite(halving_points)
-          ? absl::StrFormat("at its rate it would take %.0f steps (%.1fx "
-                            "the run so far) to halve",
+          ? absl::StrFormat("at its rate it would take %.0f more points "
+                            "(%.1fx the run so far) to halve",
                             halving_points, halving_ratio)
           : std::string("it did not fall at all");
   d.evidence = absl::StrFormat(
       "smoothed loss went from %.4g to %.4g over the last %d steps (%+.1f%%); "
       "%s; it is %.0f%% of the initial loss %.4g",
-      std::exp(head), std::exp(tail), b.last_step - first.first_step + 1,
+      std::exp(head), std::exp(tail), StepSpan(first.first_step, b.last_step),
       100.0 * (std::exp(-progress) - 1.0), rate, 100.0 * frac_now,
       track.l0());
   if (cut_early) {

@@ -34,6 +34,7 @@ class StagnationDetector {
   double const_value_ = kNaN;
   int const_run_ = 0;
   int64_t const_start_ = 0;
+  double const_lr_ = kNaN;        // LR when the constant run began
   static constexpr int kChecksPerWindow = 32;
   int blocks_since_check_ = 0;
   int last_window_blocks_ = 0;    // blocks in the window at the last check

@@ -1237,3 +1237,88 @@ TEST(CurveAnalyzerLongRunTest, MillionHealthyStepsReportNothing) {
 
 }  // namespace
 }  // namespace lossguard::analyzers
+
+namespace lossguard::analyzers {
+namespace {
+
+TEST(ValidateOptionsTest, DefaultsAreValid) {
+  EXPECT_TRUE(ValidateOptions(AnalyzerOptions()).ok());
+}
+
+TEST(ValidateOptionsTest, NamesTheFirstBadField) {
+  AnalyzerOptions o;
+  o.oscillation_ema_span = -1;
+  const absl::Status s = ValidateOptions(o);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("oscillation_ema_span"));
+  o = AnalyzerOptions();
+  o.oscillation_confirm_windows = 5;  // more than oscillation_recent_windows
+  EXPECT_THAT(std::string(ValidateOptions(o).message()),
+              HasSubstr("oscillation_confirm_windows"));
+}
+
+TEST(CurveAnalyzerTest, StepsJumpingAcrossTheInt64RangeDoNotOverflow) {
+  // Steps from near INT64_MIN to near INT64_MAX: spans in the evidence
+  // saturate instead of wrapping to negative numbers.
+  CurveAnalyzer a;
+  std::vector<Diagnosis> ds;
+  const int64_t lo = std::numeric_limits<int64_t>::min();
+  const int64_t hi = std::numeric_limits<int64_t>::max();
+  for (int64_t i = 0; i < 200; ++i) {
+    const int64_t step = i < 100 ? lo + i : hi - 200 + i;
+    const double loss = i < 100 ? 1.0 / (1.0 + 0.1 * i) : 2.0 + 0.05 * i;
+    ASSERT_TRUE(a.Feed({.step = step, .lr = 0.1, .loss = loss}, &ds).ok());
+  }
+  for (const Diagnosis& d : ds) {
+    EXPECT_THAT(d.evidence,
+                ::testing::Not(ContainsRegex("(for|last) -[0-9]")));
+    EXPECT_LE(d.onset, d.step);
+  }
+}
+
+}  // namespace
+}  // namespace lossguard::analyzers
+
+namespace lossguard::analyzers {
+namespace {
+
+TEST(CurveAnalyzerTest, DeadModelStagnationClearsWhenTheLossFalls) {
+  // A loss stuck at exactly ln 2 (a dead model), then training resumes and
+  // the loss falls 100x: the stagnation must clear.
+  CurveAnalyzer a;
+  std::vector<Diagnosis> ds;
+  int64_t step = 0;
+  for (; step < 30; ++step) {
+    ASSERT_TRUE(
+        a.Feed({.step = step, .lr = 0.1, .loss = 0.6931471805599453}, &ds)
+            .ok());
+  }
+  ASSERT_EQ(OfKind(ds, DiagnosisKind::kStagnation).size(), 1u);
+  for (; step < 3000; ++step) {
+    const double loss = 0.6931 * std::exp(-static_cast<double>(step) / 400.0);
+    ASSERT_TRUE(a.Feed({.step = step, .lr = 0.1, .loss = loss}, &ds).ok());
+  }
+  EXPECT_TRUE(OfKind(a.Active(), DiagnosisKind::kStagnation).empty());
+}
+
+TEST(CurveAnalyzerTest, StagnationLrAtOnsetIsTheLrWhenItBegan) {
+  // Cosine decay from 0.1 over 4000 steps with a loss flat at L0: the
+  // diagnosis carries the LR at the start of the stagnant stretch, above the
+  // LR now, so a policy can see the schedule is still decaying.
+  CurveAnalyzer a;
+  std::vector<Diagnosis> ds;
+  const auto lr_at = [](int64_t i) {
+    return 0.05 * (1.0 + std::cos(3.141592653589793 * i / 4000.0));
+  };
+  for (int64_t i = 0; i < 2000; ++i) {
+    const double loss = 2.3 * (1.0 + 0.01 * std::sin(0.7 * i));
+    ASSERT_TRUE(a.Feed({.step = i, .lr = lr_at(i), .loss = loss}, &ds).ok());
+  }
+  const std::vector<Diagnosis> stag = OfKind(ds, DiagnosisKind::kStagnation);
+  ASSERT_EQ(stag.size(), 1u) << Describe(ds);
+  EXPECT_NEAR(stag[0].lr_at_onset, lr_at(stag[0].onset), 0.02);
+  EXPECT_GT(stag[0].lr_at_onset, lr_at(stag[0].step));
+}
+
+}  // namespace
+}  // namespace lossguard::analyzers

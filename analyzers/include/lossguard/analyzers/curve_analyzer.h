@@ -10,6 +10,11 @@
 
 namespace lossguard::analyzers {
 
+// OK if every field of `options` is in its documented range (counts >= 1,
+// factors > 1, fractions within [0, 1], ...); InvalidArgument naming the
+// first field that is not.
+absl::Status ValidateOptions(const AnalyzerOptions& options);
+
 // The streaming analyzer of one training run. Feed it every step in order;
 // it returns each diagnosis at the step where it is decided, the way a live
 // run would be told. Time per step is constant (amortized) and memory is
@@ -18,11 +23,13 @@ namespace lossguard::analyzers {
 // Thread-safety: not thread-safe. One owner per run serializes all calls.
 class CurveAnalyzer {
  public:
+  // Requires ValidateOptions(options).ok() (asserted in debug builds).
   explicit CurveAnalyzer(const AnalyzerOptions& options = AnalyzerOptions());
   ~CurveAnalyzer();
 
   CurveAnalyzer(const CurveAnalyzer&) = delete;
   CurveAnalyzer& operator=(const CurveAnalyzer&) = delete;
+  // A moved-from analyzer may only be destroyed or assigned to.
   CurveAnalyzer(CurveAnalyzer&&) noexcept;
   CurveAnalyzer& operator=(CurveAnalyzer&&) noexcept;
 
