@@ -16,7 +16,7 @@ double Median(std::vector<double> v);
 // Robust running scale of a stream of deviations (differences of successive
 // points, or deviations from a level): an EMA of |x| with outliers
 // winsorized at 5 current scales, turned into a standard deviation assuming
-// Gaussian noise. Constant time and memory.
+// Gaussian noise. Constant time and memory. Not thread-safe.
 class RobustScale {
  public:
   // `span`: EMA span in points; `differences`: the stream holds differences
@@ -46,7 +46,8 @@ class RobustScale {
 };
 
 // Streaming least-squares line through (t, y) points: mean and residual
-// standard deviation about the fitted trend. Constant time and memory.
+// standard deviation about the fitted trend. Constant time and memory. Not
+// thread-safe.
 class WindowFit {
  public:
   void Add(double t, double y) {
