@@ -18,6 +18,16 @@ std::vector<double> ExponentialLrs(double max_lr, double start = 1e-7,
   return lrs;
 }
 
+// A linear ramp, as fastai's and Keras' "linear" range tests run it: `n`
+// points from `start` to `end`.
+std::vector<double> LinearLrs(double start, double end, int n) {
+  std::vector<double> lrs;
+  for (int i = 0; i < n; ++i) {
+    lrs.push_back(start + (end - start) * i / (n - 1));
+  }
+  return lrs;
+}
+
 // Flat at 2.3 below lr 1e-4, falls linearly in log10(lr) to 0.3 at 1e-2,
 // flat at 0.3 up to lr 1, then blows up (x10 per third of a decade).
 double IdealLoss(double lr) {
@@ -252,6 +262,93 @@ TEST(LrRangeTest, SparseTestStillWorks) {
   EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.3) << s->evidence;
 }
 
+TEST(LrRangeTest, DenseLinearRampIsPooled) {
+  // 20000 points from lr 1e-5 to 1: half of them in the last 0.3 decade, so
+  // a window of the analysis holds thousands. Pooled into 0.01-decade bins,
+  // the curve is analysed as ~100 points per decade (in O(n log n): this
+  // test would take seconds, not milliseconds, without the pooling).
+  const std::vector<double> lrs = LinearLrs(1e-5, 1.0, 20000);
+  std::vector<double> losses = Losses(lrs, IdealLoss);
+  AddNoise(losses, 0.1, 17);
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.3) << s->evidence;
+  EXPECT_LE(s->steep_lo_lr, s->suggested_lr);
+  EXPECT_GE(s->steep_hi_lr, s->suggested_lr);
+  EXPECT_GE(s->min_loss_lr, 1e-2) << s->evidence;
+  EXPECT_EQ(s->diverge_lr, 0.0);
+  EXPECT_EQ(s->points_used, static_cast<int>(lrs.size()));
+  EXPECT_NE(s->evidence.find("pooled into"), std::string::npos) << s->evidence;
+}
+
+TEST(LrRangeTest, DenseRampThatBlowsUp) {
+  // A linear ramp to lr 10 puts few points in its lowest decades, so here
+  // the curve comes late: flat at 2.3 below lr 1e-2, falling to 0.3 at lr 1,
+  // flat up to lr 3.16 and blowing up beyond (x10 per third of a decade).
+  auto late_loss = [](double lr) {
+    const double x = std::log10(lr);
+    if (x < -2) return 2.3;
+    if (x < 0) return 2.3 - (x + 2);
+    if (x < 0.5) return 0.3;
+    return 0.3 * std::pow(10.0, 3.0 * (x - 0.5));
+  };
+  const std::vector<double> lrs = LinearLrs(1e-5, 10.0, 20000);
+  std::vector<double> losses;
+  for (double lr : lrs) losses.push_back(late_loss(lr));
+  AddNoise(losses, 0.1, 19);
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  // Within the descent (the few points below lr 1e-2 leave its lower end
+  // loose).
+  EXPECT_GT(s->suggested_lr, 1e-2) << s->evidence;
+  EXPECT_LT(s->suggested_lr, 1.0) << s->evidence;
+  EXPECT_GT(s->diverge_lr, 3.16) << s->evidence;
+  EXPECT_LT(s->diverge_lr, 10.0) << s->evidence;
+  // The cut falls on a point: the first one of the bin where it blew up.
+  ASSERT_GT(s->points_used, 0);
+  ASSERT_LT(s->points_used, static_cast<int>(lrs.size()));
+  EXPECT_EQ(s->diverge_lr, lrs[static_cast<std::size_t>(s->points_used)]);
+}
+
+TEST(LrRangeTest, DenseExponentialTestAgreesWithSparse) {
+  // x1.002 per step: ~8300 points, ~11 per bin.
+  const std::vector<double> lrs = ExponentialLrs(10.0, 1e-7, 1.002);
+  for (unsigned seed : {21u, 22u, 23u}) {
+    std::vector<double> losses = Losses(lrs, IdealLoss);
+    AddNoise(losses, 0.1, seed);
+    absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+    ASSERT_TRUE(s.ok()) << "seed " << seed << ": " << s.status();
+    EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.15)
+        << "seed " << seed << ": " << s->evidence;
+    EXPECT_GT(s->diverge_lr, 1.0) << "seed " << seed << ": " << s->evidence;
+    EXPECT_LT(s->diverge_lr, 3.0) << "seed " << seed << ": " << s->evidence;
+  }
+  // A dense flat curve is still an error, not a guess.
+  std::vector<double> flat(lrs.size(), 2.3);
+  AddNoise(flat, 0.1, 24);
+  EXPECT_EQ(SuggestLearningRate(lrs, flat).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(LrRangeTest, SparseTestIsAnalysedPointByPoint) {
+  // At x1.06 per step every bin holds one point: pooling changes nothing.
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  std::vector<double> losses = Losses(lrs, IdealLoss);
+  AddNoise(losses, 0.1, 25);
+  LrRangeTestOptions unpooled;
+  unpooled.pool_decades = 1e-9;
+  absl::StatusOr<LrSuggestion> a = SuggestLearningRate(lrs, losses);
+  absl::StatusOr<LrSuggestion> b = SuggestLearningRate(lrs, losses, unpooled);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->suggested_lr, b->suggested_lr);
+  EXPECT_EQ(a->steep_lo_lr, b->steep_lo_lr);
+  EXPECT_EQ(a->steep_hi_lr, b->steep_hi_lr);
+  EXPECT_EQ(a->min_loss_lr, b->min_loss_lr);
+  EXPECT_EQ(a->diverge_lr, b->diverge_lr);
+  EXPECT_EQ(a->evidence, b->evidence);
+  EXPECT_EQ(a->evidence.find("pooled"), std::string::npos);
+}
+
 TEST(LrRangeTest, RejectsBadOptions) {
   const std::vector<double> lrs = ExponentialLrs(10.0);
   const std::vector<double> losses = Losses(lrs, IdealLoss);
@@ -263,6 +360,14 @@ TEST(LrRangeTest, RejectsBadOptions) {
   options.divergence_factor = 1.0;
   EXPECT_EQ(SuggestLearningRate(lrs, losses, options).status().code(),
             absl::StatusCode::kInvalidArgument);
+  for (double pool : {0.0, -0.01, std::numeric_limits<double>::infinity(),
+                      std::numeric_limits<double>::quiet_NaN()}) {
+    options = LrRangeTestOptions();
+    options.pool_decades = pool;
+    EXPECT_EQ(SuggestLearningRate(lrs, losses, options).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << "pool_decades " << pool;
+  }
 }
 
 }  // namespace
