@@ -60,6 +60,8 @@ class CurveAnalyzer::Impl final : public Findings {
   OverfittingDetector overfitting_;
   GradientDetector gradient_;
   std::vector<Diagnosis>* out_ = nullptr;  // set during Feed
+  int64_t nonfinite_grads_ = 0;  // consecutive non-finite gradient norms
+  int64_t first_nonfinite_grad_step_ = 0;
 };
 
 absl::Status CurveAnalyzer::Impl::Feed(const StepRecord& rec,
@@ -88,12 +90,17 @@ absl::Status CurveAnalyzer::Impl::Feed(const StepRecord& rec,
   if (rec.grad_norm.has_value()) {
     const double g = *rec.grad_norm;
     if (!std::isfinite(g)) {
-      if (options_.nonfinite_grad_norm_is_divergence) {
-        divergence_.OnNonFinite(rec, "gradient norm", g, track_,
-                                gradient_.level(), this);
+      if (nonfinite_grads_++ == 0) first_nonfinite_grad_step_ = rec.step;
+      if (nonfinite_grads_ >= options_.nonfinite_grad_norm_points) {
+        divergence_.OnNonFiniteGradNorm(rec, first_nonfinite_grad_step_,
+                                        nonfinite_grads_, track_,
+                                        gradient_.level(), this);
       }
-    } else if (g > 0) {
-      gradient_.OnGradNorm(rec, track_.lr(), divergence_.best_level(), this);
+    } else {
+      nonfinite_grads_ = 0;
+      if (g > 0) {
+        gradient_.OnGradNorm(rec, track_.lr(), divergence_.best_level(), this);
+      }
     }
   }
   if (rec.val_loss.has_value()) {
@@ -144,6 +151,8 @@ absl::Status ValidateOptions(const AnalyzerOptions& o) {
       {o.divergence_confirm_fraction >= 0, "divergence_confirm_fraction",
        ">= 0"},
       {o.divergence_confirm_max_points >= 1, "divergence_confirm_max_points",
+       ">= 1"},
+      {o.nonfinite_grad_norm_points >= 1, "nonfinite_grad_norm_points",
        ">= 1"},
       {o.restart_lr_jump > 1, "restart_lr_jump", "> 1"},
       {o.restart_follow_blocks >= 0, "restart_follow_blocks", ">= 0"},

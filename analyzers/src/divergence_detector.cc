@@ -32,6 +32,35 @@ void DivergenceDetector::OnNonFinite(const StepRecord& rec, const char* what,
   findings->Report(std::move(d));
 }
 
+void DivergenceDetector::OnNonFiniteGradNorm(const StepRecord& rec,
+                                             int64_t first_step, int64_t count,
+                                             const LossTrack& track,
+                                             double grad_norm_level,
+                                             Findings* findings) {
+  if (diverged_) return;
+  diverged_ = true;
+  Diagnosis d;
+  d.kind = DiagnosisKind::kDivergence;
+  d.step = rec.step;
+  d.onset = first_step;
+  d.severity = 1.0;
+  d.confidence = count > 1 ? 0.95 : 1.0;
+  d.loss_at_onset = rec.loss;
+  d.best_loss = ExpOrNaN(best_level_);
+  d.lr_at_onset = track.lr();
+  d.grad_norm_level = grad_norm_level;
+  d.evidence = absl::StrFormat(
+      "gradient norm is %g at step %d and has been non-finite on %d "
+      "consecutive reports since step %d (mixed-precision loss scaling skips "
+      "only a few); loss %.4g",
+      *rec.grad_norm, rec.step, count, first_step, rec.loss);
+  if (std::isfinite(best_level_)) {
+    absl::StrAppendFormat(&d.evidence, "; best smoothed loss was %.4g at %d",
+                          std::exp(best_level_), best_step_);
+  }
+  findings->Report(std::move(d));
+}
+
 void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
                                  double grad_norm_level, Findings* findings) {
   if (diverged_) return;

@@ -25,6 +25,11 @@ class DivergenceDetector {
   void OnNonFinite(const StepRecord& rec, const char* what, double value,
                    const LossTrack& track, double grad_norm_level,
                    Findings* findings);
+  // The gradient norm has been non-finite on `count` consecutive reports
+  // since `first_step` while the loss stayed finite.
+  void OnNonFiniteGradNorm(const StepRecord& rec, int64_t first_step,
+                           int64_t count, const LossTrack& track,
+                           double grad_norm_level, Findings* findings);
   // After `track` closed a block. `typical_swing` is the oscillation
   // detector's typical log-loss swing, which widens the margin.
   void OnBlock(LossTrack& track, double typical_swing, double grad_norm_level,

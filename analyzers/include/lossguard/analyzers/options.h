@@ -47,9 +47,14 @@ struct AnalyzerOptions {
   int divergence_confirm_points = 20;
   double divergence_confirm_fraction = 0.25;
   int divergence_confirm_max_points = 500;
-  // A non-finite gradient norm is an immediate divergence (set false for
-  // mixed-precision runs that report the scaled, skipped steps' norms).
-  bool nonfinite_grad_norm_is_divergence = true;
+  // A non-finite gradient norm with a finite loss is a divergence once it
+  // has been non-finite on this many consecutive reports. Mixed-precision
+  // loss scaling (torch.cuda.amp.GradScaler) overflows and skips a step now
+  // and then, and a few in a row at the start while the scale settles; a
+  // model whose gradients stay non-finite is not training at all. 1 makes
+  // every non-finite norm an immediate divergence. A non-finite loss is
+  // always an immediate divergence.
+  int nonfinite_grad_norm_points = 8;
   // An LR that jumps up by this factor in one step is a warm restart: the
   // loss may rise for a while without that being divergence.
   double restart_lr_jump = 1.5;
