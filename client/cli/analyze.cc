@@ -5,7 +5,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "lossguard/analyzers/curve_analyzer.h"
 
 namespace lossguard::cli {
 namespace {
@@ -58,36 +57,46 @@ nlohmann::ordered_json AdviceToJson(const Advice& a) {
 
 }  // namespace
 
+CurveAnalysis::CurveAnalysis(std::string file,
+                             const policy::PolicyOptions& options)
+    : options_(options) {
+  report_.file = std::move(file);
+}
+
+absl::Status CurveAnalysis::Feed(const analyzers::StepRecord& rec) {
+  decided_.clear();
+  absl::Status s = analyzer_.Feed(rec, &decided_);
+  if (!s.ok()) {
+    return absl::Status(s.code(),
+                        absl::StrCat("step ", rec.step, ": ", s.message()));
+  }
+  policy::ObserveStep(rec, options_, &ctx_);
+  for (Diagnosis& d : decided_) {
+    if (d.kind == DiagnosisKind::kLossSpike) {
+      report_.events.push_back(std::move(d));
+      continue;
+    }
+    Advice advice = policy::Decide(d, ctx_, options_);
+    policy::ObserveAdvice(d, advice, &ctx_);
+    report_.advice.push_back(std::move(advice));
+    report_.diagnoses.push_back(std::move(d));
+  }
+  ++report_.steps;
+  report_.final_loss = rec.loss;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<AnalyzeReport> AnalyzeCurve(
     const std::string& file, const std::vector<analyzers::StepRecord>& records,
     const policy::PolicyOptions& options) {
-  AnalyzeReport report;
-  report.file = file;
-  analyzers::CurveAnalyzer analyzer;
-  policy::RunContext ctx;
-  std::vector<Diagnosis> decided;
+  CurveAnalysis analysis(file, options);
   for (const analyzers::StepRecord& rec : records) {
-    policy::ObserveStep(rec, options, &ctx);
-    decided.clear();
-    absl::Status s = analyzer.Feed(rec, &decided);
+    absl::Status s = analysis.Feed(rec);
     if (!s.ok()) {
-      return absl::Status(
-          s.code(), absl::StrCat(file, ": step ", rec.step, ": ", s.message()));
-    }
-    for (Diagnosis& d : decided) {
-      if (d.kind == DiagnosisKind::kLossSpike) {
-        report.events.push_back(std::move(d));
-        continue;
-      }
-      Advice advice = policy::Decide(d, ctx, options);
-      policy::ObserveAdvice(d, advice, &ctx);
-      report.advice.push_back(std::move(advice));
-      report.diagnoses.push_back(std::move(d));
+      return absl::Status(s.code(), absl::StrCat(file, ": ", s.message()));
     }
   }
-  report.steps = static_cast<int64_t>(records.size());
-  if (!records.empty()) report.final_loss = records.back().loss;
-  return report;
+  return analysis.report();
 }
 
 nlohmann::ordered_json AnalyzeReportToJson(const AnalyzeReport& report) {

@@ -7,7 +7,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "lossguard/analyzers/curve_analyzer.h"
 #include "lossguard/analyzers/types.h"
 #include "lossguard/policy/advice_policy.h"
 
@@ -24,9 +26,39 @@ struct AnalyzeReport {
   bool healthy() const { return diagnoses.empty(); }
 };
 
-// Feeds `records` step by step through one CurveAnalyzer, as a live run
-// would, and asks the policy for advice on each diagnosis when it is
-// decided, keeping the run context up to date. `file` names the curve.
+// Analyzes one curve fed step by step, as a live run would: each step goes
+// through one CurveAnalyzer, and the policy is asked for advice on each
+// diagnosis when it is decided, with the run context kept up to date. Memory
+// is that of the analyzer plus the diagnoses, whatever the curve's length.
+//
+// Thread-safety: not thread-safe; one owner serializes all calls.
+class CurveAnalysis {
+ public:
+  // `file` names the curve in the report.
+  explicit CurveAnalysis(
+      std::string file,
+      const policy::PolicyOptions& options = policy::PolicyOptions());
+
+  CurveAnalysis(const CurveAnalysis&) = delete;
+  CurveAnalysis& operator=(const CurveAnalysis&) = delete;
+
+  // Feeds the next step. On an error from the analyzer (InvalidArgument,
+  // "step N: reason") nothing changes.
+  absl::Status Feed(const analyzers::StepRecord& rec);
+
+  // The report on the steps fed so far.
+  const AnalyzeReport& report() const { return report_; }
+
+ private:
+  const policy::PolicyOptions options_;
+  analyzers::CurveAnalyzer analyzer_;
+  policy::RunContext ctx_;
+  std::vector<analyzers::Diagnosis> decided_;  // scratch for Feed
+  AnalyzeReport report_;
+};
+
+// Feeds `records` through a CurveAnalysis of `file` and returns its report;
+// errors carry `file` in their message.
 absl::StatusOr<AnalyzeReport> AnalyzeCurve(
     const std::string& file, const std::vector<analyzers::StepRecord>& records,
     const policy::PolicyOptions& options = policy::PolicyOptions());

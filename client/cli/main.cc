@@ -5,15 +5,20 @@
 //   lossguard help [COMMAND]
 //
 // Exit codes: 0 done, 1 bad file or failed analysis (message on stderr,
-// nothing on stdout), 2 usage error (usage on stderr).
+// nothing on stdout), 2 usage error (usage on stderr). `analyze` streams the
+// file through the analyzer and prints once the whole file has parsed.
 
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <ostream>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "client/cli/analyze.h"
 #include "client/cli/lr_find.h"
@@ -73,49 +78,77 @@ int UsageError(std::string_view message, std::string_view usage) {
   return kExitUsage;
 }
 
-void PrintJson(const nlohmann::ordered_json& j) {
+// `j` as printed with --json.
+std::string JsonText(const nlohmann::ordered_json& j) {
   // Replace invalid UTF-8 (a file name, say) rather than throw.
-  std::cout << j.dump(2, ' ', false,
-                      nlohmann::ordered_json::error_handler_t::replace)
-            << "\n";
+  return j.dump(2, ' ', false,
+                nlohmann::ordered_json::error_handler_t::replace) +
+         "\n";
 }
 
+// What `print` writes, as a string.
+std::string TextOf(absl::FunctionRef<void(std::ostream&)> print) {
+  std::ostringstream out;
+  print(out);
+  return out.str();
+}
+
+// The part every command shares: reads `file` row by row into `on_row`,
+// then asks `finish` for the command's output. The output is printed only
+// once the whole file parsed and the command succeeded; any error is printed
+// alone, on stderr ("FILE:LINE: reason" for a bad row), and exits 1.
+int RunOnCurve(const std::string& file,
+               lossguard::curvefile::RowCallback on_row,
+               absl::FunctionRef<absl::StatusOr<std::string>()> finish) {
+  const absl::Status read = lossguard::curvefile::ReadCurveCsv(file, on_row);
+  const absl::StatusOr<std::string> out =
+      read.ok() ? finish() : absl::StatusOr<std::string>(read);
+  if (!out.ok()) {
+    std::cerr << out.status().message() << "\n";
+    return kExitFailed;
+  }
+  std::cout << *out;
+  return kExitOk;
+}
+
+// Feeds the analyzer as the rows are parsed: only the analyzer's state and
+// the (few) diagnoses stay in memory, however long the curve.
 int RunAnalyze(const std::string& file, bool json) {
-  auto records = lossguard::curvefile::ReadCurveCsv(file);
-  if (!records.ok()) {
-    std::cerr << records.status().message() << "\n";
-    return kExitFailed;
-  }
-  auto report = lossguard::cli::AnalyzeCurve(file, *records);
-  if (!report.ok()) {
-    std::cerr << report.status().message() << "\n";
-    return kExitFailed;
-  }
-  if (json) {
-    PrintJson(lossguard::cli::AnalyzeReportToJson(*report));
-  } else {
-    lossguard::cli::PrintAnalyzeReport(*report, std::cout);
-  }
-  return kExitOk;
+  lossguard::cli::CurveAnalysis analysis(file);
+  return RunOnCurve(
+      file,
+      [&analysis](const lossguard::analyzers::StepRecord& rec) {
+        return analysis.Feed(rec);
+      },
+      [&analysis, json]() -> absl::StatusOr<std::string> {
+        const lossguard::cli::AnalyzeReport& report = analysis.report();
+        if (json) return JsonText(lossguard::cli::AnalyzeReportToJson(report));
+        return TextOf([&report](std::ostream& out) {
+          lossguard::cli::PrintAnalyzeReport(report, out);
+        });
+      });
 }
 
+// A range test is short: its rows are collected, then analysed as a whole.
 int RunLrFind(const std::string& file, bool json) {
-  auto records = lossguard::curvefile::ReadCurveCsv(file);
-  if (!records.ok()) {
-    std::cerr << records.status().message() << "\n";
-    return kExitFailed;
-  }
-  auto suggestion = lossguard::cli::FindLr(file, *records);
-  if (!suggestion.ok()) {
-    std::cerr << suggestion.status().message() << "\n";
-    return kExitFailed;
-  }
-  if (json) {
-    PrintJson(lossguard::cli::LrSuggestionToJson(file, *suggestion));
-  } else {
-    lossguard::cli::PrintLrSuggestion(file, *suggestion, std::cout);
-  }
-  return kExitOk;
+  std::vector<lossguard::analyzers::StepRecord> records;
+  return RunOnCurve(
+      file,
+      [&records](const lossguard::analyzers::StepRecord& rec) {
+        records.push_back(rec);
+        return absl::OkStatus();
+      },
+      [&file, &records, json]() -> absl::StatusOr<std::string> {
+        const auto suggestion = lossguard::cli::FindLr(file, records);
+        if (!suggestion.ok()) return suggestion.status();
+        if (json) {
+          return JsonText(
+              lossguard::cli::LrSuggestionToJson(file, *suggestion));
+        }
+        return TextOf([&file, &suggestion](std::ostream& out) {
+          lossguard::cli::PrintLrSuggestion(file, *suggestion, out);
+        });
+      });
 }
 
 }  // namespace

@@ -2,23 +2,34 @@
 // They check the shape of the output only, so that they hold for any
 // analyzer implementation.
 
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <spawn.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+
+extern char** environ;
 
 namespace {
 
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 namespace fs = std::filesystem;
@@ -27,6 +38,7 @@ struct Result {
   int exit_code = -1;
   std::string out;
   std::string err;
+  long max_rss_kib = -1;  // RunMeasured only: the process's peak RSS
 };
 
 std::string ReadAll(const fs::path& path) {
@@ -67,6 +79,44 @@ class CliTest : public ::testing::Test {
     const int status = std::system(cmd.c_str());
     Result r;
     r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = ReadAll(out);
+    r.err = ReadAll(err);
+    return r;
+  }
+
+  // Runs `lossguard ARGS` as a direct child and measures its peak memory
+  // (wait4's rusage is that process's own).
+  Result RunMeasured(const std::vector<std::string>& args) {
+    const fs::path out = dir_ / "stdout";
+    const fs::path err = dir_ / "stderr";
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 1, out.c_str(),
+                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&actions, 2, err.c_str(),
+                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    std::vector<std::string> argv_strings = {LOSSGUARD_BIN};
+    argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (std::string& a : argv_strings) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_t pid = -1;
+    const int rc = posix_spawn(&pid, LOSSGUARD_BIN, &actions, nullptr,
+                               argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    Result r;
+    EXPECT_EQ(rc, 0) << "posix_spawn failed";
+    if (rc != 0) return r;
+    int status = 0;
+    struct rusage usage {};
+    pid_t waited = -1;
+    do {
+      waited = wait4(pid, &status, 0, &usage);
+    } while (waited < 0 && errno == EINTR);
+    EXPECT_EQ(waited, pid);
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.max_rss_kib = usage.ru_maxrss;
     r.out = ReadAll(out);
     r.err = ReadAll(err);
     return r;
@@ -208,6 +258,11 @@ TEST_F(CliTest, BadFileCases) {
            Case{"step,lr,loss\n5,0.1,1\n5,0.1,1\n",
                 ":3: step 5 is not greater"},
            Case{"step,lr,loss\n0,0.1,\n", ":2: missing loss value"},
+           // Old Mac line endings: a lone CR ends a line.
+           Case{"step,lr,loss\r0,0.1,1\r1,0.1,oops\r", ":3: loss 'oops'"},
+           Case{"step,lr,loss\n0,1e400,1\n", ":2: lr '1e400' is out of range"},
+           Case{"step,lr,loss\n9223372036854775808,0.1,1\n",
+                ":2: step '9223372036854775808' is out of the int64 range"},
        }) {
     const std::string path = Write("case.csv", c.text);
     Result r = Run("analyze --json '" + path + "'");
@@ -215,6 +270,77 @@ TEST_F(CliTest, BadFileCases) {
     EXPECT_THAT(r.out, IsEmpty()) << c.text;
     EXPECT_THAT(r.err, StartsWith(path + c.prefix)) << c.text;
   }
+}
+
+TEST_F(CliTest, OverflowingLossIsData) {
+  // A loss too large for a double is a blow-up, not a bad file.
+  std::string csv = "step,lr,loss,val_loss,grad_norm\n";
+  for (int step = 0; step < 60; ++step) {
+    absl::StrAppend(&csv, step, ",0.1,", step < 40 ? "2.3" : "1e400", ",",
+                    step == 59 ? "1e999" : "", ",", step < 40 ? "1" : "1e400",
+                    "\n");
+  }
+  const std::string path = Write("blowup.csv", csv);
+  Result r = Run("analyze '" + path + "' --json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, IsEmpty());
+  nlohmann::json j = ParseObject(r.out);
+  EXPECT_EQ(j["steps"], 60);
+  EXPECT_TRUE(j["final_loss"].is_null());  // inf
+}
+
+TEST_F(CliTest, BadRowMidFilePrintsNothingOnStdout) {
+  // The analyzer has decided diagnoses (and advice) long before the bad
+  // row; none of it is printed.
+  std::istringstream example(ReadAll(Example(kDiverging)));
+  std::string csv;
+  std::string line;
+  for (int n = 1; std::getline(example, line); ++n) {
+    csv += (n == 1200 ? std::string("1198,0.3,oops,,") : line) + "\n";
+  }
+  const std::string path = Write("late_bad.csv", csv);
+  for (const char* args : {"analyze", "analyze --json"}) {
+    Result r = Run(std::string(args) + " '" + path + "'");
+    EXPECT_EQ(r.exit_code, 1) << args;
+    EXPECT_THAT(r.out, IsEmpty()) << args;
+    EXPECT_EQ(r.err, path + ":1200: loss 'oops' is not a number\n") << args;
+  }
+}
+
+TEST_F(CliTest, AnalyzeMemoryDoesNotGrowWithTheFile) {
+  // 1M rows (27 MB of CSV): `analyze` streams them through the analyzer,
+  // so its peak memory is about that of a short file. Holding the rows
+  // (56 bytes each) would add 56 MB or more.
+  std::string csv = "step,lr,loss,val_loss,grad_norm\n";
+  csv.reserve(28u << 20);
+  for (int64_t step = 0; step < 1000000; ++step) {
+    const double loss = 0.1 + 2.0 / (1.0 + static_cast<double>(step) / 1e3) +
+                        0.05 * static_cast<double>(step * 7919 % 13) / 13.0;
+    absl::StrAppendFormat(&csv, "%d,0.1,%.5f,%s,%.4f\n", step, loss,
+                          step % 1000 == 0 ? "0.5" : "",
+                          1.0 + static_cast<double>(step % 7) / 7.0);
+  }
+  const std::string big = Write("big.csv", csv);
+  csv.clear();
+  csv.shrink_to_fit();
+
+  Result small = RunMeasured({"analyze", Example(kHealthy)});
+  ASSERT_EQ(small.exit_code, 0) << small.err;
+  Result r = RunMeasured({"analyze", big});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("summary: 1000000 steps"));
+  EXPECT_LT(r.max_rss_kib, small.max_rss_kib + 16 * 1024)
+      << "peak RSS " << r.max_rss_kib << " KiB for 1M rows vs "
+      << small.max_rss_kib << " KiB for 1500";
+}
+
+TEST_F(CliTest, FileNameTooLongIsNotMissing) {
+  const std::string path = (dir_ / std::string(300, 'x')).string();
+  Result r = Run("analyze '" + path + "'");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.out, IsEmpty());
+  EXPECT_THAT(r.err, StartsWith(path + ": "));
+  EXPECT_THAT(r.err, Not(HasSubstr("no such file")));
 }
 
 TEST_F(CliTest, MissingFile) {

@@ -2,17 +2,24 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <string>
+#include <vector>
 
+#include "absl/strings/str_format.h"
 namespace lossguard::curvefile {
 namespace {
 
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 constexpr char kName[] = "mem.csv";
@@ -165,9 +172,151 @@ TEST(CurveCsvTest, NumbersAreParsedStrictly) {
   const std::string head = "step,lr,loss\n";
   EXPECT_THAT(ErrorOf(head + "0,0.1,1.5x\n"), StartsWith("mem.csv:2: loss"));
   EXPECT_THAT(ErrorOf(head + "0,0.1,0x10\n"), StartsWith("mem.csv:2: loss"));
-  EXPECT_THAT(ErrorOf(head + "0,0.1,1e999\n"), StartsWith("mem.csv:2: loss"));
   EXPECT_THAT(ErrorOf(head + "0x1,0.1,1\n"), StartsWith("mem.csv:2: step"));
   EXPECT_THAT(ErrorOf(head + "0,0.1,nanx\n"), StartsWith("mem.csv:2: loss"));
+}
+
+TEST(CurveCsvTest, NumbersBeyondDoubleRangeInLossColumnsAreData) {
+  auto r = Parse(
+      "step,lr,loss,val_loss,grad_norm\n"
+      "0,0.1,1e400,1e999,1e400\n"
+      "1,0.1,-1e400,-1e400,0.0000000000000000001e330\n"
+      "2,0.1,1e-400,-1e-400,4.9e-324\n"
+      "3,0.1,2e-324,0.00001e-320,1E+400\n");
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 4u);
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  EXPECT_EQ((*r)[0].loss, kInf);
+  EXPECT_EQ(*(*r)[0].val_loss, kInf);
+  EXPECT_EQ(*(*r)[0].grad_norm, kInf);
+  EXPECT_EQ((*r)[1].loss, -kInf);
+  EXPECT_EQ(*(*r)[1].val_loss, -kInf);
+  EXPECT_EQ(*(*r)[1].grad_norm, kInf);  // 1e311
+  // Too small for a double: the correctly rounded value, 0 (or a denormal).
+  EXPECT_EQ((*r)[2].loss, 0.0);
+  EXPECT_FALSE(std::signbit((*r)[2].loss));
+  EXPECT_EQ(*(*r)[2].val_loss, 0.0);
+  EXPECT_TRUE(std::signbit(*(*r)[2].val_loss));
+  EXPECT_EQ(*(*r)[2].grad_norm, std::numeric_limits<double>::denorm_min());
+  EXPECT_EQ((*r)[3].loss, 0.0);
+  EXPECT_EQ(*(*r)[3].val_loss, 0.0);
+  EXPECT_EQ(*(*r)[3].grad_norm, kInf);
+}
+
+TEST(CurveCsvTest, OutOfRangeLrAndStepAreErrors) {
+  const std::string head = "step,lr,loss\n";
+  EXPECT_THAT(ErrorOf(head + "0,1e400,1\n"),
+              StartsWith("mem.csv:2: lr '1e400' is out of range"));
+  EXPECT_THAT(ErrorOf(head + "0,-1e400,1\n"),
+              StartsWith("mem.csv:2: lr '-1e400' is out of range"));
+  EXPECT_THAT(ErrorOf(head + "9223372036854775808,0.1,1\n"),
+              StartsWith("mem.csv:2: step '9223372036854775808' is out of "
+                         "the int64 range"));
+  EXPECT_THAT(ErrorOf(head + "-9223372036854775809,0.1,1\n"),
+              StartsWith("mem.csv:2: step '-9223372036854775809' is out of "
+                         "the int64 range"));
+  // Out of range and trailing junk is just not a number.
+  EXPECT_THAT(ErrorOf(head + "0,0.1,1e400x\n"),
+              StartsWith("mem.csv:2: loss '1e400x' is not a number"));
+  EXPECT_THAT(ErrorOf(head + "0,1e400x,1\n"),
+              StartsWith("mem.csv:2: lr '1e400x' is not a number"));
+
+  // An LR too small for a double is 0; the int64 limits are steps.
+  auto r = Parse(head +
+                 "-9223372036854775808,1e-400,1\n"
+                 "9223372036854775807,-1e-400,1\n");
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 2u);
+  EXPECT_EQ((*r)[0].step, std::numeric_limits<int64_t>::min());
+  EXPECT_EQ((*r)[1].step, std::numeric_limits<int64_t>::max());
+  EXPECT_EQ((*r)[0].lr, 0.0);
+  EXPECT_EQ((*r)[1].lr, 0.0);
+  EXPECT_FALSE(std::signbit((*r)[1].lr));
+}
+
+TEST(CurveCsvTest, LoneCrEndsALine) {
+  // Old Mac line endings: each CR is a line break, for records and for the
+  // line numbers in messages alike.
+  EXPECT_THAT(ErrorOf("step,lr,loss\r0,0.1,1\r1,0.1,x\r"),
+              StartsWith("mem.csv:3: loss 'x'"));
+  EXPECT_THAT(ErrorOf("step,lr,loss\r\n0,0.1,1\r1,0.1,1\n\r2,0.1,x"),
+              StartsWith("mem.csv:5: loss 'x'"));
+  EXPECT_THAT(ErrorOf("step,lr,loss\r\r0,0.1,1\r0,0.1,1\r"),
+              StartsWith("mem.csv:4: step 0 is not greater than the previous "
+                         "step 0 (line 3)"));
+  auto r = Parse("step,lr,loss\r0,0.1,1\r1,0.1,0.5");
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 2u);
+  EXPECT_DOUBLE_EQ((*r)[1].loss, 0.5);
+}
+
+TEST(CurveCsvTest, StreamLineBreaksAcrossReadChunks) {
+  // The stream is read 64 KiB at a time: put a CRLF, then a lone CR, across
+  // that boundary, and check the line numbers agree with the string parse.
+  for (const char* brk : {"\r\n", "\r", "\n"}) {
+    for (int shift = 0; shift < 3; ++shift) {
+      std::string csv = std::string("step,lr,loss,note") + brk;
+      int64_t step = 0;
+      while (csv.size() < 64 * 1024 - 64) {
+        csv += std::to_string(step++) + ",0.1,1," + brk;
+      }
+      // This row's break starts at byte 65534 + shift: the "\r\n" lies
+      // before, across, or after the boundary at 65536.
+      const std::string row = std::to_string(step++) + ",0.1,1,";
+      csv += row +
+             std::string(64 * 1024 - 2 + shift - csv.size() - row.size(), 'n');
+      ASSERT_EQ(csv.size(), 64u * 1024 - 2 + shift);
+      csv += brk;
+      csv += std::to_string(step) + ",0.1,x," + brk;
+      std::istringstream in(csv);
+      auto a = ParseCurveCsv(in, kName);
+      auto b = Parse(csv);
+      ASSERT_FALSE(a.ok());
+      ASSERT_FALSE(b.ok());
+      EXPECT_EQ(a.status().message(), b.status().message());
+      EXPECT_THAT(
+          std::string(a.status().message()),
+          StartsWith(absl::StrFormat("mem.csv:%d: loss 'x'", step + 2)));
+    }
+  }
+}
+
+TEST(CurveCsvTest, StreamsRowsToTheCallback) {
+  const std::string csv = "step,lr,loss\n0,0.1,3\n\n1,0.1,2\n2,0.1,1\n";
+  std::vector<int64_t> steps;
+  auto on_row = [&steps](const analyzers::StepRecord& rec) {
+    steps.push_back(rec.step);
+    return absl::OkStatus();
+  };
+  EXPECT_TRUE(ParseCurveCsv(csv, kName, on_row).ok());
+  EXPECT_THAT(steps, ElementsAre(0, 1, 2));
+
+  steps.clear();
+  std::istringstream in(csv);
+  EXPECT_TRUE(ParseCurveCsv(in, kName, on_row).ok());
+  EXPECT_THAT(steps, ElementsAre(0, 1, 2));
+
+  // Rows before a bad row have been passed; none after.
+  steps.clear();
+  absl::Status s = ParseCurveCsv("step,lr,loss\n0,0.1,3\n1,0.1,oops\n2,0.1,1\n",
+                                 kName, on_row);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), StartsWith("mem.csv:3: loss 'oops'"));
+  EXPECT_THAT(steps, ElementsAre(0));
+}
+
+TEST(CurveCsvTest, CallbackErrorStopsTheParseWithFileAndLine) {
+  int calls = 0;
+  absl::Status s = ParseCurveCsv(
+      "step,lr,loss\n0,0.1,3\n\n1,0.1,2\n2,0.1,1\n", kName,
+      [&calls](const analyzers::StepRecord& rec) {
+        ++calls;
+        return rec.step == 1 ? absl::FailedPreconditionError("no step 1")
+                             : absl::OkStatus();
+      });
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.message(), "mem.csv:4: no step 1");
+  EXPECT_EQ(calls, 2);
 }
 
 TEST(CurveCsvTest, WrongFieldCount) {
@@ -261,6 +410,38 @@ TEST(CurveCsvTest, FileErrorsNameTheFile) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(r.status().message()),
               StartsWith(bad + ":3: step 0"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(CurveCsvTest, FileErrorsKeepTheirCause) {
+  const std::filesystem::path dir =
+      std::filesystem::path(::testing::TempDir()) / "curve_csv_test_errors";
+  std::filesystem::create_directories(dir);
+
+  // A name too long for the file system is not a missing file.
+  const std::string too_long = (dir / std::string(300, 'x')).string();
+  absl::Status s = ReadCurveCsv(
+      too_long, [](const analyzers::StepRecord&) { return absl::OkStatus(); });
+  EXPECT_NE(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(s.code(), absl::StatusCode::kOk);
+  EXPECT_THAT(std::string(s.message()), StartsWith(too_long + ": "));
+  EXPECT_THAT(std::string(s.message()), Not(HasSubstr("no such file")));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("too long"));
+
+  // A missing file in a missing folder is still NotFound.
+  auto r = ReadCurveCsv((dir / "no" / "such.csv").string());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr(": no such file"));
+
+  // A file that may not be read (root reads any file: nothing to see then).
+  const std::string locked = (dir / "locked.csv").string();
+  std::ofstream(locked) << "step,lr,loss\n0,0.1,1\n";
+  std::filesystem::permissions(locked, std::filesystem::perms::none);
+  if (::geteuid() != 0) {
+    r = ReadCurveCsv(locked);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied);
+    EXPECT_EQ(r.status().message(), locked + ": permission denied");
+  }
   std::filesystem::remove_all(dir);
 }
 

@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numbers>
 
 namespace lossguard::policy {
 namespace {
@@ -12,6 +15,7 @@ using analyzers::Diagnosis;
 using analyzers::DiagnosisKind;
 using ::testing::DoubleEq;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 Diagnosis Diag(DiagnosisKind kind, int64_t step = 500) {
   return {.kind = kind,
@@ -232,7 +236,152 @@ TEST(AdvicePolicyTest, UnknownLrBlocksLrMoves) {
   ctx.schedule = ScheduleHint::kUnknown;
   Advice a = Decide(Diag(DiagnosisKind::kDivergence), ctx);
   EXPECT_EQ(a.action, ActionKind::kNone);
-  EXPECT_THAT(a.reason, HasSubstr("the LR is nan"));
+  EXPECT_THAT(a.reason, HasSubstr("the LR is not logged"));
+  EXPECT_THAT(a.explanation, Not(HasSubstr("nan")));
+}
+
+TEST(AdvicePolicyTest, StagnationWithoutLoggedLrSaysSo) {
+  // A log without an LR column: the LR is NaN at every step.
+  for (double max_lr_seen : {0.0, 0.1}) {
+    RunContext ctx = Ctx();
+    ctx.lr = std::nan("");
+    ctx.max_lr_seen = max_lr_seen;
+    ctx.schedule = ScheduleHint::kUnknown;
+    Diagnosis d = Diag(DiagnosisKind::kStagnation);
+    d.lr_at_onset = std::nan("");
+    Advice a = Decide(d, ctx);
+    EXPECT_EQ(a.action, ActionKind::kNone);
+    EXPECT_EQ(a.blocked_by, GuardRail::kNone);
+    EXPECT_THAT(a.reason, HasSubstr("not logged (schedule unknown)"));
+    EXPECT_THAT(a.explanation, Not(HasSubstr("nan")));
+    EXPECT_THAT(a.explanation, Not(HasSubstr("constant")));
+    EXPECT_EQ(a.lr_to, 0.0);
+    EXPECT_EQ(a.eta_max, 0.0);
+  }
+  // Oscillation and overfitting move the LR too: nothing from NaN.
+  RunContext ctx = Ctx();
+  ctx.lr = std::nan("");
+  ctx.schedule = ScheduleHint::kUnknown;
+  for (DiagnosisKind kind :
+       {DiagnosisKind::kOscillation, DiagnosisKind::kOverfitting}) {
+    Advice a = Decide(Diag(kind), ctx);
+    EXPECT_EQ(a.action, ActionKind::kNone);
+    EXPECT_THAT(a.reason, HasSubstr("not logged"));
+  }
+}
+
+TEST(AdvicePolicyTest, CooldownSurvivesExtremeSteps) {
+  // Steps jump from near INT64_MIN to near INT64_MAX: the distance does not
+  // fit an int64, and the cooldown is long over.
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  RunContext ctx = Ctx();
+  ctx.step = kMax - 100;
+  ctx.actions_taken = 1;
+  ctx.last_action_step = kMin + 10;
+  Advice a = Decide(Diag(DiagnosisKind::kDivergence, kMax - 100), ctx);
+  EXPECT_EQ(a.action, ActionKind::kScaleLr) << a.explanation;
+  EXPECT_EQ(a.blocked_by, GuardRail::kNone);
+
+  // Near the top of the range the cooldown still counts right.
+  ctx.last_action_step = kMax - 140;
+  a = Decide(Diag(DiagnosisKind::kDivergence, kMax - 100), ctx);
+  EXPECT_EQ(a.blocked_by, GuardRail::kCooldown);
+  EXPECT_THAT(a.reason, HasSubstr("was 40 steps ago"));
+  // ...and near the bottom.
+  ctx.step = kMin + 150;
+  ctx.last_action_step = kMin + 10;
+  a = Decide(Diag(DiagnosisKind::kDivergence, kMin + 150), ctx);
+  EXPECT_EQ(a.action, ActionKind::kScaleLr) << a.explanation;
+}
+
+TEST(AdvicePolicyTest, RestartCycleLengthSaturates) {
+  RunContext ctx = Ctx();
+  ctx.max_lr_seen = 1.0;
+  ctx.steps_seen = std::numeric_limits<int64_t>::max();
+  ctx.schedule = ScheduleHint::kDecaying;
+  Diagnosis d = Diag(DiagnosisKind::kStagnation);
+  d.lr_at_onset = 0.2;
+  PolicyOptions o;
+  o.restart_t0_fraction = 2.0;
+  Advice a = Decide(d, ctx, o);
+  ASSERT_EQ(a.action, ActionKind::kRestartCosine);
+  EXPECT_EQ(a.t_0, std::numeric_limits<int64_t>::max());
+}
+
+TEST(AdvicePolicyTest, StagnationRaiseStopsAtTheLargestLrSeen) {
+  // A step schedule cut the LR from 0.15 to 0.1: x3 would be 0.3, twice
+  // the largest LR the run ever used.
+  RunContext ctx = Ctx();
+  ctx.max_lr_seen = 0.15;
+  ctx.schedule = ScheduleHint::kDecaying;
+  Diagnosis d = Diag(DiagnosisKind::kStagnation);
+  d.lr_at_onset = 0.1;  // flat since the onset
+  Advice a = Decide(d, ctx);
+  EXPECT_EQ(a.action, ActionKind::kSetLr);
+  EXPECT_DOUBLE_EQ(a.lr_from, 0.1);
+  EXPECT_DOUBLE_EQ(a.lr_to, 0.15);
+  EXPECT_EQ(a.lr_bound, "max LR seen");
+  EXPECT_THAT(a.explanation,
+              HasSubstr("set the LR from 0.1 to 0.15, the max LR seen bound"));
+
+  // max_lr still applies when it is lower.
+  PolicyOptions o;
+  o.max_lr = 0.12;
+  a = Decide(d, ctx, o);
+  EXPECT_EQ(a.action, ActionKind::kSetLr);
+  EXPECT_DOUBLE_EQ(a.lr_to, 0.12);
+  EXPECT_EQ(a.lr_bound, "max_lr");
+  EXPECT_THAT(a.explanation, HasSubstr("the max_lr bound"));
+}
+
+// LR of a linear warmup over `warmup` steps to `peak`, then a cosine decay
+// to 0 over `decay` steps.
+double WarmupCosineLr(int64_t step, int64_t warmup, int64_t decay,
+                      double peak) {
+  if (step < warmup) {
+    return peak * static_cast<double>(step) / static_cast<double>(warmup);
+  }
+  const double t = std::min(
+      1.0, static_cast<double>(step - warmup) / static_cast<double>(decay));
+  return 0.5 * peak * (1.0 + std::cos(std::numbers::pi * t));
+}
+
+TEST(AdvicePolicyTest, WarmupCosineStagnatingMidDecayRestartsCosine) {
+  // 500 warmup steps to 0.1, then a cosine over 2000 steps. The loss stalls
+  // from step 504 and the analyzer decides at step 1007, with lr_at_onset
+  // the LR at the start of the stagnant stretch.
+  constexpr int64_t kWarmup = 500;
+  constexpr int64_t kDecay = 2000;
+  constexpr double kPeak = 0.1;
+  PolicyOptions o;
+  RunContext ctx;
+  for (int64_t step = 0; step <= 1007; ++step) {
+    ObserveStep({.step = step,
+                 .lr = WarmupCosineLr(step, kWarmup, kDecay, kPeak),
+                 .loss = 2.3},
+                o, &ctx);
+  }
+  ASSERT_EQ(ctx.schedule, ScheduleHint::kDecaying);
+  EXPECT_DOUBLE_EQ(ctx.max_lr_seen, kPeak);
+
+  Diagnosis d = Diag(DiagnosisKind::kStagnation, 1007);
+  d.onset = 504;
+  d.lr_at_onset = WarmupCosineLr(504, kWarmup, kDecay, kPeak);
+  Advice a = Decide(d, ctx, o);
+  ASSERT_EQ(a.action, ActionKind::kRestartCosine) << a.explanation;
+  EXPECT_DOUBLE_EQ(a.eta_max, kPeak);
+  EXPECT_DOUBLE_EQ(a.eta_min, 0.01 * kPeak);
+  EXPECT_EQ(a.t_0, 504);  // half the 1008 steps seen
+  EXPECT_THAT(a.explanation, HasSubstr("the LR is still decaying"));
+  EXPECT_THAT(a.explanation, HasSubstr("restart the cosine cycle"));
+
+  // Had the LR been flat since the onset (a step schedule), the policy
+  // raises it instead, and no higher than the peak.
+  d.lr_at_onset = ctx.lr;
+  a = Decide(d, ctx, o);
+  EXPECT_EQ(a.action, ActionKind::kSetLr) << a.explanation;
+  EXPECT_DOUBLE_EQ(a.lr_to, kPeak);
 }
 
 TEST(AdvicePolicyTest, InferSchedule) {

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -19,6 +21,35 @@ std::string Situation(const Diagnosis& d) {
                          d.severity);
 }
 
+// `now - then` in steps, saturated to the int64 range: steps may be any
+// int64 (a run logging from near INT64_MIN to near INT64_MAX, say), and the
+// plain difference would overflow.
+int64_t StepsBetween(int64_t then, int64_t now) {
+  int64_t d = 0;
+  if (!__builtin_sub_overflow(now, then, &d)) return d;
+  return now > then ? std::numeric_limits<int64_t>::max()
+                    : std::numeric_limits<int64_t>::min();
+}
+
+// `x` rounded to the nearest int64, saturated to the int64 range (NaN: 0).
+int64_t RoundToInt64(double x) {
+  if (std::isnan(x)) return 0;
+  // 2^63 is exactly representable; int64 max is not.
+  constexpr double kTwo63 = 9223372036854775808.0;
+  if (x >= kTwo63) return std::numeric_limits<int64_t>::max();
+  if (x <= -kTwo63) return std::numeric_limits<int64_t>::min();
+  return std::llround(x);
+}
+
+// Why no LR move can be computed from `lr` (not finite or not positive).
+std::string NoLrMoveReason(double lr) {
+  return std::isnan(lr)
+             ? std::string(
+                   "the LR is not logged, so no LR change can be "
+                   "computed")
+             : absl::StrFormat("the LR is %g, which no factor can move", lr);
+}
+
 void Block(GuardRail rail, std::string reason, Advice* a) {
   a->action = ActionKind::kNone;
   a->blocked_by = rail;
@@ -26,14 +57,20 @@ void Block(GuardRail rail, std::string reason, Advice* a) {
 }
 
 // Makes `a` move the LR by `factor` from `ctx.lr`, stopping at the bound it
-// moves towards; blocks `a` when the LR cannot move that way.
+// moves towards: min_lr going down; going up, max_lr or `cap` (named
+// `cap_name`) if that is lower. Blocks `a` when the LR cannot move that way.
 void MoveLr(double factor, const RunContext& ctx, const PolicyOptions& o,
-            Advice* a) {
+            Advice* a, double cap = std::numeric_limits<double>::infinity(),
+            std::string_view cap_name = "") {
   const bool down = factor < 1.0;
-  const double bound = down ? o.min_lr : o.max_lr;
+  double bound = down ? o.min_lr : o.max_lr;
+  std::string_view bound_name = down ? "min_lr" : "max_lr";
+  if (!down && cap < bound) {
+    bound = cap;
+    bound_name = cap_name;
+  }
   if (!std::isfinite(ctx.lr) || ctx.lr <= 0.0) {
-    Block(GuardRail::kNone,
-          absl::StrFormat("the LR is %g, which no factor can move", ctx.lr), a);
+    Block(GuardRail::kNone, NoLrMoveReason(ctx.lr), a);
     return;
   }
   const double wanted = ctx.lr * factor;
@@ -42,7 +79,7 @@ void MoveLr(double factor, const RunContext& ctx, const PolicyOptions& o,
   if (down ? target >= ctx.lr : target <= ctx.lr) {
     Block(GuardRail::kLrBound,
           absl::StrFormat("the LR %g is already at or beyond %s %g", ctx.lr,
-                          down ? "min_lr" : "max_lr", bound),
+                          bound_name, bound),
           a);
     return;
   }
@@ -50,6 +87,7 @@ void MoveLr(double factor, const RunContext& ctx, const PolicyOptions& o,
   a->lr_factor = target == wanted ? factor : 1.0;
   a->lr_from = ctx.lr;
   a->lr_to = target;
+  if (a->action == ActionKind::kSetLr) a->lr_bound = std::string(bound_name);
 }
 
 // The action of `a` in words: "scale the LR x0.1, from 0.3 to 0.03".
@@ -62,7 +100,7 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
       break;
     case ActionKind::kSetLr:
       s = absl::StrFormat("set the LR from %g to %g, the %s bound", a.lr_from,
-                          a.lr_to, a.lr_to < a.lr_from ? "min_lr" : "max_lr");
+                          a.lr_to, a.lr_bound);
       break;
     case ActionKind::kRestartCosine:
       s = absl::StrFormat(
@@ -112,20 +150,36 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       MoveLr(o.oscillation_lr_factor, ctx, o, a);
       return "";
     case DiagnosisKind::kStagnation: {
+      if (!std::isfinite(ctx.lr)) {
+        // No LR, no schedule: neither a raise nor a restart can be sized.
+        Block(GuardRail::kNone,
+              "the LR is not logged (schedule unknown), so no LR change can "
+              "be computed",
+              a);
+        return "";
+      }
+      const bool decaying = ctx.schedule == ScheduleHint::kDecaying;
       const bool still_decaying =
-          ctx.schedule == ScheduleHint::kDecaying && d.lr_at_onset > 0.0 &&
+          decaying && d.lr_at_onset > 0.0 &&
           ctx.lr < d.lr_at_onset * (1.0 - o.lr_tolerance);
       if (!still_decaying) {
-        MoveLr(o.stagnation_lr_factor, ctx, o, a);
-        return ctx.schedule == ScheduleHint::kDecaying
-                   ? absl::StrFormat(
-                         "the LR was decayed early (max %g, now "
-                         "%g) and is flat since the onset, so ",
-                         ctx.max_lr_seen, ctx.lr)
-                   : absl::StrFormat("the LR is constant at %g, so ", ctx.lr);
+        if (!decaying) {
+          MoveLr(o.stagnation_lr_factor, ctx, o, a);
+          return ctx.schedule == ScheduleHint::kConstant
+                     ? absl::StrFormat("the LR is constant at %g, so ", ctx.lr)
+                     : "";
+        }
+        // Raise a decayed LR back towards the run's peak, never above it:
+        // the peak is the largest LR the run has shown it can take.
+        MoveLr(o.stagnation_lr_factor, ctx, o, a, ctx.max_lr_seen,
+               "max LR seen");
+        return absl::StrFormat(
+            "the LR was decayed early (max %g, now %g) and is flat since the "
+            "onset, so ",
+            ctx.max_lr_seen, ctx.lr);
       }
       const double eta_max = std::min(ctx.max_lr_seen, o.max_lr);
-      if (eta_max <= ctx.lr) {
+      if (!(eta_max > ctx.lr)) {
         Block(GuardRail::kLrBound,
               absl::StrFormat("a restart at eta_max %g (max_lr %g) would not "
                               "raise the LR %g",
@@ -138,7 +192,7 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       a->eta_min = std::min(
           eta_max, std::max(o.min_lr, o.restart_eta_min_fraction * eta_max));
       a->t_0 = std::max<int64_t>(
-          o.restart_min_t0, std::llround(static_cast<double>(ctx.steps_seen) *
+          o.restart_min_t0, RoundToInt64(static_cast<double>(ctx.steps_seen) *
                                          o.restart_t0_fraction));
       return absl::StrFormat(
           "the LR is still decaying (%g at the onset, %g now), so ",
@@ -234,12 +288,14 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
                           ctx.actions_taken, options.max_actions),
           &a);
   } else if (ctx.last_action_step.has_value() &&
-             ctx.step - *ctx.last_action_step < options.cooldown_steps) {
-    Block(GuardRail::kCooldown,
-          absl::StrFormat(
-              "the last action was %d steps ago (cooldown_steps %d)",
-              ctx.step - *ctx.last_action_step, options.cooldown_steps),
-          &a);
+             StepsBetween(*ctx.last_action_step, ctx.step) <
+                 options.cooldown_steps) {
+    Block(
+        GuardRail::kCooldown,
+        absl::StrFormat("the last action was %d steps ago (cooldown_steps %d)",
+                        StepsBetween(*ctx.last_action_step, ctx.step),
+                        options.cooldown_steps),
+        &a);
   } else {
     why = Remedy(d, ctx, options, &a);
   }

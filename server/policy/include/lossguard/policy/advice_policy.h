@@ -105,6 +105,8 @@ struct Advice {
   double lr_factor = 1.0;      // kScaleLr: new LR = lr_factor x lr_from
   double lr_from = 0.0;        // kScaleLr, kSetLr: the LR now
   double lr_to = 0.0;          // kScaleLr, kSetLr: the LR to use
+  std::string lr_bound;        // kSetLr: the bound that stopped the move:
+                               // "min_lr", "max_lr" or "max LR seen"
   double clip_max_norm = 0.0;  // kEnableGradClip, or with an LR action
                                // after a gradient explosion; 0: no clipping
   int64_t t_0 = 0;             // kRestartCosine: cycle length in steps
@@ -119,15 +121,20 @@ struct Advice {
 //   divergence         -> LR x0.1, plus gradient clipping if a gradient
 //                         explosion was seen before
 //   oscillation        -> LR x0.5
-//   stagnation         -> LR x3 when the LR is constant or was decayed
-//                         before the stall (flat since the onset); restart
-//                         the cosine cycle when the LR is still decaying
+//   stagnation         -> LR x3 when the LR is constant; LR x3 but no
+//                         higher than the largest LR seen when it was
+//                         decayed before the stall (flat since the onset);
+//                         restart the cosine cycle when the LR is still
+//                         decaying (ctx.lr below d.lr_at_onset by more than
+//                         lr_tolerance); nothing when the LR is not logged
 //   overfitting        -> LR x0.5 the first time, early stop after that
 //   gradient_explosion -> clip at clip_level_multiple x the grad-norm level
 //   loss_spike         -> no action
 // Guard rails (min_steps_seen, max_actions, cooldown_steps, then the LR
 // bounds) turn an action into kNone with `blocked_by` and `reason` set; an
-// LR move that would cross a bound stops at the bound (kSetLr).
+// LR move that would cross a bound stops at the bound (kSetLr). No LR action
+// is computed from an LR that is not logged (NaN). Step arithmetic
+// saturates, so any int64 steps are safe.
 // A pure function: thread-safe.
 Advice Decide(const analyzers::Diagnosis& d, const RunContext& ctx,
               const PolicyOptions& options = PolicyOptions());
