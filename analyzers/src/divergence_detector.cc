@@ -154,9 +154,11 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
       d.lr_at_onset = track.lr();
       d.evidence = absl::StrFormat(
           "smoothed loss spiked to %.4g (%.3gx its best %.4g) at step %d and "
-          "recovered to %.4g by step %d",
+          "recovered to %.4g (%.3gx its best, inside the %.3gx margin) by "
+          "step %d",
           std::exp(rise_peak_), std::exp(spike), std::exp(rise_base_),
-          rise_start_step_, std::exp(level), b.last_step);
+          rise_start_step_, std::exp(level), std::exp(level - rise_base_),
+          std::exp(margin), b.last_step);
       findings->Report(std::move(d));
     }
     rise_blocks_ = 0;
