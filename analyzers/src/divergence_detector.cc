@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "absl/strings/str_format.h"
 
@@ -11,25 +12,10 @@ void DivergenceDetector::OnNonFinite(const StepRecord& rec, const char* what,
                                      double value, const LossTrack& track,
                                      double grad_norm_level,
                                      Findings* findings) {
-  if (diverged_) return;
-  diverged_ = true;
-  Diagnosis d;
-  d.kind = DiagnosisKind::kDivergence;
-  d.step = rec.step;
-  d.onset = rec.step;
-  d.severity = 1.0;
-  d.confidence = 1.0;
-  d.loss_at_onset = value;
-  d.best_loss = ExpOrNaN(best_level_);
-  d.lr_at_onset = track.lr();
-  d.grad_norm_level = grad_norm_level;
-  d.evidence = absl::StrFormat("%s is %g at step %d (non-finite)", what, value,
-                               rec.step);
-  if (std::isfinite(best_level_)) {
-    absl::StrAppendFormat(&d.evidence, "; best smoothed loss was %.4g at %d",
-                          std::exp(best_level_), best_step_);
-  }
-  findings->Report(std::move(d));
+  ReportNonFinite(rec, rec.step, /*confidence=*/1.0, value,
+                  absl::StrFormat("%s is %g at step %d (non-finite)", what,
+                                  value, rec.step),
+                  track, grad_norm_level, findings);
 }
 
 void DivergenceDetector::OnNonFiniteGradNorm(const StepRecord& rec,
@@ -37,23 +23,35 @@ void DivergenceDetector::OnNonFiniteGradNorm(const StepRecord& rec,
                                              const LossTrack& track,
                                              double grad_norm_level,
                                              Findings* findings) {
+  ReportNonFinite(
+      rec, first_step, count > 1 ? 0.95 : 1.0, rec.loss,
+      absl::StrFormat(
+          "gradient norm is %g at step %d and has been non-finite on %d "
+          "consecutive reports since step %d (mixed-precision loss scaling "
+          "skips only a few); loss %.4g",
+          *rec.grad_norm, rec.step, count, first_step, rec.loss),
+      track, grad_norm_level, findings);
+}
+
+void DivergenceDetector::ReportNonFinite(const StepRecord& rec, int64_t onset,
+                                         double confidence, double value,
+                                         std::string evidence,
+                                         const LossTrack& track,
+                                         double grad_norm_level,
+                                         Findings* findings) {
   if (diverged_) return;
   diverged_ = true;
   Diagnosis d;
   d.kind = DiagnosisKind::kDivergence;
   d.step = rec.step;
-  d.onset = first_step;
+  d.onset = onset;
   d.severity = 1.0;
-  d.confidence = count > 1 ? 0.95 : 1.0;
-  d.loss_at_onset = rec.loss;
+  d.confidence = confidence;
+  d.loss_at_onset = value;
   d.best_loss = ExpOrNaN(best_level_);
   d.lr_at_onset = track.lr();
   d.grad_norm_level = grad_norm_level;
-  d.evidence = absl::StrFormat(
-      "gradient norm is %g at step %d and has been non-finite on %d "
-      "consecutive reports since step %d (mixed-precision loss scaling skips "
-      "only a few); loss %.4g",
-      *rec.grad_norm, rec.step, count, first_step, rec.loss);
+  d.evidence = std::move(evidence);
   if (std::isfinite(best_level_)) {
     absl::StrAppendFormat(&d.evidence, "; best smoothed loss was %.4g at %d",
                           std::exp(best_level_), best_step_);

@@ -2,6 +2,7 @@
 #define LOSSGUARD_ANALYZERS_SRC_DIVERGENCE_DETECTOR_H_
 
 #include <cstdint>
+#include <string>
 
 #include "analyzers/src/common.h"
 #include "analyzers/src/loss_track.h"
@@ -42,6 +43,12 @@ class DivergenceDetector {
   double best_level() const { return best_level_; }
 
  private:
+  // Reports an immediate divergence (once).
+  void ReportNonFinite(const StepRecord& rec, int64_t onset, double confidence,
+                       double value, std::string evidence,
+                       const LossTrack& track, double grad_norm_level,
+                       Findings* findings);
+
   const AnalyzerOptions& options_;
   bool diverged_ = false;
   double best_level_ = kInf;
