@@ -25,7 +25,7 @@ struct AnalyzerOptions {
   // this many blocks and this many points.
   int level_median_blocks = 3;
   int level_median_points = 16;
-  // Initial loss L0 = median of this many first finite losses.
+  // Initial loss L0 = median of this many first finite, positive losses.
   int initial_points = 5;
 
   // --- divergence ---------------------------------------------------------
@@ -63,8 +63,9 @@ struct AnalyzerOptions {
   int restart_follow_blocks = 6;
 
   // --- recovered loss spikes (events) --------------------------------------
-  // A loss spike is a block level this factor above the smoothed level that
-  // comes back within `divergence_confirm_blocks`.
+  // A rise that falls back inside the margin before it is confirmed as
+  // divergence is reported as a loss spike when its peak was this factor
+  // above the best level.
   double spike_factor = 2.0;
 
   // --- oscillation ----------------------------------------------------------
@@ -117,7 +118,7 @@ struct AnalyzerOptions {
   // (the LR decayed before the loss had even halved).
   double stagnation_drop_fraction = 0.5;
   // The LR rising by this factor over the window (warmup, range test)
-  // suppresses stagnation.
+  // suppresses stagnation; since the validation minimum, overfitting.
   double stagnation_lr_rise = 1.2;
   // This many identical finite losses in a row, at a loss of at least
   // `stagnation_constant_min_fraction` of the initial loss, mean a dead
