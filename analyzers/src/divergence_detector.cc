@@ -59,6 +59,11 @@ void DivergenceDetector::ReportNonFinite(const StepRecord& rec, int64_t onset,
   findings->Report(std::move(d));
 }
 
+bool DivergenceDetector::LrClimbing(const LossTrack& track) const {
+  return !std::isnan(rise_lr_) && !std::isnan(track.lr()) &&
+         track.lr() > rise_lr_ * options_.stagnation_lr_rise;
+}
+
 void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
                                  double grad_norm_level, Findings* findings) {
   if (diverged_) return;
@@ -100,6 +105,7 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
       rise_points_before_ = track.finite_points() - b.points;
       rise_base_ = best_level_;
       rise_peak_ = level;
+      rise_lr_ = best_level_lr_;
     }
     ++rise_blocks_;
     rise_peak_ = std::max(rise_peak_, level);
@@ -111,7 +117,8 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
             std::min<double>(options_.divergence_confirm_max_points,
                              options_.divergence_confirm_fraction *
                                  static_cast<double>(rise_points_before_))) /
-        std::max(1.0, rise / margin);
+        std::max(1.0, rise / margin) /
+        (LrClimbing(track) ? options_.divergence_climbing_lr_speedup : 1.0);
     if (rise_blocks_ < options_.divergence_confirm_blocks ||
         static_cast<double>(rise_points_) < needed) {
       return;

@@ -43,6 +43,8 @@ class DivergenceDetector {
   double best_level() const { return best_level_; }
 
  private:
+  // The LR has climbed since the best level the rise is measured from.
+  bool LrClimbing(const LossTrack& track) const;
   // Reports an immediate divergence (once).
   void ReportNonFinite(const StepRecord& rec, int64_t onset, double confidence,
                        double value, std::string evidence,
@@ -61,6 +63,7 @@ class DivergenceDetector {
   double rise_peak_ = -kInf;
   double rise_base_ = kNaN;
   int follow_blocks_left_ = 0;
+  double rise_lr_ = kNaN;  // LR at the best level the rise is measured from
 };
 
 }  // namespace lossguard::analyzers

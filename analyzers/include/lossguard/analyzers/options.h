@@ -47,6 +47,10 @@ struct AnalyzerOptions {
   int divergence_confirm_points = 20;
   double divergence_confirm_fraction = 0.25;
   int divergence_confirm_max_points = 500;
+  // While the LR is still climbing past its value at the best level
+  // (warmup, a ramp, a range test), nothing will bring the loss back down:
+  // the confirmation then needs this many times fewer points.
+  double divergence_climbing_lr_speedup = 2.0;
   // A non-finite gradient norm with a finite loss is a divergence once it
   // has been non-finite on this many consecutive reports. Mixed-precision
   // loss scaling (torch.cuda.amp.GradScaler) overflows and skips a step now
