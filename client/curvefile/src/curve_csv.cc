@@ -33,6 +33,8 @@ using analyzers::StepRecord;
 constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
 // Longest field text quoted back in a message.
 constexpr size_t kMaxQuotedField = 40;
+// Growth step of libcsv's field buffer.
+constexpr size_t kCsvBlockSize = 1 << 20;
 
 // Bytes read from a file or stream at a time.
 constexpr size_t kReadChunk = 64 * 1024;
@@ -122,6 +124,10 @@ class CurveCsvParser {
       status_ = absl::ResourceExhaustedError(
           absl::StrCat(name_, ": cannot initialize the CSV parser"));
     }
+    // libcsv grows its field buffer by a fixed block (128 bytes by default):
+    // a long field would cost a quadratic number of copies wherever realloc
+    // cannot grow in place. Large blocks keep that to a handful.
+    csv_set_blk_size(&csv_, kCsvBlockSize);
   }
   ~CurveCsvParser() { csv_free(&csv_); }
 
