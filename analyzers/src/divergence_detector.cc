@@ -159,11 +159,12 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
       d.lr_at_onset = track.lr();
       d.evidence = absl::StrFormat(
           "smoothed loss spiked to %.4g (%.3gx its best %.4g) at step %d and "
-          "recovered to %.4g (%.3gx its best, inside the %.3gx margin) by "
-          "step %d",
+          "recovered to %.4g (%.3gx its best) by step %d; divergence needs "
+          "%.3gx its best and %.3g above it",
           std::exp(rise_peak_), std::exp(spike), std::exp(rise_base_),
           rise_start_step_, std::exp(level), std::exp(level - rise_base_),
-          std::exp(margin), b.last_step);
+          b.last_step, std::exp(margin),
+          options_.divergence_min_rise_of_initial * track.l0());
       findings->Report(std::move(d));
     }
     rise_blocks_ = 0;
