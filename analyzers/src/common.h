@@ -15,17 +15,14 @@ inline constexpr double kInf = std::numeric_limits<double>::infinity();
 
 inline double Clamp01(double x) { return std::clamp(x, 0.0, 1.0); }
 // exp(x) for a finite log-level, NaN otherwise.
-inline double ExpOrNaN(double x) { return std::isfinite(x) ? std::exp(x) : kNaN; }
+inline double ExpOrNaN(double x) {
+  return std::isfinite(x) ? std::exp(x) : kNaN;
+}
 
-// Steps from `first` to `last` inclusive, saturating instead of overflowing
-// (steps are any increasing int64 values; they may jump by 2^62).
+// Steps from `first` to `last` (>= first) inclusive, saturating.
 inline int64_t StepSpan(int64_t first, int64_t last) {
-  int64_t diff = 0;
-  if (__builtin_sub_overflow(last, first, &diff) ||
-      diff == std::numeric_limits<int64_t>::max()) {
-    return std::numeric_limits<int64_t>::max();
-  }
-  return diff + 1;
+  const int64_t diff = StepsBetween(first, last);
+  return diff == std::numeric_limits<int64_t>::max() ? diff : diff + 1;
 }
 
 // Where detectors put what they decide at one step. The analyzer keeps the

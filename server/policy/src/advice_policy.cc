@@ -21,16 +21,6 @@ std::string Situation(const Diagnosis& d) {
                          d.severity);
 }
 
-// `now - then` in steps, saturated to the int64 range: steps may be any
-// int64 (a run logging from near INT64_MIN to near INT64_MAX, say), and the
-// plain difference would overflow.
-int64_t StepsBetween(int64_t then, int64_t now) {
-  int64_t d = 0;
-  if (!__builtin_sub_overflow(now, then, &d)) return d;
-  return now > then ? std::numeric_limits<int64_t>::max()
-                    : std::numeric_limits<int64_t>::min();
-}
-
 // `x` rounded to the nearest int64, saturated to the int64 range (NaN: 0).
 int64_t RoundToInt64(double x) {
   if (std::isnan(x)) return 0;
@@ -274,6 +264,10 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
   Advice a;
   a.diagnosis = d.kind;
   a.at_step = d.step;
+  const int64_t since_action =
+      ctx.last_action_step.has_value()
+          ? analyzers::StepsBetween(*ctx.last_action_step, ctx.step)
+          : 0;
   std::string why;
   if (d.kind == DiagnosisKind::kLossSpike) {
     why = Remedy(d, ctx, options, &a);
@@ -288,13 +282,11 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
                           ctx.actions_taken, options.max_actions),
           &a);
   } else if (ctx.last_action_step.has_value() &&
-             StepsBetween(*ctx.last_action_step, ctx.step) <
-                 options.cooldown_steps) {
+             since_action < options.cooldown_steps) {
     Block(
         GuardRail::kCooldown,
         absl::StrFormat("the last action was %d steps ago (cooldown_steps %d)",
-                        StepsBetween(*ctx.last_action_step, ctx.step),
-                        options.cooldown_steps),
+                        since_action, options.cooldown_steps),
         &a);
   } else {
     why = Remedy(d, ctx, options, &a);
