@@ -65,11 +65,9 @@ CurveAnalysis::CurveAnalysis(std::string file,
 
 absl::Status CurveAnalysis::Feed(const analyzers::StepRecord& rec) {
   decided_.clear();
+  // The analyzer's errors already name the step.
   absl::Status s = analyzer_.Feed(rec, &decided_);
-  if (!s.ok()) {
-    return absl::Status(s.code(),
-                        absl::StrCat("step ", rec.step, ": ", s.message()));
-  }
+  if (!s.ok()) return s;
   policy::ObserveStep(rec, options_, &ctx_);
   for (Diagnosis& d : decided_) {
     if (d.kind == DiagnosisKind::kLossSpike) {
