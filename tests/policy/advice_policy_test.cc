@@ -426,5 +426,55 @@ TEST(AdvicePolicyTest, Names) {
   EXPECT_EQ(ScheduleName(ScheduleHint::kDecaying), "decaying");
 }
 
+
+// --- JudgeOutcome ---------------------------------------------------------
+
+TEST(JudgeOutcomeTest, LowerLossAfterIsImproved) {
+  OutcomeWindow w{.loss_before = 2.0, .loss_after = 1.0, .steps_after = 100};
+  OutcomeJudgement j = JudgeOutcome(DiagnosisKind::kDivergence, w);
+  EXPECT_EQ(j.outcome, Outcome::kImproved);
+  EXPECT_THAT(j.evidence, HasSubstr("x0.500"));
+}
+
+TEST(JudgeOutcomeTest, SmallMoveIsNoChange) {
+  OutcomeWindow w{.loss_before = 1.0, .loss_after = 1.02, .steps_after = 100};
+  EXPECT_EQ(JudgeOutcome(DiagnosisKind::kOscillation, w).outcome,
+            Outcome::kNoChange);
+}
+
+TEST(JudgeOutcomeTest, HigherLossOrNonFiniteIsWorsened) {
+  OutcomeWindow w{.loss_before = 1.0, .loss_after = 1.5, .steps_after = 100};
+  EXPECT_EQ(JudgeOutcome(DiagnosisKind::kStagnation, w).outcome,
+            Outcome::kWorsened);
+  w.loss_after = 0.5;
+  w.nonfinite_after = true;
+  OutcomeJudgement j = JudgeOutcome(DiagnosisKind::kDivergence, w);
+  EXPECT_EQ(j.outcome, Outcome::kWorsened);
+  EXPECT_THAT(j.evidence, HasSubstr("non-finite"));
+}
+
+TEST(JudgeOutcomeTest, OverfittingIsJudgedOnValidationLoss) {
+  // The training loss keeps falling (as it does while overfitting); the
+  // validation loss decides.
+  OutcomeWindow w{.loss_before = 0.5,
+                  .loss_after = 0.3,
+                  .val_before = 0.8,
+                  .val_after = 0.95,
+                  .steps_after = 100};
+  OutcomeJudgement j = JudgeOutcome(DiagnosisKind::kOverfitting, w);
+  EXPECT_EQ(j.outcome, Outcome::kWorsened);
+  EXPECT_THAT(j.evidence, HasSubstr("validation loss"));
+  // Without validation medians the training loss decides.
+  w.val_after.reset();
+  EXPECT_EQ(JudgeOutcome(DiagnosisKind::kOverfitting, w).outcome,
+            Outcome::kImproved);
+}
+
+TEST(JudgeOutcomeTest, NonPositiveLossesCompareBySign) {
+  OutcomeWindow w{.loss_before = -1.0, .loss_after = -2.0, .steps_after = 10};
+  EXPECT_EQ(JudgeOutcome(DiagnosisKind::kStagnation, w).outcome,
+            Outcome::kImproved);
+}
+
 }  // namespace
 }  // namespace lossguard::policy

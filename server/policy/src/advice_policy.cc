@@ -328,4 +328,57 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;
 }
 
+std::string_view OutcomeName(Outcome outcome) {
+  switch (outcome) {
+    case Outcome::kImproved:
+      return "improved";
+    case Outcome::kNoChange:
+      return "no_change";
+    case Outcome::kWorsened:
+      return "worsened";
+  }
+  return "unknown";
+}
+
+OutcomeJudgement JudgeOutcome(DiagnosisKind kind, const OutcomeWindow& w,
+                              const PolicyOptions& options) {
+  OutcomeJudgement j;
+  if (w.nonfinite_after) {
+    j.outcome = Outcome::kWorsened;
+    j.evidence = absl::StrFormat(
+        "the loss turned non-finite within %d steps of the action",
+        w.steps_after);
+    return j;
+  }
+  const bool by_val = kind == DiagnosisKind::kOverfitting &&
+                      w.val_before.has_value() && w.val_after.has_value();
+  const char* what = by_val ? "validation loss" : "loss";
+  const double before = by_val ? *w.val_before : w.loss_before;
+  const double after = by_val ? *w.val_after : w.loss_after;
+  if (!std::isfinite(before) || !std::isfinite(after) || before <= 0.0) {
+    // A ratio means nothing here (a non-positive or unknown loss): compare
+    // the difference's sign only.
+    j.outcome = after < before   ? Outcome::kImproved
+                : after > before ? Outcome::kWorsened
+                                 : Outcome::kNoChange;
+    j.evidence = absl::StrFormat("median %s %.4g before, %.4g in the %d steps after",
+                                 what, before, after, w.steps_after);
+    return j;
+  }
+  const double ratio = after / before;
+  if (ratio <= options.outcome_improved_ratio) {
+    j.outcome = Outcome::kImproved;
+  } else if (ratio >= options.outcome_worsened_ratio) {
+    j.outcome = Outcome::kWorsened;
+  } else {
+    j.outcome = Outcome::kNoChange;
+  }
+  j.evidence = absl::StrFormat(
+      "median %s %.4g before the action, %.4g over the %d steps after "
+      "(x%.3f; improved at or below x%.2f, worsened at or above x%.2f)",
+      what, before, after, w.steps_after, ratio, options.outcome_improved_ratio,
+      options.outcome_worsened_ratio);
+  return j;
+}
+
 }  // namespace lossguard::policy

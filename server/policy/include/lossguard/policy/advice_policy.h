@@ -79,6 +79,19 @@ struct PolicyOptions {
   double restart_eta_min_fraction = 0.01;
   // Relative LR change below which two LRs count as the same.
   double lr_tolerance = 0.05;
+
+  // --- judging an applied action afterwards ---
+  // Steps after the action over which its effect is judged: the cooldown,
+  // since that is how long the policy waits before acting again anyway.
+  int64_t outcome_steps = 100;
+  // The median loss of the last `outcome_steps` steps against the median of
+  // as many before the action (validation loss for overfitting): at or below
+  // this ratio the action improved things...
+  double outcome_improved_ratio = 0.97;
+  // ...at or above this one it made them worse (as does a non-finite loss
+  // after it). In between: no change. Minibatch noise moves a median of
+  // ~100 losses by a few percent at most, so neither band is noise.
+  double outcome_worsened_ratio = 1.10;
 };
 
 // What the policy knows about the run besides the diagnosis. Kept up to date
@@ -154,6 +167,38 @@ void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
 // overfitting_advised; a gradient explosion and a grad-norm level are noted.
 void ObserveAdvice(const analyzers::Diagnosis& d, const Advice& advice,
                    RunContext* ctx);
+
+// What an applied action did to the run.
+enum class Outcome {
+  kImproved,
+  kNoChange,
+  kWorsened,
+};
+
+std::string_view OutcomeName(Outcome outcome);
+
+// The loss before and after an applied action, as the run saw it.
+struct OutcomeWindow {
+  double loss_before = 0.0;  // median training loss of the steps before
+  double loss_after = 0.0;   // median training loss of the steps after
+  bool nonfinite_after = false;  // a non-finite loss after the action
+  // Median validation loss before / after, when validation ran in both.
+  std::optional<double> val_before;
+  std::optional<double> val_after;
+  int64_t steps_after = 0;  // steps seen since the action
+};
+
+struct OutcomeJudgement {
+  Outcome outcome = Outcome::kNoChange;
+  std::string evidence;  // the numbers behind it
+};
+
+// Judges an applied action of the advice for `kind` (a pure function). The
+// validation loss decides for overfitting when both medians are known; the
+// training loss decides otherwise.
+OutcomeJudgement JudgeOutcome(analyzers::DiagnosisKind kind,
+                              const OutcomeWindow& window,
+                              const PolicyOptions& options = PolicyOptions());
 
 }  // namespace lossguard::policy
 
