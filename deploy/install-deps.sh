@@ -8,7 +8,7 @@ packages=(
   libeigen3-dev
   libabsl-dev
   libprotobuf-dev protobuf-compiler
-  libgrpc++-dev protobuf-compiler-grpc
+  libgrpc++-dev grpc-proto protobuf-compiler-grpc
   libgtest-dev libgmock-dev
   libbenchmark-dev
   nlohmann-json3-dev

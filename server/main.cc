@@ -1,0 +1,107 @@
+// lossguardd: the lossguard daemon.
+//
+//   lossguardd --listen 127.0.0.1:7077 --db ./lossguard.db
+//
+// Serves lossguard.v1.LossGuard, grpc.health.v1.Health and server
+// reflection. SIGTERM or SIGINT shuts down gracefully: Attach streams end
+// with UNAVAILABLE (clients reconnect and resume), the store is flushed.
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "lossguard/service/log.h"
+#include "lossguard/service/service.h"
+#include "lossguard/storage/run_store.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:7077",
+          "host:port to serve gRPC on (loopback by default; port 0 picks one)");
+ABSL_FLAG(std::string, db, "./lossguard.db",
+          "SQLite database file (created if missing); \":memory:\" keeps "
+          "nothing across restarts");
+ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+ABSL_FLAG(int, max_actions, 5, "most actions advised per run");
+ABSL_FLAG(int64_t, cooldown_steps, 100,
+          "steps after an action before the next one");
+ABSL_FLAG(double, min_lr, 1e-7, "no action sets the LR below this");
+ABSL_FLAG(double, max_lr, 10.0, "no action sets the LR above this");
+
+namespace {
+
+using lossguard::service::Log;
+using lossguard::service::LogLevel;
+
+int Fail(const std::string& what) {
+  Log(LogLevel::kError, "fatal", {{"error", what}});
+  std::fprintf(stderr, "lossguardd: %s\n", what.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "lossguardd --listen 127.0.0.1:7077 --db ./lossguard.db");
+  absl::ParseCommandLine(argc, argv);
+
+  const std::string level = absl::GetFlag(FLAGS_log_level);
+  if (level == "debug") {
+    lossguard::service::SetLogLevel(LogLevel::kDebug);
+  } else if (level == "warning") {
+    lossguard::service::SetLogLevel(LogLevel::kWarning);
+  } else if (level == "error") {
+    lossguard::service::SetLogLevel(LogLevel::kError);
+  } else if (level != "info") {
+    return Fail("--log_level must be debug, info, warning or error");
+  }
+
+  // Signals are taken by sigwait below: block them in every thread, which
+  // all inherit this mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  lossguard::service::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.run.policy.max_actions = absl::GetFlag(FLAGS_max_actions);
+  options.run.policy.cooldown_steps = absl::GetFlag(FLAGS_cooldown_steps);
+  options.run.policy.min_lr = absl::GetFlag(FLAGS_min_lr);
+  options.run.policy.max_lr = absl::GetFlag(FLAGS_max_lr);
+  if (!(options.run.policy.min_lr > 0.0 &&
+        options.run.policy.min_lr < options.run.policy.max_lr)) {
+    return Fail("need 0 < --min_lr < --max_lr");
+  }
+
+  const std::string db = absl::GetFlag(FLAGS_db);
+  std::unique_ptr<lossguard::storage::RunStore> store;
+  if (db == ":memory:") {
+    store = lossguard::storage::NewMemoryStore();
+  } else {
+    auto opened = lossguard::storage::OpenSqliteStore(db);
+    if (!opened.ok()) return Fail(std::string(opened.status().message()));
+    store = std::move(*opened);
+  }
+  Log(LogLevel::kInfo, "store_open", {{"db", db}});
+
+  lossguard::service::Daemon daemon(options, store.get());
+  absl::Status s = daemon.Start();
+  if (!s.ok()) return Fail(std::string(s.message()));
+  // Scripts read the port from this line when they listen on port 0.
+  std::printf("lossguardd listening on port %d\n", daemon.port());
+  std::fflush(stdout);
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  Log(LogLevel::kInfo, "signal", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
+  s = daemon.Shutdown();
+  store.reset();
+  return s.ok() ? 0 : Fail(std::string(s.message()));
+}

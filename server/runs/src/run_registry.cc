@@ -1,0 +1,166 @@
+#include "lossguard/runs/run_registry.h"
+
+#include <algorithm>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace lossguard::runs {
+namespace {
+
+absl::Status CheckText(const std::string& field, const std::string& value,
+                       size_t max_bytes, bool allow_empty) {
+  if (value.empty() && !allow_empty) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " is empty"));
+  }
+  if (value.size() > max_bytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s is %d bytes long; at most %d", field, value.size(), max_bytes));
+  }
+  for (size_t i = 0; i < value.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(value[i]);
+    if (c < 0x20 || c == 0x7f) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s holds control character 0x%02x at byte %d", field, c, i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateRunStart(const v1::RunStart& start,
+                              const RunLimits& limits) {
+  absl::Status s = CheckText("run_id", start.run_id(), limits.max_run_id_bytes,
+                             /*allow_empty=*/false);
+  if (!s.ok()) return s;
+  s = CheckText("name", start.name(), limits.max_name_bytes, true);
+  if (!s.ok()) return s;
+  s = CheckText("project", start.project(), limits.max_name_bytes, true);
+  if (!s.ok()) return s;
+  if (static_cast<size_t>(start.tags_size()) > limits.max_tags) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%d tags; at most %d", start.tags_size(), limits.max_tags));
+  }
+  for (const auto& [k, v] : start.tags()) {
+    s = CheckText("tag key", k, limits.max_tag_bytes, false);
+    if (!s.ok()) return s;
+    s = CheckText(absl::StrCat("tag ", k), v, limits.max_tag_bytes, true);
+    if (!s.ok()) return s;
+  }
+  if (!v1::Mode_IsValid(start.mode())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown mode ", static_cast<int>(start.mode())));
+  }
+  return absl::OkStatus();
+}
+
+RunRegistry::RunRegistry(const RunOptions* options, const RunLimits& limits,
+                         storage::RunStore* store, Clock* clock)
+    : options_(options), limits_(limits), store_(store), clock_(clock) {}
+
+absl::Status RunRegistry::Recover() {
+  absl::StatusOr<std::vector<storage::RunRow>> rows = store_->LoadRuns();
+  if (!rows.ok()) return rows.status();
+  for (const storage::RunRow& row : *rows) {
+    v1::RunConfig config;
+    if (!config.ParseFromString(row.config)) {
+      return absl::DataLossError(
+          absl::StrCat("run ", row.run_id, ": stored config does not parse"));
+    }
+    auto run =
+        std::make_shared<Run>(row, config, options_, store_, clock_);
+    absl::Status s = run->Recover();
+    if (!s.ok()) return s;
+    absl::MutexLock lock(&mu_);
+    order_[Key{row.created_time, row.run_id}] = run;
+    runs_[row.run_id] = std::move(run);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<Run>> RunRegistry::FindOrCreate(
+    const v1::RunStart& start, bool* created) {
+  absl::Status s = ValidateRunStart(start, limits_);
+  if (!s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  *created = false;
+  auto it = runs_.find(start.run_id());
+  if (it != runs_.end()) return it->second;
+  if (runs_.size() >= limits_.max_runs) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the daemon holds %d runs, its limit", runs_.size()));
+  }
+  storage::RunRow row;
+  row.run_id = start.run_id();
+  row.name = start.name();
+  row.project = start.project();
+  row.mode = start.mode();
+  row.state = v1::DETACHED;
+  row.created_time = clock_->Now();
+  row.updated_time = row.created_time;
+  auto run = std::make_shared<Run>(row, start.config(), options_, store_,
+                                   clock_);
+  order_[Key{row.created_time, row.run_id}] = run;
+  runs_[row.run_id] = run;
+  *created = true;
+  return run;
+}
+
+std::shared_ptr<Run> RunRegistry::Find(const std::string& run_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = runs_.find(run_id);
+  return it == runs_.end() ? nullptr : it->second;
+}
+
+absl::StatusOr<RunRegistry::ListResult> RunRegistry::List(
+    const std::string& project, const std::vector<v1::RunState>& states,
+    int page_size, const std::string& page_token) const {
+  std::optional<Key> after;
+  if (!page_token.empty()) {
+    const size_t bar = page_token.find('|');
+    double created = 0.0;
+    if (bar == std::string::npos ||
+        !absl::SimpleAtod(page_token.substr(0, bar), &created)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("malformed page_token \"", page_token, "\""));
+    }
+    after = Key{created, page_token.substr(bar + 1)};
+  }
+  ListResult out;
+  absl::MutexLock lock(&mu_);
+  auto it = after ? order_.upper_bound(*after) : order_.begin();
+  for (; it != order_.end(); ++it) {
+    const Run& run = *it->second;
+    if (!project.empty() && run.project() != project) continue;
+    v1::RunSummary summary = run.Summary();
+    if (!states.empty() && std::find(states.begin(), states.end(),
+                                     summary.state()) == states.end()) {
+      continue;
+    }
+    if (static_cast<int>(out.runs.size()) == page_size) break;
+    out.runs.push_back(std::move(summary));
+  }
+  if (it != order_.end() && !out.runs.empty()) {
+    const v1::RunSummary& last = out.runs.back();
+    out.next_page_token =
+        absl::StrFormat("%.17g|%s", last.created_time(), last.run_id());
+  }
+  return out;
+}
+
+size_t RunRegistry::size() const {
+  absl::MutexLock lock(&mu_);
+  return runs_.size();
+}
+
+std::vector<std::shared_ptr<Run>> RunRegistry::All() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::shared_ptr<Run>> all;
+  all.reserve(runs_.size());
+  for (const auto& [id, run] : order_) all.push_back(run);
+  return all;
+}
+
+}  // namespace lossguard::runs

@@ -1,0 +1,89 @@
+#ifndef LOSSGUARD_SERVICE_SERVICE_H_
+#define LOSSGUARD_SERVICE_SERVICE_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "lossguard/runs/run.h"
+#include "lossguard/runs/run_registry.h"
+#include "lossguard/storage/run_store.h"
+
+namespace grpc {
+class Server;
+}  // namespace grpc
+
+namespace lossguard::service {
+
+// Everything lossguardd is configured with.
+struct ServerOptions {
+  // host:port to listen on; loopback unless told otherwise. Port 0 picks a
+  // free port (see Daemon::port()).
+  std::string listen = "127.0.0.1:7077";
+  runs::RunOptions run;
+  runs::RunLimits limits;
+  // Most steps in one StepBatch (RESOURCE_EXHAUSTED above).
+  int max_batch_steps = 10000;
+  // Largest message the server accepts, in bytes (gRPC's limit; RESOURCE_
+  // EXHAUSTED above). 64 MiB holds an AnalyzeCurve of ~1.5M steps.
+  int max_message_bytes = 64 << 20;
+  // Responses queued for one Attach stream before the server gives up on a
+  // client that does not read them (RESOURCE_EXHAUSTED).
+  int max_queued_responses = 1024;
+  // Events queued for one WatchRun stream before a watcher that does not
+  // keep up is dropped (RESOURCE_EXHAUSTED; it can watch again).
+  int max_queued_events = 10000;
+  // Attach streams stop reading while the store has more than this many
+  // steps queued, and resume once it is below half of it: the store's
+  // backlog, and so the daemon's memory, stays bounded under any load.
+  int64_t max_store_backlog_steps = 1000000;
+  // Threads for requests that read the store or compute (GetCurve,
+  // AnalyzeCurve): never on gRPC's callback threads.
+  int worker_threads = 2;
+  // On shutdown, how long streams get to finish before they are cancelled.
+  double shutdown_grace_s = 5.0;
+};
+
+class LossGuardServiceImpl;
+
+// lossguardd in a box: the gRPC server with the LossGuard service, the
+// standard health service and reflection, over a run registry and a store.
+//
+// Thread-safety: Start and Shutdown from one thread; the rest is internal.
+class Daemon {
+ public:
+  // `store` and `clock` must outlive the daemon.
+  Daemon(const ServerOptions& options, storage::RunStore* store,
+         runs::Clock* clock = runs::SystemClock());
+  ~Daemon();  // Shutdown() if still running
+
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // Recovers the stored runs, then listens. FailedPrecondition or the
+  // store's error when recovery fails; Unavailable when it cannot listen.
+  absl::Status Start();
+  // The port actually listened on (after Start).
+  int port() const { return port_; }
+  // Stops taking new calls, ends every Attach stream with UNAVAILABLE
+  // ("shutting down; reconnect"), waits up to the grace period for calls to
+  // end, then flushes the store. Returns the store's flush status.
+  absl::Status Shutdown();
+
+  runs::RunRegistry* registry() { return registry_.get(); }
+
+ private:
+  const ServerOptions options_;
+  storage::RunStore* const store_;
+  runs::Clock* const clock_;
+  std::unique_ptr<runs::RunRegistry> registry_;
+  std::unique_ptr<LossGuardServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  bool running_ = false;
+};
+
+}  // namespace lossguard::service
+
+#endif  // LOSSGUARD_SERVICE_SERVICE_H_

@@ -1,0 +1,793 @@
+#include "lossguard/service/service.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "lossguard/analyzers/curve_analyzer.h"
+#include "lossguard/policy/advice_policy.h"
+#include "lossguard/runs/curve_sampler.h"
+#include "lossguard/service/log.h"
+#include "lossguard/v1/lossguard.grpc.pb.h"
+#include "worker_pool.h"
+
+namespace lossguard::service {
+
+namespace v1 = ::lossguard::v1;
+
+namespace {
+
+constexpr char kServiceName[] = "lossguard.v1.LossGuard";
+
+// The one place where our errors become gRPC statuses (the codes are the
+// same numbers in absl and gRPC).
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()),
+                      std::string(s.message()));
+}
+
+const char* CodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::OK:
+      return "OK";
+    case grpc::CANCELLED:
+      return "CANCELLED";
+    case grpc::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::ABORTED:
+      return "ABORTED";
+    case grpc::UNAVAILABLE:
+      return "UNAVAILABLE";
+    default:
+      return "ERROR";
+  }
+}
+
+grpc::Status ShuttingDown() {
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                      "lossguardd is shutting down; reconnect and attach "
+                      "again with the same run_id to resume");
+}
+
+}  // namespace
+
+class AttachReactor;
+class WatchReactor;
+
+class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
+ public:
+  LossGuardServiceImpl(const ServerOptions* options,
+                       runs::RunRegistry* registry, storage::RunStore* store,
+                       runs::Clock* clock)
+      : options_(options),
+        registry_(registry),
+        store_(store),
+        clock_(clock),
+        pool_(std::make_unique<WorkerPool>(options->worker_threads)) {}
+
+  grpc::ServerBidiReactor<v1::AttachRequest, v1::AttachResponse>* Attach(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* GetRunHealth(
+      grpc::CallbackServerContext* context,
+      const v1::GetRunHealthRequest* request, v1::RunHealth* reply) override;
+  grpc::ServerUnaryReactor* ListRuns(grpc::CallbackServerContext* context,
+                                     const v1::ListRunsRequest* request,
+                                     v1::ListRunsResponse* reply) override;
+  grpc::ServerWriteReactor<v1::RunEvent>* WatchRun(
+      grpc::CallbackServerContext* context,
+      const v1::WatchRunRequest* request) override;
+  grpc::ServerUnaryReactor* GetCurve(grpc::CallbackServerContext* context,
+                                     const v1::GetCurveRequest* request,
+                                     v1::Curve* reply) override;
+  grpc::ServerUnaryReactor* AnalyzeCurve(
+      grpc::CallbackServerContext* context,
+      const v1::AnalyzeCurveRequest* request,
+      v1::AnalyzeCurveResponse* reply) override;
+
+  // Ends every open stream with UNAVAILABLE; later streams end at once.
+  void BeginShutdown();
+  // Runs the queued work and joins the worker threads.
+  void StopWorkers() { pool_.reset(); }
+
+  // Streams register while alive, so shutdown can end them. False when the
+  // service is shutting down (the stream must finish at once).
+  bool Register(AttachReactor* r);
+  void Unregister(AttachReactor* r);
+  bool Register(WatchReactor* r);
+  void Unregister(WatchReactor* r);
+
+  const ServerOptions& options() const { return *options_; }
+  runs::RunRegistry* registry() { return registry_; }
+  storage::RunStore* store() { return store_; }
+  runs::Clock* clock() { return clock_; }
+
+ private:
+  const ServerOptions* const options_;
+  runs::RunRegistry* const registry_;
+  storage::RunStore* const store_;
+  runs::Clock* const clock_;
+  std::unique_ptr<WorkerPool> pool_;
+
+  absl::Mutex mu_;
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+  absl::flat_hash_set<AttachReactor*> attaches_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<WatchReactor*> watches_ ABSL_GUARDED_BY(mu_);
+};
+
+// ------------------------------------------------------------------ Attach
+
+// One trainer's stream. Reads are serialized (one outstanding at a time) and
+// own run_/session_; the response queue and the finishing state are shared
+// with writes and with shutdown, under mu_.
+class AttachReactor final
+    : public grpc::ServerBidiReactor<v1::AttachRequest, v1::AttachResponse> {
+ public:
+  AttachReactor(LossGuardServiceImpl* service,
+                grpc::CallbackServerContext* context)
+      : service_(service), peer_(context->peer()) {
+    if (!service_->Register(this)) {
+      Abort(ShuttingDown());
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The client half-closed (or the call broke): send what is queued,
+      // then end with OK.
+      End(grpc::Status::OK, /*drain=*/true);
+      return;
+    }
+    grpc::Status status = Process();
+    if (!status.ok()) {
+      End(status, /*drain=*/false);
+      return;
+    }
+    ReadNext();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) {
+      pending_.clear();
+      if (!end_status_) {
+        end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                   "writing to the client failed");
+      }
+    } else if (!pending_.empty()) {
+      pending_.pop_front();
+    }
+    PumpLocked();
+  }
+
+  void OnCancel() override {
+    End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"), false);
+  }
+
+  void OnDone() override {
+    service_->Unregister(this);
+    Log(LogLevel::kInfo, "detach",
+        {{"run_id", run_ ? run_->run_id() : ""},
+         {"peer", peer_},
+         {"steps", steps_},
+         {"duplicates", duplicates_},
+         {"status", CodeName(final_code_)}});
+    delete this;
+  }
+
+  // Ends the stream from any thread (shutdown).
+  void Abort(const grpc::Status& status) { End(status, /*drain=*/false); }
+
+ private:
+  grpc::Status Process() {
+    const v1::AttachRequest& req = request_;
+    switch (req.kind_case()) {
+      case v1::AttachRequest::kStart:
+        return OnStart(req.start());
+      case v1::AttachRequest::kSteps:
+        return OnSteps(req.steps());
+      case v1::AttachRequest::kAck:
+        return OnAck(req.ack());
+      case v1::AttachRequest::kFinish:
+        if (run_ == nullptr) return NotStarted("finish");
+        run_->Finish(session_, req.finish().reason());
+        Log(LogLevel::kInfo, "finish", {{"run_id", run_->run_id()}});
+        return grpc::Status::OK;
+      case v1::AttachRequest::KIND_NOT_SET:
+        break;
+    }
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "an AttachRequest must hold start, steps, ack or "
+                        "finish");
+  }
+
+  grpc::Status NotStarted(const char* what) {
+    return grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("the first message of an Attach stream must be start; "
+                     "got ",
+                     what));
+  }
+
+  grpc::Status OnStart(const v1::RunStart& start) {
+    if (run_ != nullptr) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "start sent twice on one Attach stream");
+    }
+    bool created = false;
+    absl::StatusOr<std::shared_ptr<runs::Run>> run =
+        service_->registry()->FindOrCreate(start, &created);
+    if (!run.ok()) return ToGrpc(run.status());
+    run_ = std::move(*run);
+    v1::AttachResponse resp;
+    session_ = run_->Attach(start, resp.mutable_accepted());
+    {
+      absl::MutexLock lock(&mu_);
+      attached_run_ = run_;
+      attached_session_ = session_;
+    }
+    resp.mutable_accepted()->set_resumed(!created);
+    Log(LogLevel::kInfo, "attach",
+        {{"run_id", run_->run_id()},
+         {"project", start.project()},
+         {"mode", v1::Mode_Name(start.mode())},
+         {"peer", peer_},
+         {"resumed", !created},
+         {"last_step", resp.accepted().has_steps()
+                           ? nlohmann::json(resp.accepted().last_step())
+                           : nlohmann::json(nullptr)}});
+    return Enqueue(std::move(resp));
+  }
+
+  grpc::Status OnSteps(const v1::StepBatch& batch) {
+    if (run_ == nullptr) return NotStarted("steps");
+    const int limit = service_->options().max_batch_steps;
+    if (batch.steps_size() > limit) {
+      return grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrFormat("a batch of %d steps; at most %d per batch",
+                          batch.steps_size(), limit));
+    }
+    advice_.clear();
+    int64_t dups = 0;
+    absl::Status s = run_->Ingest(session_, batch, &advice_, &dups);
+    if (!s.ok()) {
+      Log(LogLevel::kWarning, "bad_batch",
+          {{"run_id", run_->run_id()}, {"error", std::string(s.message())}});
+      return ToGrpc(s);
+    }
+    steps_ += batch.steps_size() - dups;
+    duplicates_ += dups;
+    for (v1::Advice& a : advice_) {
+      Log(LogLevel::kInfo, "advice",
+          {{"run_id", run_->run_id()},
+           {"advice_id", a.advice_id()},
+           {"at_step", a.at_step()},
+           {"kind", v1::DiagnosisKind_Name(a.diagnosis().kind())},
+           {"action", a.has_action()
+                          ? a.action().GetDescriptor()
+                                ->FindFieldByNumber(
+                                    a.action().kind_case())
+                                ->name()
+                          : "none"}});
+      v1::AttachResponse resp;
+      *resp.mutable_advice() = std::move(a);
+      grpc::Status st = Enqueue(std::move(resp));
+      if (!st.ok()) return st;
+    }
+    v1::AttachResponse received;
+    v1::BatchReceived* r = received.mutable_received();
+    const std::optional<int64_t> last = run_->last_step();
+    r->set_has_steps(last.has_value());
+    r->set_last_step(last.value_or(0));
+    r->set_accepted(batch.steps_size() - static_cast<int>(dups));
+    r->set_duplicates(static_cast<int>(dups));
+    return Enqueue(std::move(received));
+  }
+
+  grpc::Status OnAck(const v1::AdviceAck& ack) {
+    if (run_ == nullptr) return NotStarted("ack");
+    absl::Status s = run_->Ack(session_, ack);
+    if (absl::IsAborted(s)) return ToGrpc(s);
+    if (!s.ok()) {
+      // A wrong ack is the client's bug but not worth its run's stream.
+      Log(LogLevel::kWarning, "bad_ack",
+          {{"run_id", run_->run_id()}, {"error", std::string(s.message())}});
+    }
+    return grpc::Status::OK;
+  }
+
+  // Starts the next read, unless the store is too far behind: then reading
+  // resumes when it has caught up (backpressure reaches the trainer through
+  // gRPC's flow control; its client buffers).
+  void ReadNext() {
+    const int64_t high = service_->options().max_store_backlog_steps;
+    if (service_->store()->Stats().queued_steps <= high) {
+      StartRead(&request_);
+      return;
+    }
+    service_->store()->NotifyWhenBacklogBelow(
+        high / 2, [this] { StartRead(&request_); });
+  }
+
+  grpc::Status Enqueue(v1::AttachResponse resp) {
+    absl::MutexLock lock(&mu_);
+    if (end_status_) return grpc::Status::OK;  // ending; dropped
+    if (static_cast<int>(pending_.size()) >=
+        service_->options().max_queued_responses) {
+      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          "the client does not read its responses");
+    }
+    pending_.push_back(std::move(resp));
+    PumpLocked();
+    return grpc::Status::OK;
+  }
+
+  void End(const grpc::Status& status, bool drain) {
+    absl::MutexLock lock(&mu_);
+    if (end_status_) return;
+    end_status_ = status;
+    if (!drain) pending_.clear();
+    PumpLocked();
+  }
+
+  // Starts the next write, or finishes once nothing is in flight and the
+  // stream is ending.
+  void PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return;
+    if (!pending_.empty()) {
+      writing_ = true;
+      StartWrite(&pending_.front());
+      return;
+    }
+    if (end_status_) {
+      finished_ = true;
+      final_code_ = end_status_->error_code();
+      // Detached before the client hears the end: a query right after it
+      // sees the run DETACHED.
+      if (attached_run_ != nullptr) attached_run_->Detach(attached_session_);
+      Finish(*end_status_);
+    }
+  }
+
+  LossGuardServiceImpl* const service_;
+  const std::string peer_;
+  v1::AttachRequest request_;
+  // Owned by the read path (one read at a time), set by start.
+  std::shared_ptr<runs::Run> run_;
+  uint64_t session_ = 0;
+  std::vector<v1::Advice> advice_;
+  int64_t steps_ = 0;
+  int64_t duplicates_ = 0;
+
+  absl::Mutex mu_;
+  std::deque<v1::AttachResponse> pending_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> end_status_ ABSL_GUARDED_BY(mu_);
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // The same run and session, for the end of the stream, which may come
+  // from another thread (shutdown).
+  std::shared_ptr<runs::Run> attached_run_ ABSL_GUARDED_BY(mu_);
+  uint64_t attached_session_ ABSL_GUARDED_BY(mu_) = 0;
+  grpc::StatusCode final_code_ = grpc::StatusCode::OK;
+};
+
+grpc::ServerBidiReactor<v1::AttachRequest, v1::AttachResponse>*
+LossGuardServiceImpl::Attach(grpc::CallbackServerContext* context) {
+  return new AttachReactor(this, context);
+}
+
+// ---------------------------------------------------------------- WatchRun
+
+class WatchReactor final : public grpc::ServerWriteReactor<v1::RunEvent> {
+ public:
+  WatchReactor(LossGuardServiceImpl* service,
+               const v1::WatchRunRequest* request)
+      : service_(service) {
+    if (!service_->Register(this)) {
+      Abort(ShuttingDown());
+      return;
+    }
+    run_ = service_->registry()->Find(request->run_id());
+    if (run_ == nullptr) {
+      Abort(grpc::Status(grpc::StatusCode::NOT_FOUND,
+                         absl::StrCat("no run \"", request->run_id(), "\"")));
+      return;
+    }
+    sink_ = std::make_shared<Sink>(this);
+    run_->Subscribe(sink_, request->replay());
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) {
+      queue_.clear();
+      if (!end_status_) {
+        end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                   "writing to the watcher failed");
+      }
+    }
+    PumpLocked();
+  }
+
+  void OnCancel() override {
+    Abort(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+  }
+
+  void OnDone() override {
+    if (sink_ != nullptr) {
+      sink_->Detach();
+      run_->Unsubscribe(sink_.get());
+    }
+    service_->Unregister(this);
+    delete this;
+  }
+
+  void Abort(const grpc::Status& status) {
+    absl::MutexLock lock(&mu_);
+    if (end_status_) return;
+    end_status_ = status;
+    queue_.clear();
+    PumpLocked();
+  }
+
+ private:
+  // What the run holds: forwards to the reactor while it lives.
+  class Sink final : public runs::EventSink {
+   public:
+    explicit Sink(WatchReactor* r) : reactor_(r) {}
+    void OnEvent(const v1::RunEvent& event) override {
+      absl::MutexLock lock(&mu_);
+      if (reactor_ != nullptr) reactor_->Push(event);
+    }
+    void OnRunClosed() override {
+      absl::MutexLock lock(&mu_);
+      if (reactor_ != nullptr) reactor_->Close();
+    }
+    void Detach() {
+      absl::MutexLock lock(&mu_);
+      reactor_ = nullptr;
+    }
+
+   private:
+    absl::Mutex mu_;
+    WatchReactor* reactor_ ABSL_GUARDED_BY(mu_);
+  };
+
+  void Push(const v1::RunEvent& event) {
+    absl::MutexLock lock(&mu_);
+    if (end_status_) return;
+    if (static_cast<int>(queue_.size()) >=
+        service_->options().max_queued_events) {
+      end_status_ = grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          "the watcher fell too far behind the run's events; watch again");
+      queue_.clear();
+    } else {
+      queue_.push_back(event);
+    }
+    PumpLocked();
+  }
+
+  void Close() {
+    absl::MutexLock lock(&mu_);
+    if (!end_status_) end_status_ = grpc::Status::OK;
+    PumpLocked();
+  }
+
+  void PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return;
+    if (!queue_.empty()) {
+      current_ = std::move(queue_.front());
+      queue_.pop_front();
+      writing_ = true;
+      StartWrite(&current_);
+      return;
+    }
+    if (end_status_) {
+      finished_ = true;
+      Finish(*end_status_);
+    }
+  }
+
+  LossGuardServiceImpl* const service_;
+  std::shared_ptr<runs::Run> run_;
+  std::shared_ptr<Sink> sink_;
+
+  absl::Mutex mu_;
+  std::deque<v1::RunEvent> queue_ ABSL_GUARDED_BY(mu_);
+  v1::RunEvent current_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> end_status_ ABSL_GUARDED_BY(mu_);
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+grpc::ServerWriteReactor<v1::RunEvent>* LossGuardServiceImpl::WatchRun(
+    grpc::CallbackServerContext*, const v1::WatchRunRequest* request) {
+  return new WatchReactor(this, request);
+}
+
+// ------------------------------------------------------------- the rest
+
+bool LossGuardServiceImpl::Register(AttachReactor* r) {
+  absl::MutexLock lock(&mu_);
+  if (shutting_down_) return false;
+  attaches_.insert(r);
+  return true;
+}
+void LossGuardServiceImpl::Unregister(AttachReactor* r) {
+  absl::MutexLock lock(&mu_);
+  attaches_.erase(r);
+}
+bool LossGuardServiceImpl::Register(WatchReactor* r) {
+  absl::MutexLock lock(&mu_);
+  if (shutting_down_) return false;
+  watches_.insert(r);
+  return true;
+}
+void LossGuardServiceImpl::Unregister(WatchReactor* r) {
+  absl::MutexLock lock(&mu_);
+  watches_.erase(r);
+}
+
+void LossGuardServiceImpl::BeginShutdown() {
+  absl::MutexLock lock(&mu_);
+  shutting_down_ = true;
+  // Reactors unregister in OnDone, which needs mu_: they are alive here.
+  for (AttachReactor* r : attaches_) r->Abort(ShuttingDown());
+  for (WatchReactor* r : watches_) r->Abort(ShuttingDown());
+}
+
+grpc::ServerUnaryReactor* LossGuardServiceImpl::GetRunHealth(
+    grpc::CallbackServerContext* context,
+    const v1::GetRunHealthRequest* request, v1::RunHealth* reply) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
+  if (run == nullptr) {
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::NOT_FOUND,
+        absl::StrCat("no run \"", request->run_id(), "\"")));
+    return reactor;
+  }
+  *reply = run->Health();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* LossGuardServiceImpl::ListRuns(
+    grpc::CallbackServerContext* context, const v1::ListRunsRequest* request,
+    v1::ListRunsResponse* reply) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  int page_size = request->page_size();
+  if (page_size < 0 || page_size > 1000) {
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrFormat("page_size %d; 0 (default 100) to 1000", page_size)));
+    return reactor;
+  }
+  if (page_size == 0) page_size = 100;
+  std::vector<v1::RunState> states;
+  for (int s : request->states()) states.push_back(static_cast<v1::RunState>(s));
+  absl::StatusOr<runs::RunRegistry::ListResult> result = registry_->List(
+      request->project(), states, page_size, request->page_token());
+  if (!result.ok()) {
+    reactor->Finish(ToGrpc(result.status()));
+    return reactor;
+  }
+  for (v1::RunSummary& s : result->runs) *reply->add_runs() = std::move(s);
+  reply->set_next_page_token(result->next_page_token);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* LossGuardServiceImpl::GetCurve(
+    grpc::CallbackServerContext* context, const v1::GetCurveRequest* request,
+    v1::Curve* reply) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  int max_points = request->max_points();
+  if (max_points == 0) max_points = 2000;
+  if (max_points < 4 || max_points > 100000) {
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrFormat("max_points %d; 0 (default 2000) or 4 to 100000",
+                        request->max_points())));
+    return reactor;
+  }
+  std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
+  if (run == nullptr) {
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::NOT_FOUND,
+        absl::StrCat("no run \"", request->run_id(), "\"")));
+    return reactor;
+  }
+  const bool whole = request->from_step() == 0 && request->to_step() == 0;
+  const int64_t from =
+      whole ? std::numeric_limits<int64_t>::min() : request->from_step();
+  const int64_t to = request->to_step() == 0
+                         ? std::numeric_limits<int64_t>::max()
+                         : request->to_step();
+  if (from > to) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 "from_step is after to_step"));
+    return reactor;
+  }
+  // Store reads block: they run on the workers.
+  pool_->Submit([this, reactor, reply, run, from, to, max_points] {
+    const v1::RunSummary summary = run->Summary();
+    reply->set_run_id(run->run_id());
+    if (!summary.has_steps()) {
+      reactor->Finish(grpc::Status::OK);
+      return;
+    }
+    // Steps the run has taken may still be queued for the store: wait for
+    // them (bounded by the backlog cap), so the curve reaches last_step.
+    absl::Status s = store_->Flush();
+    if (!s.ok()) {
+      reactor->Finish(ToGrpc(s));
+      return;
+    }
+    // The sampler's buckets span the steps the range really holds.
+    int64_t first = from;
+    s = store_->ReadSteps(run->run_id(), from, to,
+                                       [&](const storage::StepRow& row) {
+                                         first = row.step;
+                                         return false;
+                                       });
+    const int64_t last = std::min(to, summary.last_step());
+    if (s.ok() && first <= last) {
+      runs::CurveSampler sampler(first, last, max_points);
+      s = store_->ReadSteps(run->run_id(), first, last,
+                            [&](const storage::StepRow& row) {
+                              sampler.Add(row);
+                              return true;
+                            });
+      reply->set_total_points(sampler.points_seen());
+      for (const storage::StepRow& row : sampler.Finish()) {
+        v1::CurvePoint* p = reply->add_points();
+        p->set_step(row.step);
+        p->set_lr(row.lr);
+        p->set_loss(row.loss);
+        if (row.val_loss) p->set_val_loss(*row.val_loss);
+        if (row.grad_norm) p->set_grad_norm(*row.grad_norm);
+      }
+    }
+    if (!s.ok()) {
+      reactor->Finish(ToGrpc(s));
+      return;
+    }
+    std::vector<v1::Diagnosis> diagnoses;
+    std::vector<v1::Advice> advice;
+    run->Markers(from, to, &diagnoses, &advice);
+    for (v1::Diagnosis& d : diagnoses) *reply->add_diagnoses() = std::move(d);
+    for (v1::Advice& a : advice) *reply->add_advice() = std::move(a);
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
+    grpc::CallbackServerContext* context,
+    const v1::AnalyzeCurveRequest* request, v1::AnalyzeCurveResponse* reply) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  pool_->Submit([this, reactor, request, reply] {
+    analyzers::CurveAnalyzer analyzer(options_->run.analyzer);
+    policy::RunContext ctx;
+    std::vector<analyzers::Diagnosis> decided;
+    uint64_t next_id = 1;
+    for (const v1::Step& step : request->steps()) {
+      const analyzers::StepRecord rec = runs::FromProto(step);
+      decided.clear();
+      absl::Status s = analyzer.Feed(rec, &decided);
+      if (!s.ok()) {
+        reactor->Finish(ToGrpc(s));
+        return;
+      }
+      policy::ObserveStep(rec, options_->run.policy, &ctx);
+      for (const analyzers::Diagnosis& d : decided) {
+        if (d.kind == analyzers::DiagnosisKind::kLossSpike) {
+          *reply->add_events() = runs::ToProto(d);
+          continue;
+        }
+        *reply->add_diagnoses() = runs::ToProto(d);
+        policy::Advice a = policy::Decide(d, ctx, options_->run.policy);
+        if (request->mode() == v1::OBSERVE) a.action = policy::ActionKind::kNone;
+        policy::ObserveAdvice(d, a, &ctx);
+        *reply->add_advice() = runs::ToProto(a, d, next_id++);
+      }
+    }
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+// ------------------------------------------------------------------ Daemon
+
+Daemon::Daemon(const ServerOptions& options, storage::RunStore* store,
+               runs::Clock* clock)
+    : options_(options), store_(store), clock_(clock) {
+  registry_ = std::make_unique<runs::RunRegistry>(&options_.run,
+                                                  options_.limits, store_,
+                                                  clock_);
+}
+
+Daemon::~Daemon() {
+  if (running_) Shutdown().IgnoreError();
+}
+
+absl::Status Daemon::Start() {
+  absl::Status s = analyzers::ValidateOptions(options_.run.analyzer);
+  if (!s.ok()) return s;
+  s = registry_->Recover();
+  if (!s.ok()) return s;
+  Log(LogLevel::kInfo, "recovered", {{"runs", registry_->size()}});
+
+  static std::once_flag reflection_once;
+  std::call_once(reflection_once, [] {
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  });
+  grpc::EnableDefaultHealthCheckService(true);
+
+  service_ = std::make_unique<LossGuardServiceImpl>(&options_, registry_.get(),
+                                                    store_, clock_);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(),
+                           &port_);
+  builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  builder.SetMaxSendMessageSize(options_.max_message_bytes);
+  builder.RegisterService(service_.get());
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    service_.reset();
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options_.listen));
+  }
+  server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
+  running_ = true;
+  Log(LogLevel::kInfo, "listening",
+      {{"listen", options_.listen}, {"port", port_}});
+  return absl::OkStatus();
+}
+
+absl::Status Daemon::Shutdown() {
+  if (!running_) return store_->Flush();
+  running_ = false;
+  Log(LogLevel::kInfo, "shutting_down", nullptr);
+  server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+  service_->BeginShutdown();
+  const auto deadline =
+      std::chrono::system_clock::now() +
+      std::chrono::milliseconds(
+          static_cast<int64_t>(options_.shutdown_grace_s * 1000));
+  server_->Shutdown(deadline);
+  server_->Wait();
+  service_->StopWorkers();
+  absl::Status s = store_->Flush();
+  Log(LogLevel::kInfo, "stopped",
+      {{"store", s.ok() ? "ok" : std::string(s.message())}});
+  return s;
+}
+
+}  // namespace lossguard::service

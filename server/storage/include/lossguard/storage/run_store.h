@@ -1,0 +1,144 @@
+#ifndef LOSSGUARD_STORAGE_RUN_STORE_H_
+#define LOSSGUARD_STORAGE_RUN_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace lossguard::storage {
+
+// One run's metadata and latest state. The store does not interpret
+// `config`, `tags_json`, `mode` or `state`: the service owns their meaning
+// (serialized wire messages and enum values), so the store stays free of
+// gRPC and protobuf and another backend only has to keep bytes.
+struct RunRow {
+  std::string run_id;     // primary key
+  std::string name;
+  std::string project;
+  std::string tags_json;  // {"key": "value", ...}
+  std::string config;     // opaque bytes (serialized lossguard.v1.RunConfig)
+  int mode = 0;           // lossguard.v1.Mode value
+  int state = 0;          // lossguard.v1.RunState value
+  double created_time = 0.0;  // seconds since the Unix epoch
+  double updated_time = 0.0;
+  // Filled by reads only (LoadRuns); ignored by PutRun.
+  bool has_steps = false;
+  int64_t last_step = 0;     // largest stored step (when has_steps)
+  int64_t steps_stored = 0;  // number of stored steps
+};
+
+// One optimizer step exactly as the trainer sent it. Every double may be
+// NaN or infinite and reads back bit-for-bit the same class (NaN stays NaN,
+// +-inf stays +-inf); an absent optional stays absent.
+struct StepRow {
+  int64_t step = 0;
+  double lr = 0.0;
+  double loss = 0.0;
+  std::optional<double> val_loss;
+  std::optional<double> grad_norm;
+  double wall_time = 0.0;
+};
+
+// A diagnosis or an advice of a run, with its updates (ack, outcome).
+// (run_id, type, id) is the key: putting the same key again replaces the
+// payload, so an advice's later status overwrites its earlier one.
+struct EventRow {
+  enum class Type { kDiagnosis = 1, kAdvice = 2 };
+  std::string run_id;
+  Type type = Type::kDiagnosis;
+  uint64_t id = 0;       // unique per run and type
+  int64_t step = 0;      // the step it belongs to (for range queries)
+  std::string payload;   // opaque bytes (a serialized wire message)
+};
+
+// Writer health, for metrics and tests.
+struct StoreStats {
+  int64_t queued_ops = 0;     // writes accepted but not yet committed
+  int64_t queued_steps = 0;   // steps among them
+  int64_t committed_steps = 0;   // steps committed since the store opened
+  int64_t transactions = 0;      // transactions committed since open
+  double oldest_queued_age_s = 0.0;  // write lag: age of the oldest queued op
+  std::string last_error;            // empty when every write succeeded
+};
+
+// Durable home of every run's history.
+//
+// Writes (PutRun, AppendSteps, PutEvent) never block on I/O: they are queued
+// and applied in order by one writer thread in batched transactions, so they
+// may be called from gRPC callback threads. Writes of one run are applied in
+// the order they were made. AppendSteps ignores steps the store already
+// holds for that run (same run_id and step), so resending after a reconnect
+// duplicates nothing. A write that fails (disk full, I/O error) is reported
+// by Flush() and Stats(); what was committed before stays intact.
+//
+// Reads are synchronous and may block on I/O: call them at startup, from a
+// thread of your own, or in tests; not on a gRPC callback thread.
+//
+// Thread-safety: all methods may be called concurrently from any thread.
+class RunStore {
+ public:
+  virtual ~RunStore() = default;
+
+  virtual void PutRun(const RunRow& run) = 0;
+  // Steps of one run, in increasing step order.
+  virtual void AppendSteps(const std::string& run_id,
+                           std::vector<StepRow> steps) = 0;
+  virtual void PutEvent(const EventRow& event) = 0;
+
+  // Blocks until every write queued before the call is committed. Returns
+  // the first error any write hit since the store opened (OK if none).
+  virtual absl::Status Flush() = 0;
+
+  // Calls `resume` once (on the writer thread) as soon as fewer than
+  // `below_steps` steps are queued; at once, on the calling thread, when
+  // that already holds. Lets a producer stop reading while the writer
+  // catches up without blocking a thread.
+  virtual void NotifyWhenBacklogBelow(int64_t below_steps,
+                                      std::function<void()> resume) = 0;
+
+  virtual StoreStats Stats() const = 0;
+
+  // Every run, with has_steps/last_step/steps_stored filled in.
+  virtual absl::StatusOr<std::vector<RunRow>> LoadRuns() = 0;
+  // Steps of `run_id` with from_step <= step <= to_step, in step order.
+  // An unknown run reads as no steps. `fn` returning false stops the scan.
+  virtual absl::Status ReadSteps(
+      const std::string& run_id, int64_t from_step, int64_t to_step,
+      const std::function<bool(const StepRow&)>& fn) = 0;
+  // Every event of `run_id`, ordered by (type, id).
+  virtual absl::StatusOr<std::vector<EventRow>> ReadEvents(
+      const std::string& run_id) = 0;
+};
+
+// Options of the SQLite store.
+struct SqliteOptions {
+  // Most writes committed in one transaction. Bigger batches cost fewer
+  // fsyncs per step; the writer commits whatever is queued as soon as the
+  // previous transaction ends, so a light load still commits at once.
+  int max_ops_per_transaction = 4096;
+  // synchronous=NORMAL in WAL mode: a commit survives a crash of the
+  // daemon; the last transactions may be lost in a power cut, never the
+  // database's integrity. FULL syncs every commit.
+  bool synchronous_full = false;
+  // How long a reader waits for a lock before SQLITE_BUSY.
+  int busy_timeout_ms = 5000;
+};
+
+// Opens (creating if needed) the SQLite database at `path` in WAL mode and
+// starts its writer thread. The destructor flushes and stops the writer.
+absl::StatusOr<std::unique_ptr<RunStore>> OpenSqliteStore(
+    const std::string& path, const SqliteOptions& options = SqliteOptions());
+
+// A store that keeps everything in memory, with the same semantics (for
+// tests and for embedded use without persistence). Writes apply at once.
+std::unique_ptr<RunStore> NewMemoryStore();
+
+}  // namespace lossguard::storage
+
+#endif  // LOSSGUARD_STORAGE_RUN_STORE_H_

@@ -1,0 +1,828 @@
+// lossguardd over real loopback gRPC (port 0): live diagnosis and advice,
+// acks and outcomes, resume, restart on the same database, bad input, the
+// fleet and curve queries, health and reflection, graceful shutdown.
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <set>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "lossguard/curvefile/curve_csv.h"
+#include "lossguard/service/service.h"
+#include "lossguard/storage/run_store.h"
+#include "lossguard/v1/lossguard.grpc.pb.h"
+
+namespace lossguard::service {
+namespace {
+
+namespace v1 = ::lossguard::v1;
+using ::testing::HasSubstr;
+
+constexpr char kDiverging[] = "digits-cnn-sgd-lr300-b32-ramp-s130.csv";
+constexpr char kHealthy[] = "digits-mlp-sgdm-lr0.01-b32-s6.csv";
+
+// Every call in these tests has a deadline: a bug fails a test, never hangs
+// the suite.
+constexpr auto kDeadline = std::chrono::seconds(60);
+
+class FakeClock final : public runs::Clock {
+ public:
+  double Now() const override { return now_.fetch_add(1.0); }
+
+ private:
+  mutable std::atomic<double> now_{1.8e9};
+};
+
+std::vector<analyzers::StepRecord> LoadCurve(const std::string& name) {
+  auto records = curvefile::ReadCurveCsv(
+      absl::StrCat(LOSSGUARD_EXAMPLES_DIR, "/", name));
+  EXPECT_TRUE(records.ok()) << records.status();
+  return records.ok() ? *records : std::vector<analyzers::StepRecord>{};
+}
+
+v1::Step ToStep(const analyzers::StepRecord& r) {
+  v1::Step s;
+  s.set_step(r.step);
+  s.set_lr(r.lr);
+  s.set_loss(r.loss);
+  if (r.val_loss) s.set_val_loss(*r.val_loss);
+  if (r.grad_norm) s.set_grad_norm(*r.grad_norm);
+  return s;
+}
+
+int64_t FirstNonFiniteStep(const std::vector<analyzers::StepRecord>& curve) {
+  for (const auto& r : curve) {
+    if (!std::isfinite(r.loss)) return r.step;
+  }
+  return std::numeric_limits<int64_t>::max();
+}
+
+v1::AttachRequest StartRequest(const std::string& run_id, v1::Mode mode,
+                               const std::string& project = "tests") {
+  v1::AttachRequest req;
+  v1::RunStart* start = req.mutable_start();
+  start->set_run_id(run_id);
+  start->set_name(run_id);
+  start->set_project(project);
+  start->set_mode(mode);
+  (*start->mutable_tags())["model"] = "cnn";
+  start->mutable_config()->set_optimizer("sgd");
+  start->mutable_config()->set_base_lr(0.1);
+  return req;
+}
+
+v1::AttachRequest Batch(const std::vector<analyzers::StepRecord>& curve,
+                        size_t begin, size_t end) {
+  v1::AttachRequest req;
+  for (size_t i = begin; i < end && i < curve.size(); ++i) {
+    *req.mutable_steps()->add_steps() = ToStep(curve[i]);
+  }
+  return req;
+}
+
+// A trainer's Attach stream with a reader thread that collects responses.
+class Trainer {
+ public:
+  explicit Trainer(v1::LossGuard::Stub* stub) {
+    context_.set_deadline(std::chrono::system_clock::now() + kDeadline);
+    stream_ = stub->Attach(&context_);
+    reader_ = std::thread([this] {
+      v1::AttachResponse resp;
+      while (stream_->Read(&resp)) {
+        absl::MutexLock lock(&mu_);
+        responses_.push_back(resp);
+      }
+      absl::MutexLock lock(&mu_);
+      closed_ = true;
+    });
+  }
+  ~Trainer() {
+    if (reader_.joinable()) {
+      context_.TryCancel();
+      reader_.join();
+    }
+  }
+
+  bool Send(const v1::AttachRequest& req) { return stream_->Write(req); }
+
+  // Waits until `n` responses arrived (or the stream closed); returns them.
+  std::vector<v1::AttachResponse> WaitResponses(size_t n) {
+    return WaitUntil([n](const std::vector<v1::AttachResponse>& got) {
+      return got.size() >= n;
+    });
+  }
+
+  // Sends a batch and waits until the server says it has seen it: every
+  // advice it caused has arrived by then.
+  std::vector<v1::AttachResponse> SendAndWait(const v1::AttachRequest& req) {
+    EXPECT_TRUE(Send(req));
+    const int64_t last = req.steps().steps().empty()
+                             ? 0
+                             : req.steps().steps().rbegin()->step();
+    return WaitUntil([last](const std::vector<v1::AttachResponse>& got) {
+      return !got.empty() && got.back().has_received() &&
+             got.back().received().last_step() >= last;
+    });
+  }
+
+  // The first advice response, waiting for it.
+  std::optional<v1::Advice> WaitAdvice() {
+    std::vector<v1::AttachResponse> got =
+        WaitUntil([](const std::vector<v1::AttachResponse>& got) {
+          for (const auto& r : got) {
+            if (r.has_advice()) return true;
+          }
+          return false;
+        });
+    for (const auto& r : got) {
+      if (r.has_advice()) return r.advice();
+    }
+    return std::nullopt;
+  }
+
+  // Waits (at most a minute) until `done(responses)` or the stream closed.
+  std::vector<v1::AttachResponse> WaitUntil(
+      std::function<bool(const std::vector<v1::AttachResponse>&)> done) {
+    absl::MutexLock lock(&mu_);
+    auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return closed_ || done(responses_);
+    };
+    mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Seconds(60));
+    return responses_;
+  }
+
+  std::vector<v1::AttachResponse> Responses() {
+    absl::MutexLock lock(&mu_);
+    return responses_;
+  }
+
+  // Half-closes and returns the stream's status, after every response.
+  grpc::Status Close() {
+    stream_->WritesDone();
+    reader_.join();
+    return stream_->Finish();
+  }
+
+  // Waits for the server to end the stream (without half-closing first).
+  grpc::Status AwaitEnd() {
+    reader_.join();
+    return stream_->Finish();
+  }
+
+ private:
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::AttachRequest,
+                                           v1::AttachResponse>>
+      stream_;
+  std::thread reader_;
+  absl::Mutex mu_;
+  std::vector<v1::AttachResponse> responses_ ABSL_GUARDED_BY(mu_);
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+class DaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    db_dir_ = std::filesystem::path(::testing::TempDir()) /
+              absl::StrCat("lossguardd_test_", ::getpid(), "_",
+                           ::testing::UnitTest::GetInstance()
+                               ->current_test_info()
+                               ->name());
+    std::filesystem::remove_all(db_dir_);
+    std::filesystem::create_directories(db_dir_);
+    options_.listen = "127.0.0.1:0";
+    options_.max_batch_steps = 1000;
+  }
+  void TearDown() override {
+    StopDaemon();
+    std::filesystem::remove_all(db_dir_);
+  }
+
+  // Starts a daemon over a SQLite database in the test's directory.
+  void StartDaemon() {
+    auto store = storage::OpenSqliteStore((db_dir_ / "lossguard.db").string());
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+    daemon_ = std::make_unique<Daemon>(options_, store_.get(), &clock_);
+    absl::Status s = daemon_->Start();
+    ASSERT_TRUE(s.ok()) << s;
+    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", daemon_->port()),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = v1::LossGuard::NewStub(channel_);
+  }
+
+  void StopDaemon() {
+    if (daemon_ != nullptr) {
+      EXPECT_TRUE(daemon_->Shutdown().ok());
+      daemon_.reset();
+    }
+    store_.reset();
+    stub_.reset();
+    channel_.reset();
+  }
+
+  grpc::Status Health(const std::string& run_id, v1::RunHealth* out) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+    v1::GetRunHealthRequest req;
+    req.set_run_id(run_id);
+    return stub_->GetRunHealth(&ctx, req, out);
+  }
+
+  v1::RunHealth MustHealth(const std::string& run_id) {
+    v1::RunHealth h;
+    grpc::Status s = Health(run_id, &h);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return h;
+  }
+
+  // Streams a whole curve in batches and half-closes; returns the responses.
+  std::vector<v1::AttachResponse> StreamCurve(
+      const std::string& run_id, v1::Mode mode,
+      const std::vector<analyzers::StepRecord>& curve, bool finish = true) {
+    Trainer t(stub_.get());
+    EXPECT_TRUE(t.Send(StartRequest(run_id, mode)));
+    for (size_t i = 0; i < curve.size(); i += 50) {
+      EXPECT_TRUE(t.Send(Batch(curve, i, i + 50)));
+    }
+    if (finish) {
+      v1::AttachRequest f;
+      f.mutable_finish()->set_reason("done");
+      EXPECT_TRUE(t.Send(f));
+    }
+    grpc::Status s = t.Close();
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return t.Responses();
+  }
+
+  std::filesystem::path db_dir_;
+  ServerOptions options_;
+  FakeClock clock_;
+  std::unique_ptr<storage::RunStore> store_;
+  std::unique_ptr<Daemon> daemon_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::LossGuard::Stub> stub_;
+};
+
+TEST_F(DaemonTest, AutoModeCutsTheLrOfADivergingRunBeforeItsLossTurnsNaN) {
+  StartDaemon();
+  const auto curve = LoadCurve(kDiverging);
+  const int64_t nonfinite = FirstNonFiniteStep(curve);
+  ASSERT_LT(nonfinite, std::numeric_limits<int64_t>::max());
+
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("diverging", v1::AUTO)));
+  std::vector<v1::AttachResponse> first = t.WaitResponses(1);
+  ASSERT_FALSE(first.empty());
+  ASSERT_TRUE(first[0].has_accepted());
+  EXPECT_FALSE(first[0].accepted().has_steps());
+  EXPECT_FALSE(first[0].accepted().resumed());
+
+  // Stream until the first action arrives, as a live trainer would.
+  std::optional<v1::Advice> advice;
+  size_t sent = 0;
+  while (sent < curve.size() && !advice) {
+    for (const auto& r : t.SendAndWait(Batch(curve, sent, sent + 10))) {
+      if (r.has_advice() && r.advice().has_action()) advice = r.advice();
+    }
+    sent += 10;
+  }
+  ASSERT_TRUE(advice.has_value());
+  EXPECT_EQ(advice->diagnosis().kind(), v1::DIVERGENCE);
+  ASSERT_TRUE(advice->action().has_scale_lr()) << advice->DebugString();
+  EXPECT_LT(advice->action().scale_lr().factor(), 1.0);
+  EXPECT_LT(advice->at_step(), nonfinite);
+  EXPECT_THAT(advice->diagnosis().evidence(), Not(::testing::IsEmpty()));
+  EXPECT_FALSE(advice->explanation().empty());
+
+  // The trainer applies it and acks; the rest of the (replayed) curve still
+  // blows up, so the outcome is judged "worsened".
+  v1::AttachRequest ack;
+  ack.mutable_ack()->set_advice_id(advice->advice_id());
+  ack.mutable_ack()->set_applied(true);
+  ASSERT_TRUE(t.Send(ack));
+  for (; sent < curve.size(); sent += 10) {
+    ASSERT_TRUE(t.Send(Batch(curve, sent, sent + 10)));
+  }
+  grpc::Status s = t.Close();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+
+  v1::RunHealth h = MustHealth("diverging");
+  EXPECT_EQ(h.summary().state(), v1::DETACHED);
+  EXPECT_EQ(h.summary().last_step(), curve.back().step);
+  EXPECT_EQ(h.summary().steps_stored(), static_cast<int64_t>(curve.size()));
+  EXPECT_THAT(h.summary().active(), ::testing::Contains(v1::DIVERGENCE));
+  bool found = false;
+  for (const v1::AdviceRecord& r : h.advice()) {
+    if (r.advice().advice_id() != advice->advice_id()) continue;
+    found = true;
+    EXPECT_EQ(r.status(), v1::APPLIED);
+    // Judged on the 100 steps after the ack: the loss rose (or blew up).
+    EXPECT_EQ(r.outcome(), v1::WORSENED) << r.outcome_evidence();
+    EXPECT_THAT(r.outcome_evidence(), HasSubstr("steps"));
+  }
+  EXPECT_TRUE(found);
+}
+
+TEST_F(DaemonTest, HealthyRunGetsNoActionAndFinishes) {
+  StartDaemon();
+  const auto curve = LoadCurve(kHealthy);
+  std::vector<v1::AttachResponse> responses =
+      StreamCurve("healthy", v1::AUTO, curve);
+  ASSERT_FALSE(responses.empty());
+  EXPECT_TRUE(responses[0].has_accepted());
+  for (const auto& r : responses) {
+    EXPECT_FALSE(r.has_advice() && r.advice().has_action())
+        << r.DebugString();
+  }
+  v1::RunHealth h = MustHealth("healthy");
+  EXPECT_EQ(h.summary().state(), v1::FINISHED);
+  EXPECT_TRUE(h.active_diagnoses().empty());
+  EXPECT_EQ(h.summary().steps_stored(), static_cast<int64_t>(curve.size()));
+  EXPECT_EQ(h.summary().tags().at("model"), "cnn");
+  EXPECT_EQ(h.config().optimizer(), "sgd");
+}
+
+TEST_F(DaemonTest, ObserveModeSendsDiagnosesWithoutActions) {
+  StartDaemon();
+  std::vector<v1::AttachResponse> responses =
+      StreamCurve("observed", v1::OBSERVE, LoadCurve(kDiverging));
+  int diagnoses = 0;
+  for (const auto& r : responses) {
+    if (!r.has_advice()) continue;
+    ++diagnoses;
+    EXPECT_FALSE(r.advice().has_action());
+    EXPECT_THAT(r.advice().explanation(), HasSubstr("OBSERVE"));
+  }
+  EXPECT_GE(diagnoses, 1);
+  v1::RunHealth h = MustHealth("observed");
+  for (const v1::AdviceRecord& r : h.advice()) {
+    EXPECT_EQ(r.status(), v1::INFORMATIONAL);
+  }
+}
+
+TEST_F(DaemonTest, ReconnectResumesWithoutDuplicates) {
+  StartDaemon();
+  const auto curve = LoadCurve(kHealthy);
+  {
+    Trainer t(stub_.get());
+    ASSERT_TRUE(t.Send(StartRequest("resume", v1::ADVISE)));
+    ASSERT_TRUE(t.Send(Batch(curve, 0, 100)));
+    ASSERT_TRUE(t.Close().ok());
+  }
+  EXPECT_EQ(MustHealth("resume").summary().state(), v1::DETACHED);
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("resume", v1::ADVISE)));
+  std::vector<v1::AttachResponse> got = t.WaitResponses(1);
+  ASSERT_FALSE(got.empty());
+  ASSERT_TRUE(got[0].has_accepted());
+  EXPECT_TRUE(got[0].accepted().resumed());
+  EXPECT_TRUE(got[0].accepted().has_steps());
+  EXPECT_EQ(got[0].accepted().last_step(), curve[99].step);
+  // A client that does not trust the server resends an overlap.
+  ASSERT_TRUE(t.Send(Batch(curve, 50, 150)));
+  ASSERT_TRUE(t.Close().ok());
+  v1::RunHealth h = MustHealth("resume");
+  EXPECT_EQ(h.summary().steps_stored(), 150);
+  EXPECT_EQ(h.summary().last_step(), curve[149].step);
+  // The store holds each step once.
+  ASSERT_TRUE(store_->Flush().ok());
+  int64_t n = 0, prev = -1;
+  ASSERT_TRUE(store_
+                  ->ReadSteps("resume", 0, 1 << 30,
+                              [&](const storage::StepRow& r) {
+                                EXPECT_GT(r.step, prev);
+                                prev = r.step;
+                                ++n;
+                                return true;
+                              })
+                  .ok());
+  EXPECT_EQ(n, 150);
+}
+
+TEST_F(DaemonTest, RestartOnTheSameDatabaseKeepsHistoryAndResumes) {
+  StartDaemon();
+  const auto curve = LoadCurve(kDiverging);
+  const size_t half = 260;  // past the divergence advice, before the NaNs
+  {
+    Trainer t(stub_.get());
+    ASSERT_TRUE(t.Send(StartRequest("restart", v1::AUTO)));
+    for (size_t i = 0; i < half; i += 20) {
+      ASSERT_TRUE(t.Send(Batch(curve, i, std::min(i + 20, half))));
+    }
+    ASSERT_TRUE(t.Close().ok());
+  }
+  const v1::RunHealth before = MustHealth("restart");
+  ASSERT_FALSE(before.advice().empty());
+  StopDaemon();
+
+  StartDaemon();
+  const v1::RunHealth after = MustHealth("restart");
+  EXPECT_EQ(after.summary().last_step(), before.summary().last_step());
+  EXPECT_EQ(after.summary().steps_stored(), static_cast<int64_t>(half));
+  EXPECT_EQ(after.summary().state(), v1::DETACHED);
+  EXPECT_EQ(after.summary().last_loss(), before.summary().last_loss());
+  ASSERT_EQ(after.advice_size(), before.advice_size());
+  for (int i = 0; i < after.advice_size(); ++i) {
+    EXPECT_EQ(after.advice(i).advice().SerializeAsString(),
+              before.advice(i).advice().SerializeAsString());
+  }
+  ASSERT_EQ(after.active_diagnoses_size(), before.active_diagnoses_size());
+
+  // The trainer re-attaches and continues where the server left off; the
+  // advice ids go on from the stored ones.
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("restart", v1::AUTO)));
+  auto got = t.WaitResponses(1);
+  ASSERT_FALSE(got.empty());
+  EXPECT_EQ(got[0].accepted().last_step(), curve[half - 1].step);
+  ASSERT_TRUE(t.Send(Batch(curve, half, curve.size())));
+  ASSERT_TRUE(t.Close().ok());
+  const v1::RunHealth end = MustHealth("restart");
+  EXPECT_EQ(end.summary().steps_stored(), static_cast<int64_t>(curve.size()));
+  std::set<uint64_t> ids;
+  for (const auto& r : end.advice()) {
+    EXPECT_TRUE(ids.insert(r.advice().advice_id()).second);
+  }
+}
+
+TEST_F(DaemonTest, FirstMessageMustBeStart) {
+  StartDaemon();
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(Batch(LoadCurve(kHealthy), 0, 10)));
+  grpc::Status s = t.AwaitEnd();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("must be start"));
+}
+
+TEST_F(DaemonTest, OutOfOrderStepsAreRejectedAndNothingIsLost) {
+  StartDaemon();
+  const auto curve = LoadCurve(kHealthy);
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("order", v1::AUTO)));
+  ASSERT_TRUE(t.Send(Batch(curve, 0, 20)));
+  v1::AttachRequest bad = Batch(curve, 20, 30);
+  std::swap(*bad.mutable_steps()->mutable_steps(3),
+            *bad.mutable_steps()->mutable_steps(6));
+  t.Send(bad);
+  grpc::Status s = t.AwaitEnd();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("must increase"));
+  v1::RunHealth h = MustHealth("order");
+  EXPECT_EQ(h.summary().steps_stored(), 20);
+  EXPECT_EQ(h.summary().last_step(), curve[19].step);
+}
+
+TEST_F(DaemonTest, BadLrIsInvalidArgument) {
+  StartDaemon();
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("badlr", v1::AUTO)));
+  v1::AttachRequest req;
+  v1::Step* s = req.mutable_steps()->add_steps();
+  s->set_step(1);
+  s->set_lr(-0.1);
+  s->set_loss(1.0);
+  t.Send(req);
+  grpc::Status st = t.AwaitEnd();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), HasSubstr("lr"));
+}
+
+TEST_F(DaemonTest, OversizedBatchIsResourceExhausted) {
+  StartDaemon();
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("big", v1::AUTO)));
+  v1::AttachRequest req;
+  for (int i = 0; i <= options_.max_batch_steps; ++i) {
+    v1::Step* s = req.mutable_steps()->add_steps();
+    s->set_step(i);
+    s->set_lr(0.1);
+    s->set_loss(1.0);
+  }
+  t.Send(req);
+  grpc::Status st = t.AwaitEnd();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(st.error_message(), HasSubstr("at most 1000"));
+}
+
+TEST_F(DaemonTest, BadRunIdsAreInvalidArgument) {
+  StartDaemon();
+  for (const std::string& id :
+       {std::string(), std::string(10240, 'x'), std::string("run\n1"),
+        std::string("a\0b", 3)}) {
+    Trainer t(stub_.get());
+    ASSERT_TRUE(t.Send(StartRequest(id, v1::AUTO)));
+    grpc::Status st = t.AwaitEnd();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << id.size();
+    EXPECT_THAT(st.error_message(), HasSubstr("run_id"));
+  }
+  grpc::ClientContext ctx;
+  v1::ListRunsRequest req;
+  v1::ListRunsResponse resp;
+  ASSERT_TRUE(stub_->ListRuns(&ctx, req, &resp).ok());
+  EXPECT_EQ(resp.runs_size(), 0);
+}
+
+TEST_F(DaemonTest, NonFiniteValuesAreData) {
+  StartDaemon();
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("nan", v1::AUTO)));
+  v1::AttachRequest req;
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double values[] = {1.0, 0.9, 1e308, 4.9e-324, -inf, inf, nan};
+  int64_t step = 0;
+  for (double v : values) {
+    v1::Step* s = req.mutable_steps()->add_steps();
+    s->set_step(step++);
+    s->set_lr(0.1);
+    s->set_loss(v);
+    s->set_val_loss(v);
+    s->set_grad_norm(v);
+  }
+  ASSERT_TRUE(t.Send(req));
+  std::optional<v1::Advice> advice = t.WaitAdvice();
+  ASSERT_TRUE(t.Close().ok());
+  ASSERT_TRUE(advice.has_value());
+  EXPECT_EQ(advice->diagnosis().kind(), v1::DIVERGENCE);
+  v1::RunHealth h = MustHealth("nan");
+  EXPECT_EQ(h.summary().steps_stored(), 7);
+  EXPECT_TRUE(std::isnan(h.summary().last_loss()));
+  ASSERT_TRUE(store_->Flush().ok());
+  std::vector<storage::StepRow> rows;
+  ASSERT_TRUE(store_
+                  ->ReadSteps("nan", 0, 100,
+                              [&](const storage::StepRow& r) {
+                                rows.push_back(r);
+                                return true;
+                              })
+                  .ok());
+  ASSERT_EQ(rows.size(), 7u);
+  EXPECT_EQ(rows[2].loss, 1e308);
+  EXPECT_EQ(rows[3].loss, 4.9e-324);
+  EXPECT_EQ(rows[4].loss, -inf);
+  EXPECT_EQ(rows[5].grad_norm, inf);
+  EXPECT_TRUE(std::isnan(rows[6].loss));
+  EXPECT_TRUE(std::isnan(*rows[6].val_loss));
+}
+
+TEST_F(DaemonTest, UnknownRunIsNotFound) {
+  StartDaemon();
+  v1::RunHealth h;
+  EXPECT_EQ(Health("nope", &h).error_code(), grpc::StatusCode::NOT_FOUND);
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+    v1::GetCurveRequest req;
+    req.set_run_id("nope");
+    v1::Curve curve;
+    EXPECT_EQ(stub_->GetCurve(&ctx, req, &curve).error_code(),
+              grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+    v1::WatchRunRequest req;
+    req.set_run_id("nope");
+    auto reader = stub_->WatchRun(&ctx, req);
+    v1::RunEvent e;
+    EXPECT_FALSE(reader->Read(&e));
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+}
+
+TEST_F(DaemonTest, WatchRunSeesDiagnosesAdviceAndTheEnd) {
+  StartDaemon();
+  // The run must exist before it can be watched.
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("watched", v1::AUTO)));
+  ASSERT_FALSE(t.WaitResponses(1).empty());
+
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+  v1::WatchRunRequest req;
+  req.set_run_id("watched");
+  auto reader = stub_->WatchRun(&ctx, req);
+  // The first event is the current state: the watch is subscribed once it
+  // has arrived.
+  v1::RunEvent first;
+  ASSERT_TRUE(reader->Read(&first));
+  EXPECT_TRUE(first.has_state());
+
+  const auto curve = LoadCurve(kDiverging);
+  for (size_t i = 0; i < curve.size(); i += 50) {
+    ASSERT_TRUE(t.Send(Batch(curve, i, i + 50)));
+  }
+  v1::AttachRequest f;
+  f.mutable_finish();
+  ASSERT_TRUE(t.Send(f));
+  ASSERT_TRUE(t.Close().ok());
+
+  int diagnoses = 0, advice = 0;
+  bool finished = false;
+  v1::RunEvent e;
+  while (reader->Read(&e)) {
+    EXPECT_EQ(e.run_id(), "watched");
+    diagnoses += e.has_diagnosis();
+    advice += e.has_advice();
+    if (e.has_state() && e.state().state() == v1::FINISHED) finished = true;
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_GE(diagnoses, 1);
+  EXPECT_GE(advice, 1);
+  EXPECT_TRUE(finished);
+}
+
+TEST_F(DaemonTest, ListRunsFiltersAndPages) {
+  StartDaemon();
+  const auto curve = LoadCurve(kHealthy);
+  for (int i = 0; i < 5; ++i) {
+    Trainer t(stub_.get());
+    ASSERT_TRUE(t.Send(StartRequest(absl::StrCat("run", i), v1::OBSERVE,
+                                    i % 2 ? "odd" : "even")));
+    ASSERT_TRUE(t.Send(Batch(curve, 0, 30)));
+    if (i == 0) {
+      v1::AttachRequest f;
+      f.mutable_finish();
+      ASSERT_TRUE(t.Send(f));
+    }
+    ASSERT_TRUE(t.Close().ok());
+  }
+  auto list = [&](const std::string& project, std::vector<v1::RunState> states,
+                  int page_size, const std::string& token) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+    v1::ListRunsRequest req;
+    req.set_project(project);
+    for (auto s : states) req.add_states(s);
+    req.set_page_size(page_size);
+    req.set_page_token(token);
+    v1::ListRunsResponse resp;
+    EXPECT_TRUE(stub_->ListRuns(&ctx, req, &resp).ok());
+    return resp;
+  };
+  EXPECT_EQ(list("", {}, 0, "").runs_size(), 5);
+  EXPECT_EQ(list("even", {}, 0, "").runs_size(), 3);
+  auto finished = list("", {v1::FINISHED}, 0, "");
+  ASSERT_EQ(finished.runs_size(), 1);
+  EXPECT_EQ(finished.runs(0).run_id(), "run0");
+  // Pages of 2: newest first, every run once.
+  std::vector<std::string> seen;
+  std::string token;
+  do {
+    auto page = list("", {}, 2, token);
+    EXPECT_LE(page.runs_size(), 2);
+    for (const auto& r : page.runs()) seen.push_back(r.run_id());
+    token = page.next_page_token();
+  } while (!token.empty());
+  EXPECT_THAT(seen, ::testing::ElementsAre("run4", "run3", "run2", "run1",
+                                           "run0"));
+  // A malformed token is the client's error.
+  grpc::ClientContext ctx;
+  v1::ListRunsRequest req;
+  req.set_page_token("garbage");
+  v1::ListRunsResponse resp;
+  EXPECT_EQ(stub_->ListRuns(&ctx, req, &resp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(DaemonTest, GetCurveDownsamplesAndKeepsTheBlowUp) {
+  StartDaemon();
+  const auto curve = LoadCurve(kDiverging);
+  StreamCurve("curve", v1::AUTO, curve);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+  v1::GetCurveRequest req;
+  req.set_run_id("curve");
+  req.set_max_points(60);
+  v1::Curve out;
+  grpc::Status s = stub_->GetCurve(&ctx, req, &out);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(out.total_points(), static_cast<int64_t>(curve.size()));
+  EXPECT_LE(out.points_size(), 60);
+  EXPECT_GE(out.points_size(), 30);
+  bool nonfinite = false;
+  double max_finite = 0.0, curve_max = 0.0;
+  for (const auto& p : out.points()) {
+    nonfinite |= !std::isfinite(p.loss());
+    if (std::isfinite(p.loss())) max_finite = std::max(max_finite, p.loss());
+  }
+  for (const auto& r : curve) {
+    if (std::isfinite(r.loss)) curve_max = std::max(curve_max, r.loss);
+  }
+  EXPECT_TRUE(nonfinite);
+  // The highest finite loss of the run survives downsampling.
+  EXPECT_EQ(max_finite, curve_max);
+  EXPECT_GE(out.advice_size(), 1);
+  EXPECT_GE(out.diagnoses_size(), 1);
+}
+
+TEST_F(DaemonTest, AnalyzeCurveMatchesTheLiveDiagnosis) {
+  StartDaemon();
+  const auto curve = LoadCurve(kDiverging);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+  v1::AnalyzeCurveRequest req;
+  for (const auto& r : curve) *req.add_steps() = ToStep(r);
+  req.set_mode(v1::AUTO);
+  v1::AnalyzeCurveResponse resp;
+  ASSERT_TRUE(stub_->AnalyzeCurve(&ctx, req, &resp).ok());
+  ASSERT_GE(resp.diagnoses_size(), 1);
+  EXPECT_EQ(resp.diagnoses(0).kind(), v1::DIVERGENCE);
+  ASSERT_EQ(resp.advice_size(), resp.diagnoses_size());
+  EXPECT_TRUE(resp.advice(0).action().has_scale_lr());
+
+  // Live, the same curve gives the same first diagnosis at the same step.
+  StreamCurve("live", v1::AUTO, curve);
+  v1::RunHealth h = MustHealth("live");
+  ASSERT_GE(h.advice_size(), 1);
+  EXPECT_EQ(h.advice(0).advice().diagnosis().step(),
+            resp.diagnoses(0).step());
+
+  // Steps that do not increase are the caller's error.
+  grpc::ClientContext ctx2;
+  v1::AnalyzeCurveRequest bad;
+  *bad.add_steps() = ToStep(curve[5]);
+  *bad.add_steps() = ToStep(curve[2]);
+  EXPECT_EQ(stub_->AnalyzeCurve(&ctx2, bad, &resp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(DaemonTest, HealthServiceAndReflection) {
+  StartDaemon();
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  for (const char* service : {"", "lossguard.v1.LossGuard"}) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(service);
+    grpc::health::v1::HealthCheckResponse resp;
+    ASSERT_TRUE(health->Check(&ctx, req, &resp).ok()) << service;
+    EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  }
+
+  auto reflection =
+      grpc::reflection::v1alpha::ServerReflection::NewStub(channel_);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+  auto stream = reflection->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest req;
+  req.set_list_services("");
+  ASSERT_TRUE(stream->Write(req));
+  grpc::reflection::v1alpha::ServerReflectionResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  std::vector<std::string> names;
+  for (const auto& s : resp.list_services_response().service()) {
+    names.push_back(s.name());
+  }
+  EXPECT_THAT(names, ::testing::Contains("lossguard.v1.LossGuard"));
+  // The contract itself can be fetched, so generic tools can call it.
+  req.set_file_containing_symbol("lossguard.v1.LossGuard");
+  ASSERT_TRUE(stream->Write(req));
+  ASSERT_TRUE(stream->Read(&resp));
+  ASSERT_GE(resp.file_descriptor_response().file_descriptor_proto_size(), 1);
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(DaemonTest, ShutdownEndsStreamsWithUnavailableAndKeepsTheSteps) {
+  StartDaemon();
+  const auto curve = LoadCurve(kHealthy);
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("shutdown", v1::AUTO)));
+  t.SendAndWait(Batch(curve, 0, 40));
+  // Shut down while the stream is open.
+  std::thread stopper([&] { EXPECT_TRUE(daemon_->Shutdown().ok()); });
+  grpc::Status s = t.AwaitEnd();
+  stopper.join();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("reconnect"));
+  daemon_.reset();
+  store_.reset();
+  // Restart: the steps are there.
+  StartDaemon();
+  v1::RunHealth h = MustHealth("shutdown");
+  EXPECT_EQ(h.summary().steps_stored(), 40);
+  EXPECT_EQ(h.summary().state(), v1::DETACHED);
+}
+
+}  // namespace
+}  // namespace lossguard::service
