@@ -824,5 +824,57 @@ TEST_F(DaemonTest, ShutdownEndsStreamsWithUnavailableAndKeepsTheSteps) {
   EXPECT_EQ(h.summary().state(), v1::DETACHED);
 }
 
+TEST_F(DaemonTest, HundredsOfRunsAtOnceAndASlowWatcherBlocksNobody) {
+  options_.max_queued_events = 50;
+  StartDaemon();
+  const auto curve = LoadCurve(kDiverging);
+  // A watcher that never reads: its events pile up until it is dropped,
+  // and no trainer waits for it.
+  {
+    Trainer t(stub_.get());
+    ASSERT_TRUE(t.Send(StartRequest("run0", v1::AUTO)));
+    ASSERT_FALSE(t.WaitResponses(1).empty());
+    ASSERT_TRUE(t.Close().ok());
+  }
+  grpc::ClientContext watch_ctx;
+  watch_ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+  v1::WatchRunRequest wreq;
+  wreq.set_run_id("run0");
+  auto stuck = stub_->WatchRun(&watch_ctx, wreq);
+
+  constexpr int kRuns = 200;
+  std::vector<std::unique_ptr<Trainer>> trainers;
+  for (int i = 0; i < kRuns; ++i) {
+    trainers.push_back(std::make_unique<Trainer>(stub_.get()));
+    ASSERT_TRUE(trainers.back()->Send(
+        StartRequest(absl::StrCat("run", i), v1::AUTO)));
+  }
+  // Interleave the streams batch by batch.
+  for (size_t b = 0; b < curve.size(); b += 25) {
+    for (auto& t : trainers) ASSERT_TRUE(t->Send(Batch(curve, b, b + 25)));
+  }
+  for (auto& t : trainers) {
+    grpc::Status s = t->Close();
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    int actions = 0;
+    for (const auto& r : t->Responses()) {
+      actions += r.has_advice() && r.advice().has_action();
+    }
+    EXPECT_GE(actions, 1);
+  }
+  for (int i = 0; i < kRuns; ++i) {
+    v1::RunHealth h = MustHealth(absl::StrCat("run", i));
+    EXPECT_EQ(h.summary().steps_stored(), static_cast<int64_t>(curve.size()));
+  }
+  watch_ctx.TryCancel();
+  v1::RunEvent e;
+  while (stuck->Read(&e)) {
+  }
+  grpc::Status ws = stuck->Finish();
+  EXPECT_TRUE(ws.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED ||
+              ws.error_code() == grpc::StatusCode::CANCELLED)
+      << ws.error_message();
+}
+
 }  // namespace
 }  // namespace lossguard::service
