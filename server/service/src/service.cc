@@ -780,7 +780,9 @@ absl::Status Daemon::Shutdown() {
       std::chrono::milliseconds(
           static_cast<int64_t>(options_.shutdown_grace_s * 1000));
   server_->Shutdown(deadline);
+  Log(LogLevel::kDebug, "server_shutdown_returned", nullptr);
   server_->Wait();
+  Log(LogLevel::kDebug, "server_wait_returned", nullptr);
   service_->StopWorkers();
   absl::Status s = store_->Flush();
   Log(LogLevel::kInfo, "stopped",
