@@ -876,5 +876,43 @@ TEST_F(DaemonTest, HundredsOfRunsAtOnceAndASlowWatcherBlocksNobody) {
       << ws.error_message();
 }
 
+TEST_F(DaemonTest, StoreBackpressureParksReadsWithoutLosingSteps) {
+  // Every batch waits until the store has committed everything before it.
+  options_.max_store_backlog_steps = 0;
+  StartDaemon();
+  const auto curve = LoadCurve(kDiverging);
+  std::vector<std::unique_ptr<Trainer>> trainers;
+  for (int i = 0; i < 4; ++i) {
+    trainers.push_back(std::make_unique<Trainer>(stub_.get()));
+    ASSERT_TRUE(trainers.back()->Send(
+        StartRequest(absl::StrCat("bp", i), v1::AUTO)));
+    for (size_t b = 0; b < curve.size(); b += 10) {
+      ASSERT_TRUE(trainers.back()->Send(Batch(curve, b, b + 10)));
+    }
+  }
+  for (auto& t : trainers) ASSERT_TRUE(t->Close().ok());
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(MustHealth(absl::StrCat("bp", i)).summary().steps_stored(),
+              static_cast<int64_t>(curve.size()));
+  }
+  // Streams parked on the store when the daemon shuts down end cleanly.
+  std::vector<std::unique_ptr<Trainer>> more;
+  for (int i = 0; i < 4; ++i) {
+    more.push_back(std::make_unique<Trainer>(stub_.get()));
+    ASSERT_TRUE(more.back()->Send(
+        StartRequest(absl::StrCat("late", i), v1::AUTO)));
+    for (size_t b = 0; b < curve.size(); b += 10) {
+      more.back()->Send(Batch(curve, b, b + 10));
+    }
+  }
+  std::thread stopper([&] { EXPECT_TRUE(daemon_->Shutdown().ok()); });
+  for (auto& t : more) {
+    grpc::Status s = t->AwaitEnd();
+    EXPECT_TRUE(s.ok() || s.error_code() == grpc::StatusCode::UNAVAILABLE)
+        << s.error_message();
+  }
+  stopper.join();
+}
+
 }  // namespace
 }  // namespace lossguard::service

@@ -190,6 +190,13 @@ absl::Status Run::Recover() {
             "run ", run_id_, ": advice ", e.id, " does not parse"));
       }
       next_advice_id_ = std::max(next_advice_id_, e.id + 1);
+      if (r.outcome() == v1::PENDING) {
+        // Its before-and-after window did not survive the restart.
+        r.set_outcome(v1::NOT_JUDGED);
+        r.set_outcome_evidence(
+            "the daemon restarted before the outcome window closed");
+        PersistAdviceLocked(r);
+      }
       // Rebuild the policy's memory of its own actions.
       const v1::Advice& a = r.advice();
       if (a.diagnosis().kind() == v1::GRADIENT_EXPLOSION) {
@@ -282,24 +289,22 @@ absl::Status Run::Ingest(uint64_t session, const v1::StepBatch& batch,
     return absl::AbortedError(
         "a newer Attach for this run superseded this stream");
   }
-  // Validate the whole batch first: nothing of a bad batch is taken.
+  // Validate the whole batch first: nothing of a bad batch is taken. The
+  // batch must strictly increase; its leading steps at or below the last
+  // step held are duplicates (resent after a reconnect).
   int64_t dups = 0;
-  bool have_prev = summary_.has_steps();
-  int64_t prev = summary_.last_step();
   int first_new = 0;
   for (int i = 0; i < batch.steps_size(); ++i) {
     const v1::Step& s = batch.steps(i);
-    if (i == first_new && summary_.has_steps() &&
-        s.step() <= summary_.last_step()) {
-      // Resent after a reconnect: already held.
-      ++dups;
-      ++first_new;
-      continue;
-    }
-    if (have_prev && s.step() <= prev) {
+    if (i > 0 && s.step() <= batch.steps(i - 1).step()) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "step %d follows step %d in the batch: steps must increase", s.step(),
-          prev));
+          "step %d follows step %d in the batch: steps must increase",
+          s.step(), batch.steps(i - 1).step()));
+    }
+    if (summary_.has_steps() && s.step() <= summary_.last_step()) {
+      ++dups;
+      first_new = i + 1;
+      continue;
     }
     if (!std::isnan(s.lr()) && (!std::isfinite(s.lr()) || s.lr() < 0.0)) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -307,8 +312,6 @@ absl::Status Run::Ingest(uint64_t session, const v1::StepBatch& batch,
           "not logged)",
           s.step(), s.lr()));
     }
-    have_prev = true;
-    prev = s.step();
   }
   if (duplicates != nullptr) *duplicates = dups;
   rows_.clear();
@@ -358,7 +361,16 @@ void Run::FeedLocked(const v1::Step& step, std::vector<v1::Advice>* to_send,
     recent_vals_.push_back(step.val_loss());
     while (recent_vals_.size() > 3) recent_vals_.pop_front();
   }
-  if (replaying) return;
+  if (replaying) {
+    // The diagnoses are stored already; the policy's memory of them is not.
+    for (const Diagnosis& d : decided_) {
+      if (d.kind == DiagnosisKind::kGradientExplosion) {
+        ctx_.grad_explosion_seen = true;
+      }
+      if (d.grad_norm_level > 0.0) ctx_.grad_norm_level = d.grad_norm_level;
+    }
+    return;
+  }
   for (const Diagnosis& d : decided_) HandleDiagnosisLocked(d, to_send);
 }
 
@@ -422,6 +434,17 @@ void Run::PersistAdviceLocked(const v1::AdviceRecord& rec) {
                     .payload = rec.SerializeAsString()});
 }
 
+void Run::SetOutcomeLocked(PendingOutcome& p, v1::Outcome outcome,
+                           const std::string& evidence) {
+  p.record.set_outcome(outcome);
+  p.record.set_outcome_evidence(evidence);
+  if (v1::AdviceRecord* rec = FindAdviceLocked(p.advice_id)) {
+    rec->set_outcome(outcome);
+    rec->set_outcome_evidence(evidence);
+  }
+  PersistAdviceLocked(p.record);
+}
+
 v1::AdviceRecord* Run::FindAdviceLocked(uint64_t id) {
   for (v1::AdviceRecord& r : advice_) {
     if (r.advice().advice_id() == id) return &r;
@@ -463,6 +486,7 @@ absl::Status Run::Ack(uint64_t session, const v1::AdviceAck& ack) {
     rec->set_outcome(v1::PENDING);
     PendingOutcome p;
     p.advice_id = ack.advice_id();
+    p.record = *rec;
     switch (rec->advice().diagnosis().kind()) {
       case v1::OSCILLATION:
         p.kind = DiagnosisKind::kOscillation;
@@ -530,11 +554,7 @@ void Run::TrackOutcomesLocked(const v1::Step& step) {
                           : j.outcome == policy::Outcome::kWorsened
                               ? v1::WORSENED
                               : v1::NO_CHANGE;
-    if (v1::AdviceRecord* rec = FindAdviceLocked(p.advice_id)) {
-      rec->set_outcome(outcome);
-      rec->set_outcome_evidence(j.evidence);
-      PersistAdviceLocked(*rec);
-    }
+    SetOutcomeLocked(p, outcome, j.evidence);
     v1::RunEvent e;
     e.set_step(step.step());
     e.set_time(clock_->Now());
@@ -551,13 +571,10 @@ void Run::Finish(uint64_t session, const std::string& reason) {
   absl::MutexLock lock(&mu_);
   if (session != session_) return;
   finished_ = true;
-  for (const PendingOutcome& p : pending_) {
-    if (v1::AdviceRecord* rec = FindAdviceLocked(p.advice_id)) {
-      rec->set_outcome(v1::NOT_JUDGED);
-      rec->set_outcome_evidence(absl::StrCat(
-          "the run finished ", p.steps_after, " steps after the action"));
-      PersistAdviceLocked(*rec);
-    }
+  for (PendingOutcome& p : pending_) {
+    SetOutcomeLocked(p, v1::NOT_JUDGED,
+                     absl::StrCat("the run finished ", p.steps_after,
+                                  " steps after the action"));
   }
   pending_.clear();
   (void)reason;

@@ -128,13 +128,22 @@ absl::StatusOr<RunRegistry::ListResult> RunRegistry::List(
     }
     after = Key{created, page_token.substr(bar + 1)};
   }
+  // Under the registry's lock only the candidates are taken; each run's
+  // summary (its own lock) is read outside it, so a fleet query never
+  // stalls attaches.
+  std::vector<std::shared_ptr<Run>> candidates;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = after ? order_.upper_bound(*after) : order_.begin();
+    for (; it != order_.end(); ++it) {
+      if (!project.empty() && it->second->project() != project) continue;
+      candidates.push_back(it->second);
+    }
+  }
   ListResult out;
-  absl::MutexLock lock(&mu_);
-  auto it = after ? order_.upper_bound(*after) : order_.begin();
-  for (; it != order_.end(); ++it) {
-    const Run& run = *it->second;
-    if (!project.empty() && run.project() != project) continue;
-    v1::RunSummary summary = run.Summary();
+  size_t i = 0;
+  for (; i < candidates.size(); ++i) {
+    v1::RunSummary summary = candidates[i]->Summary();
     if (!states.empty() && std::find(states.begin(), states.end(),
                                      summary.state()) == states.end()) {
       continue;
@@ -142,7 +151,7 @@ absl::StatusOr<RunRegistry::ListResult> RunRegistry::List(
     if (static_cast<int>(out.runs.size()) == page_size) break;
     out.runs.push_back(std::move(summary));
   }
-  if (it != order_.end() && !out.runs.empty()) {
+  if (i < candidates.size() && !out.runs.empty()) {
     const v1::RunSummary& last = out.runs.back();
     out.next_page_token =
         absl::StrFormat("%.17g|%s", last.created_time(), last.run_id());

@@ -159,6 +159,12 @@ class AttachReactor final
       End(grpc::Status::OK, /*drain=*/true);
       return;
     }
+    {
+      // A message that was already in flight when the stream began to end
+      // (shutdown, cancel) is not processed.
+      absl::MutexLock lock(&mu_);
+      if (end_status_) return;
+    }
     grpc::Status status = Process();
     if (!status.ok()) {
       End(status, /*drain=*/false);
@@ -168,18 +174,18 @@ class AttachReactor final
   }
 
   void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    writing_ = false;
-    if (!ok) {
-      pending_.clear();
-      if (!end_status_) {
-        end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                   "writing to the client failed");
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        pending_.clear();
+        if (!end_status_) {
+          end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                     "writing to the client failed");
+        }
       }
-    } else if (!pending_.empty()) {
-      pending_.pop_front();
     }
-    PumpLocked();
+    Pump();
   }
 
   void OnCancel() override {
@@ -188,12 +194,17 @@ class AttachReactor final
 
   void OnDone() override {
     service_->Unregister(this);
+    grpc::StatusCode code;
+    {
+      absl::MutexLock lock(&mu_);
+      code = final_code_;
+    }
     Log(LogLevel::kInfo, "detach",
         {{"run_id", run_ ? run_->run_id() : ""},
          {"peer", peer_},
          {"steps", steps_},
          {"duplicates", duplicates_},
-         {"status", CodeName(final_code_)}});
+         {"status", CodeName(code)}});
     delete this;
   }
 
@@ -245,6 +256,12 @@ class AttachReactor final
     session_ = run_->Attach(start, resp.mutable_accepted());
     {
       absl::MutexLock lock(&mu_);
+      if (end_status_) {
+        // The stream began to end (shutdown, cancel) while the run was
+        // being found: nobody else will detach it.
+        run_->Detach(session_);
+        return grpc::Status::OK;
+      }
       attached_run_ = run_;
       attached_session_ = session_;
     }
@@ -321,55 +338,90 @@ class AttachReactor final
 
   // Starts the next read, unless the store is too far behind: then reading
   // resumes when it has caught up (backpressure reaches the trainer through
-  // gRPC's flow control; its client buffers).
+  // gRPC's flow control; its client buffers). While parked, no operation
+  // holds the call, so the stream does not finish until the store's
+  // callback has run: the reactor outlives it.
   void ReadNext() {
     const int64_t high = service_->options().max_store_backlog_steps;
-    if (service_->store()->Stats().queued_steps <= high) {
+    const bool park = service_->store()->Stats().queued_steps > high;
+    {
+      absl::MutexLock lock(&mu_);
+      if (end_status_) return;  // Pump finishes the stream
+      read_parked_ = park;
+    }
+    if (!park) {
       StartRead(&request_);
       return;
     }
-    service_->store()->NotifyWhenBacklogBelow(
-        high / 2, [this] { StartRead(&request_); });
+    service_->store()->NotifyWhenBacklogBelow(high / 2, [this] {
+      bool ending = false;
+      {
+        absl::MutexLock lock(&mu_);
+        read_parked_ = false;
+        ending = end_status_.has_value();
+      }
+      if (ending) {
+        Pump();
+      } else {
+        StartRead(&request_);
+      }
+    });
   }
 
   grpc::Status Enqueue(v1::AttachResponse resp) {
-    absl::MutexLock lock(&mu_);
-    if (end_status_) return grpc::Status::OK;  // ending; dropped
-    if (static_cast<int>(pending_.size()) >=
-        service_->options().max_queued_responses) {
-      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          "the client does not read its responses");
+    {
+      absl::MutexLock lock(&mu_);
+      if (end_status_) return grpc::Status::OK;  // ending; dropped
+      if (static_cast<int>(pending_.size()) >=
+          service_->options().max_queued_responses) {
+        return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                            "the client does not read its responses");
+      }
+      pending_.push_back(std::move(resp));
     }
-    pending_.push_back(std::move(resp));
-    PumpLocked();
+    Pump();
     return grpc::Status::OK;
   }
 
   void End(const grpc::Status& status, bool drain) {
-    absl::MutexLock lock(&mu_);
-    if (end_status_) return;
-    end_status_ = status;
-    if (!drain) pending_.clear();
-    PumpLocked();
+    {
+      absl::MutexLock lock(&mu_);
+      if (end_status_) return;
+      end_status_ = status;
+      if (!drain) pending_.clear();
+    }
+    Pump();
   }
 
   // Starts the next write, or finishes once nothing is in flight and the
-  // stream is ending.
-  void PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finished_) return;
-    if (!pending_.empty()) {
-      writing_ = true;
-      StartWrite(&pending_.front());
-      return;
-    }
-    if (end_status_) {
+  // stream is ending. Finish is called without mu_ held: once it is called
+  // OnDone may delete the reactor on another thread.
+  void Pump() {
+    std::optional<grpc::Status> finish;
+    std::shared_ptr<runs::Run> run;
+    uint64_t session = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || finished_) return;
+      if (!pending_.empty()) {
+        // The message lives in current_ until OnWriteDone.
+        current_ = std::move(pending_.front());
+        pending_.pop_front();
+        writing_ = true;
+        StartWrite(&current_);
+        return;
+      }
+      if (!end_status_ || read_parked_) return;
       finished_ = true;
       final_code_ = end_status_->error_code();
-      // Detached before the client hears the end: a query right after it
-      // sees the run DETACHED.
-      if (attached_run_ != nullptr) attached_run_->Detach(attached_session_);
-      Finish(*end_status_);
+      finish = *end_status_;
+      run = attached_run_;
+      session = attached_session_;
     }
+    // Detached before the client hears the end: a query right after it sees
+    // the run DETACHED.
+    if (run != nullptr) run->Detach(session);
+    Finish(*finish);
   }
 
   LossGuardServiceImpl* const service_;
@@ -384,14 +436,16 @@ class AttachReactor final
 
   absl::Mutex mu_;
   std::deque<v1::AttachResponse> pending_ ABSL_GUARDED_BY(mu_);
+  v1::AttachResponse current_ ABSL_GUARDED_BY(mu_);  // being written
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool read_parked_ ABSL_GUARDED_BY(mu_) = false;  // waiting for the store
   std::optional<grpc::Status> end_status_ ABSL_GUARDED_BY(mu_);
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   // The same run and session, for the end of the stream, which may come
   // from another thread (shutdown).
   std::shared_ptr<runs::Run> attached_run_ ABSL_GUARDED_BY(mu_);
   uint64_t attached_session_ ABSL_GUARDED_BY(mu_) = 0;
-  grpc::StatusCode final_code_ = grpc::StatusCode::OK;
+  grpc::StatusCode final_code_ ABSL_GUARDED_BY(mu_) = grpc::StatusCode::OK;
 };
 
 grpc::ServerBidiReactor<v1::AttachRequest, v1::AttachResponse>*

@@ -121,6 +121,9 @@ class Run {
  private:
   struct PendingOutcome {
     uint64_t advice_id = 0;
+    // The record as acked: judged and stored from this copy, since the
+    // in-memory list may have dropped it by then.
+    v1::AdviceRecord record;
     analyzers::DiagnosisKind kind = analyzers::DiagnosisKind::kDivergence;
     int64_t applied_step = 0;  // last step held when the ack came
     int64_t steps_after = 0;
@@ -140,6 +143,11 @@ class Run {
   void TrackOutcomesLocked(const v1::Step& step)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PersistAdviceLocked(const v1::AdviceRecord& rec)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sets the outcome on `p.record` and on the in-memory copy (if still
+  // there), and stores it.
+  void SetOutcomeLocked(PendingOutcome& p, v1::Outcome outcome,
+                        const std::string& evidence)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::AdviceRecord* FindAdviceLocked(uint64_t id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

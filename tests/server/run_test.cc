@@ -1,0 +1,223 @@
+// Run on its own (no gRPC): batch validation, outcomes, recovery.
+
+#include "lossguard/runs/run.h"
+
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "lossguard/storage/run_store.h"
+
+namespace lossguard::runs {
+namespace {
+
+using ::testing::HasSubstr;
+
+class FakeClock final : public Clock {
+ public:
+  double Now() const override { return now_.fetch_add(1.0); }
+
+ private:
+  mutable std::atomic<double> now_{1.8e9};
+};
+
+class RunTest : public ::testing::Test {
+ protected:
+  RunTest() : store_(storage::NewMemoryStore()) {}
+
+  std::unique_ptr<runs::Run> NewRun(const std::string& id) {
+    storage::RunRow row;
+    row.run_id = id;
+    row.created_time = clock_.Now();
+    return std::make_unique<runs::Run>(row, v1::RunConfig(), &options_, store_.get(),
+                                 &clock_);
+  }
+
+  static v1::StepBatch Steps(std::vector<int64_t> steps, double lr = 0.1,
+                             double loss = 1.0) {
+    v1::StepBatch b;
+    for (int64_t s : steps) {
+      v1::Step* p = b.add_steps();
+      p->set_step(s);
+      p->set_lr(lr);
+      p->set_loss(loss);
+    }
+    return b;
+  }
+
+  // A run that diverges: flat, then the loss grows 2% per step.
+  static v1::StepBatch Diverging(int64_t from, int64_t to) {
+    v1::StepBatch b;
+    for (int64_t s = from; s < to; ++s) {
+      v1::Step* p = b.add_steps();
+      p->set_step(s);
+      p->set_lr(0.5);
+      p->set_loss(s < 200 ? 2.0 - 0.001 * s : 1.8 * std::pow(1.02, s - 200));
+      p->set_grad_norm(1.0);
+    }
+    return b;
+  }
+
+  RunOptions options_;
+  FakeClock clock_;
+  std::unique_ptr<storage::RunStore> store_;
+};
+
+TEST_F(RunTest, BatchesMustIncreaseEvenAmongResentSteps) {
+  auto run = NewRun("r");
+  v1::RunStart start;
+  start.set_run_id("r");
+  v1::AttachAccepted acc;
+  const uint64_t session = run->Attach(start, &acc);
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  ASSERT_TRUE(run->Ingest(session, Steps({1, 2, 10}), &advice, &dups).ok());
+  // 9, 3 and 7 are all at or below 10, but not in order.
+  absl::Status s = run->Ingest(session, Steps({9, 3, 7, 11}), &advice, &dups);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("must increase"));
+  ASSERT_TRUE(run->Ingest(session, Steps({2, 10, 11}), &advice, &dups).ok());
+  EXPECT_EQ(dups, 2);
+  EXPECT_EQ(run->last_step(), 11);
+  // A duplicate's LR is not checked (it is not taken); a new one's is.
+  EXPECT_EQ(run->Ingest(session, Steps({12}, -1.0), &advice, &dups).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(run->last_step(), 11);
+}
+
+TEST_F(RunTest, SupersededSessionIsAborted) {
+  auto run = NewRun("r");
+  v1::RunStart start;
+  start.set_run_id("r");
+  v1::AttachAccepted acc;
+  const uint64_t old_session = run->Attach(start, &acc);
+  const uint64_t new_session = run->Attach(start, &acc);
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  EXPECT_EQ(run->Ingest(old_session, Steps({1}), &advice, &dups).code(),
+            absl::StatusCode::kAborted);
+  EXPECT_TRUE(run->Ingest(new_session, Steps({1}), &advice, &dups).ok());
+  run->Detach(old_session);  // no effect on the new session
+  EXPECT_NE(run->state(), v1::DETACHED);
+}
+
+TEST_F(RunTest, OutcomeIsStoredEvenWhenTheAdviceLeftMemory) {
+  options_.max_advice_in_memory = 1;
+  // A window long enough that the next diagnosis comes before it closes.
+  options_.policy.outcome_steps = 400;
+  options_.outcome_loss_points = 400;
+  auto run = NewRun("r");
+  v1::RunStart start;
+  start.set_run_id("r");
+  start.set_mode(v1::AUTO);
+  v1::AttachAccepted acc;
+  const uint64_t session = run->Attach(start, &acc);
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  int64_t step = 0;
+  while (advice.empty() && step < 2000) {
+    ASSERT_TRUE(
+        run->Ingest(session, Diverging(step, step + 10), &advice, &dups).ok());
+    step += 10;
+  }
+  ASSERT_FALSE(advice.empty());
+  ASSERT_TRUE(advice[0].has_action());
+  const uint64_t id = advice[0].advice_id();
+  v1::AdviceAck ack;
+  ack.set_advice_id(id);
+  ack.set_applied(true);
+  ASSERT_TRUE(run->Ack(session, ack).ok());
+  const int64_t ack_step = step;
+  // Acking again is the client's error.
+  EXPECT_EQ(run->Ack(session, ack).code(),
+            absl::StatusCode::kFailedPrecondition);
+  ack.set_advice_id(999);
+  EXPECT_EQ(run->Ack(session, ack).code(), absl::StatusCode::kNotFound);
+
+  // More diagnoses push the acked advice out of memory; then its window
+  // closes. (The loss grows 2% a step from step 200: it can overflow to inf
+  // late in the run, which is fine.)
+  advice.clear();
+  while (advice.empty() && step < 2000) {
+    ASSERT_TRUE(
+        run->Ingest(session, Diverging(step, step + 10), &advice, &dups).ok());
+    step += 10;
+  }
+  ASSERT_FALSE(advice.empty());
+  // Evicted while its window is open: the outcome is still pending.
+  {
+    const v1::RunHealth health = run->Health();
+    for (const auto& r : health.advice()) EXPECT_NE(r.advice().advice_id(), id);
+  }
+  ASSERT_LT(step, ack_step + 400);
+  ASSERT_TRUE(
+      run->Ingest(session, Diverging(step, ack_step + 410), &advice, &dups)
+          .ok());
+  // Its judged outcome is stored all the same.
+  ASSERT_TRUE(store_->Flush().ok());
+  auto events = store_->ReadEvents("r");
+  ASSERT_TRUE(events.ok());
+  bool found = false;
+  for (const auto& e : *events) {
+    if (e.type != storage::EventRow::Type::kAdvice || e.id != id) continue;
+    found = true;
+    v1::AdviceRecord r;
+    ASSERT_TRUE(r.ParseFromString(e.payload));
+    EXPECT_EQ(r.status(), v1::APPLIED);
+    EXPECT_THAT(r.outcome(), ::testing::AnyOf(v1::IMPROVED, v1::NO_CHANGE,
+                                              v1::WORSENED));
+    EXPECT_THAT(r.outcome_evidence(), HasSubstr("400 steps after"));
+  }
+  EXPECT_TRUE(found);
+}
+
+TEST_F(RunTest, RecoveryClosesPendingOutcomesAndKeepsThePolicysMemory) {
+  auto run = NewRun("r");
+  v1::RunStart start;
+  start.set_run_id("r");
+  start.set_mode(v1::AUTO);
+  v1::AttachAccepted acc;
+  uint64_t session = run->Attach(start, &acc);
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  int64_t step = 0;
+  while (advice.empty() && step < 2000) {
+    ASSERT_TRUE(
+        run->Ingest(session, Diverging(step, step + 10), &advice, &dups).ok());
+    step += 10;
+  }
+  ASSERT_FALSE(advice.empty());
+  v1::AdviceAck ack;
+  ack.set_advice_id(advice[0].advice_id());
+  ack.set_applied(true);
+  ASSERT_TRUE(run->Ack(session, ack).ok());
+  run->Detach(session);
+  const v1::RunHealth before = run->Health();
+  run.reset();
+
+  // "Restart": a new Run over the same store.
+  auto rows = store_->LoadRuns();
+  ASSERT_TRUE(rows.ok());
+  ASSERT_EQ(rows->size(), 1u);
+  runs::Run again((*rows)[0], v1::RunConfig(), &options_, store_.get(), &clock_);
+  ASSERT_TRUE(again.Recover().ok());
+  const v1::RunHealth after = again.Health();
+  EXPECT_EQ(after.summary().last_step(), before.summary().last_step());
+  ASSERT_EQ(after.advice_size(), before.advice_size());
+  EXPECT_EQ(after.advice(0).status(), v1::APPLIED);
+  EXPECT_EQ(after.advice(0).outcome(), v1::NOT_JUDGED);
+  EXPECT_THAT(after.advice(0).outcome_evidence(), HasSubstr("restarted"));
+  // Still within the cooldown of the action taken before the restart: the
+  // next diagnosis is not acted on.
+  session = again.Attach(start, &acc);
+  std::vector<v1::Advice> more;
+  ASSERT_TRUE(
+      again.Ingest(session, Diverging(step, step + 5), &more, &dups).ok());
+  for (const auto& a : more) EXPECT_FALSE(a.has_action()) << a.DebugString();
+}
+
+}  // namespace
+}  // namespace lossguard::runs
