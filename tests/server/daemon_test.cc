@@ -908,7 +908,10 @@ TEST_F(DaemonTest, StoreBackpressureParksReadsWithoutLosingSteps) {
   std::thread stopper([&] { EXPECT_TRUE(daemon_->Shutdown().ok()); });
   for (auto& t : more) {
     grpc::Status s = t->AwaitEnd();
-    EXPECT_TRUE(s.ok() || s.error_code() == grpc::StatusCode::UNAVAILABLE)
+    // UNAVAILABLE as sent; a client whose writes are still in flight when
+    // the server ends the call may see the stream reset (CANCELLED) instead.
+    EXPECT_TRUE(s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                s.error_code() == grpc::StatusCode::CANCELLED)
         << s.error_message();
   }
   stopper.join();
