@@ -134,6 +134,28 @@ analyzers::StepRecord FromProto(const v1::Step& s) {
   return r;
 }
 
+storage::StepRow ToRow(const v1::Step& s) {
+  storage::StepRow row;
+  row.step = s.step();
+  row.lr = s.lr();
+  row.loss = s.loss();
+  if (s.has_val_loss()) row.val_loss = s.val_loss();
+  if (s.has_grad_norm()) row.grad_norm = s.grad_norm();
+  row.wall_time = s.wall_time();
+  return row;
+}
+
+v1::Step FromRow(const storage::StepRow& row) {
+  v1::Step step;
+  step.set_step(row.step);
+  step.set_lr(row.lr);
+  step.set_loss(row.loss);
+  if (row.val_loss) step.set_val_loss(*row.val_loss);
+  if (row.grad_norm) step.set_grad_norm(*row.grad_norm);
+  step.set_wall_time(row.wall_time);
+  return step;
+}
+
 Run::Run(const storage::RunRow& row, const v1::RunConfig& config,
          const RunOptions* options, storage::RunStore* store, Clock* clock)
     : run_id_(row.run_id),
@@ -225,14 +247,7 @@ absl::Status Run::Recover() {
   absl::Status s = store_->ReadSteps(
       run_id_, std::numeric_limits<int64_t>::min(),
       std::numeric_limits<int64_t>::max(), [&](const storage::StepRow& row) {
-        v1::Step step;
-        step.set_step(row.step);
-        step.set_lr(row.lr);
-        step.set_loss(row.loss);
-        if (row.val_loss) step.set_val_loss(*row.val_loss);
-        if (row.grad_norm) step.set_grad_norm(*row.grad_norm);
-        step.set_wall_time(row.wall_time);
-        FeedLocked(step, nullptr, /*replaying=*/true);
+        FeedLocked(FromRow(row), nullptr, /*replaying=*/true);
         ++replayed;
         return true;
       });
@@ -318,14 +333,7 @@ absl::Status Run::Ingest(uint64_t session, const v1::StepBatch& batch,
   for (int i = first_new; i < batch.steps_size(); ++i) {
     const v1::Step& s = batch.steps(i);
     FeedLocked(s, to_send, /*replaying=*/false);
-    storage::StepRow row;
-    row.step = s.step();
-    row.lr = s.lr();
-    row.loss = s.loss();
-    if (s.has_val_loss()) row.val_loss = s.val_loss();
-    if (s.has_grad_norm()) row.grad_norm = s.grad_norm();
-    row.wall_time = s.wall_time();
-    rows_.push_back(row);
+    rows_.push_back(ToRow(s));
   }
   if (!rows_.empty()) {
     store_->AppendSteps(run_id_, std::move(rows_));

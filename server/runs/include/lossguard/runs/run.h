@@ -195,6 +195,9 @@ v1::Diagnosis ToProto(const analyzers::Diagnosis& d);
 v1::Advice ToProto(const policy::Advice& a, const analyzers::Diagnosis& d,
                    uint64_t advice_id);
 analyzers::StepRecord FromProto(const v1::Step& s);
+// A wire step as the store keeps it, and back.
+storage::StepRow ToRow(const v1::Step& s);
+v1::Step FromRow(const storage::StepRow& row);
 
 }  // namespace lossguard::runs
 
