@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "lossguard/wire/convert.h"
 #include "nlohmann/json.hpp"
 
 namespace lossguard::runs {
@@ -16,6 +17,8 @@ namespace {
 using analyzers::Diagnosis;
 using analyzers::DiagnosisKind;
 using policy::ActionKind;
+using wire::FromProto;
+using wire::ToProto;
 
 class SystemClockImpl final : public Clock {
  public:
@@ -47,91 +50,6 @@ bool IsAtRisk(DiagnosisKind k) {
 Clock* SystemClock() {
   static SystemClockImpl* clock = new SystemClockImpl();
   return clock;
-}
-
-v1::DiagnosisKind ToProto(DiagnosisKind kind) {
-  switch (kind) {
-    case DiagnosisKind::kDivergence:
-      return v1::DIVERGENCE;
-    case DiagnosisKind::kOscillation:
-      return v1::OSCILLATION;
-    case DiagnosisKind::kStagnation:
-      return v1::STAGNATION;
-    case DiagnosisKind::kOverfitting:
-      return v1::OVERFITTING;
-    case DiagnosisKind::kGradientExplosion:
-      return v1::GRADIENT_EXPLOSION;
-    case DiagnosisKind::kLossSpike:
-      return v1::LOSS_SPIKE;
-  }
-  return v1::DIAGNOSIS_KIND_UNSPECIFIED;
-}
-
-v1::Diagnosis ToProto(const Diagnosis& d) {
-  v1::Diagnosis p;
-  p.set_kind(ToProto(d.kind));
-  p.set_step(d.step);
-  p.set_onset(d.onset);
-  p.set_severity(d.severity);
-  p.set_confidence(d.confidence);
-  p.set_evidence(d.evidence);
-  return p;
-}
-
-v1::Advice ToProto(const policy::Advice& a, const Diagnosis& d,
-                   uint64_t advice_id) {
-  v1::Advice p;
-  p.set_advice_id(advice_id);
-  p.set_at_step(a.at_step);
-  *p.mutable_diagnosis() = ToProto(d);
-  p.set_explanation(a.explanation.empty() ? a.reason : a.explanation);
-  if (a.blocked_by != policy::GuardRail::kNone) {
-    p.set_blocked_by(std::string(policy::GuardRailName(a.blocked_by)));
-  }
-  v1::Action* action = nullptr;
-  switch (a.action) {
-    case ActionKind::kNone:
-      break;
-    case ActionKind::kScaleLr:
-      action = p.mutable_action();
-      action->mutable_scale_lr()->set_factor(a.lr_factor);
-      break;
-    case ActionKind::kSetLr:
-      action = p.mutable_action();
-      action->mutable_set_lr()->set_lr(a.lr_to);
-      break;
-    case ActionKind::kRestartCosine: {
-      action = p.mutable_action();
-      v1::RestartCosine* r = action->mutable_restart_cosine();
-      r->set_t_0(a.t_0);
-      r->set_eta_max(a.eta_max);
-      r->set_eta_min(a.eta_min);
-      break;
-    }
-    case ActionKind::kEnableGradClip:
-      action = p.mutable_action();
-      action->mutable_enable_grad_clip()->set_max_norm(a.clip_max_norm);
-      break;
-    case ActionKind::kEarlyStop:
-      action = p.mutable_action();
-      action->mutable_early_stop();
-      break;
-  }
-  if (action != nullptr && a.action != ActionKind::kEnableGradClip &&
-      a.clip_max_norm > 0.0) {
-    action->set_grad_clip_max_norm(a.clip_max_norm);
-  }
-  return p;
-}
-
-analyzers::StepRecord FromProto(const v1::Step& s) {
-  analyzers::StepRecord r;
-  r.step = s.step();
-  r.lr = s.lr();
-  r.loss = s.loss();
-  if (s.has_val_loss()) r.val_loss = s.val_loss();
-  if (s.has_grad_norm()) r.grad_norm = s.grad_norm();
-  return r;
 }
 
 storage::StepRow ToRow(const v1::Step& s) {

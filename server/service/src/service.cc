@@ -21,6 +21,7 @@
 #include "lossguard/policy/advice_policy.h"
 #include "lossguard/runs/curve_sampler.h"
 #include "lossguard/service/log.h"
+#include "lossguard/wire/convert.h"
 #include "lossguard/v1/lossguard.grpc.pb.h"
 #include "worker_pool.h"
 
@@ -750,7 +751,7 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
     std::vector<analyzers::Diagnosis> decided;
     uint64_t next_id = 1;
     for (const v1::Step& step : request->steps()) {
-      const analyzers::StepRecord rec = runs::FromProto(step);
+      const analyzers::StepRecord rec = wire::FromProto(step);
       decided.clear();
       absl::Status s = analyzer.Feed(rec, &decided);
       if (!s.ok()) {
@@ -760,14 +761,14 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
       policy::ObserveStep(rec, options_->run.policy, &ctx);
       for (const analyzers::Diagnosis& d : decided) {
         if (d.kind == analyzers::DiagnosisKind::kLossSpike) {
-          *reply->add_events() = runs::ToProto(d);
+          *reply->add_events() = wire::ToProto(d);
           continue;
         }
-        *reply->add_diagnoses() = runs::ToProto(d);
+        *reply->add_diagnoses() = wire::ToProto(d);
         policy::Advice a = policy::Decide(d, ctx, options_->run.policy);
         if (request->mode() == v1::OBSERVE) a.action = policy::ActionKind::kNone;
         policy::ObserveAdvice(d, a, &ctx);
-        *reply->add_advice() = runs::ToProto(a, d, next_id++);
+        *reply->add_advice() = wire::ToProto(a, d, next_id++);
       }
     }
     reactor->Finish(grpc::Status::OK);

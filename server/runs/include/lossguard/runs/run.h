@@ -188,13 +188,6 @@ class Run {
   std::vector<std::shared_ptr<EventSink>> sinks_ ABSL_GUARDED_BY(mu_);
 };
 
-// Wire <-> analyzer conversions used by the run and the offline analysis.
-v1::DiagnosisKind ToProto(analyzers::DiagnosisKind kind);
-v1::Diagnosis ToProto(const analyzers::Diagnosis& d);
-// The policy's advice as a wire Advice (action unset for kNone).
-v1::Advice ToProto(const policy::Advice& a, const analyzers::Diagnosis& d,
-                   uint64_t advice_id);
-analyzers::StepRecord FromProto(const v1::Step& s);
 // A wire step as the store keeps it, and back.
 storage::StepRow ToRow(const v1::Step& s);
 v1::Step FromRow(const storage::StepRow& row);

@@ -1,0 +1,128 @@
+#ifndef LOSSGUARD_TORCH_GUARD_H_
+#define LOSSGUARD_TORCH_GUARD_H_
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lossguard/analyzers/options.h"
+#include "lossguard/client/client.h"
+#include "lossguard/policy/advice_policy.h"
+#include "lossguard/schedule/lr_schedule.h"
+#include "lossguard/v1/lossguard.pb.h"
+
+namespace lossguard::torch {
+
+struct GuardOptions {
+  // The LR schedule the guard runs (it owns the LR). base_lr <= 0: the
+  // optimizer's LR of param group 0 at construction.
+  schedule::ScheduleConfig schedule;
+  // What to do with actions: AUTO applies them and acks; ADVISE asks
+  // `accept` (no callback: not applied, not acked); OBSERVE ignores them.
+  // With a client this should match the client's mode.
+  v1::Mode mode = v1::AUTO;
+  std::function<bool(const v1::Advice&)> accept;
+  // Called for every advice received (applied or not), on the training
+  // thread, e.g. to print it.
+  std::function<void(const v1::Advice&, bool applied)> on_advice;
+  // Embedded mode (no client): the analyzer's and the policy's options.
+  analyzers::AnalyzerOptions analyzer;
+  policy::PolicyOptions policy;
+};
+
+// What the guard did with one advice.
+struct GuardEvent {
+  int64_t step = 0;  // the step at which it was handled
+  v1::Advice advice;
+  bool applied = false;
+  std::string note;  // what changed, in words
+};
+
+// Wraps a LibTorch optimizer: owns its LR schedule, measures the gradient
+// norm before clipping, reports each step to lossguard and applies the
+// actions it sends back.
+//
+//   lossguard::torch::Guard guard(&client, optimizer, options);
+//   for (int64_t step = 0; ; ++step) {
+//     guard.BeforeStep(step);            // sets the LR of every group
+//     auto loss = loss_fn(model(x), y);
+//     optimizer.zero_grad();
+//     loss.backward();
+//     guard.AfterBackward(step, loss);   // measure, clip, report, act
+//     optimizer.step();
+//     if (guard.should_stop()) break;
+//   }
+//
+// Values are read one step late (each step is reported at the next
+// AfterBackward, or by ReportValidation / Flush): on CUDA they are copied
+// to pinned memory without blocking and read once their copy is done, so
+// the guard adds no host-device synchronisation to a step.
+//
+// Without a client (the second constructor) the same analyzers and policy
+// run in-process (embedded mode).
+//
+// Thread-safety: not thread-safe; call it from the training loop only.
+class Guard {
+ public:
+  // `client` and `optimizer` must outlive the guard.
+  Guard(Client* client, ::torch::optim::Optimizer& optimizer,
+        GuardOptions options);
+  Guard(::torch::optim::Optimizer& optimizer, GuardOptions options);
+  ~Guard();
+
+  Guard(const Guard&) = delete;
+  Guard& operator=(const Guard&) = delete;
+
+  // Sets every param group's LR for optimizer step `step` (the schedule
+  // with lossguard's corrections; the ratios between groups are kept).
+  void BeforeStep(int64_t step);
+
+  // After loss.backward(), before optimizer.step(): measures the global
+  // gradient norm, clips the gradients when clipping is on, queues this
+  // step's report and handles advice that has arrived.
+  void AfterBackward(int64_t step, const ::torch::Tensor& loss);
+
+  // The validation loss measured after optimizer step `step` (the last
+  // one passed to AfterBackward): reported with that step, and fed to
+  // ReduceLROnPlateau.
+  void ReportValidation(int64_t step, double val_loss);
+
+  // Reports what is pending (call at the end of training).
+  void Flush();
+
+  bool should_stop() const { return stop_; }
+  double lr() const;  // LR of param group 0 now
+  std::optional<double> clip_max_norm() const { return clip_; }
+  const std::vector<GuardEvent>& events() const { return events_; }
+  const schedule::LrSchedule& schedule() const { return schedule_; }
+
+ private:
+  class Embedded;
+  struct Pending;
+
+  void ReportPending();
+  void HandleAdvice(int64_t step);
+  void Apply(int64_t step, const v1::Advice& advice);
+  void SetLr(double lr0);
+
+  Client* const client_;
+  ::torch::optim::Optimizer& optimizer_;
+  GuardOptions options_;
+  schedule::LrSchedule schedule_;
+  std::vector<double> ratios_;  // lr of group i / lr of group 0
+  std::optional<double> clip_;
+  bool stop_ = false;
+  int64_t step_ = 0;  // last step seen
+  std::unique_ptr<Pending> pending_;
+  std::unique_ptr<Embedded> embedded_;
+  std::vector<GuardEvent> events_;
+};
+
+}  // namespace lossguard::torch
+
+#endif  // LOSSGUARD_TORCH_GUARD_H_
