@@ -51,6 +51,7 @@ void DivergenceDetector::ReportNonFinite(const StepRecord& rec, int64_t onset,
   d.best_loss = ExpOrNaN(best_level_);
   d.lr_at_onset = track.lr();
   d.grad_norm_level = grad_norm_level;
+  d.nonfinite = true;
   d.evidence = std::move(evidence);
   if (std::isfinite(best_level_)) {
     absl::StrAppendFormat(&d.evidence, "; best smoothed loss was %.4g at %d",

@@ -476,5 +476,21 @@ TEST(JudgeOutcomeTest, NonPositiveLossesCompareBySign) {
             Outcome::kImproved);
 }
 
+TEST(AdvicePolicyTest, NonFiniteDivergenceIsActedOnEvenEarly) {
+  RunContext ctx;
+  ctx.step = 3;
+  ctx.lr = 3.0;
+  ctx.max_lr_seen = 3.0;
+  ctx.steps_seen = 4;
+  ctx.schedule = ScheduleHint::kConstant;
+  Diagnosis d = Diag(DiagnosisKind::kDivergence, 3);
+  Advice blocked = Decide(d, ctx);
+  EXPECT_EQ(blocked.blocked_by, GuardRail::kMinStepsSeen);
+  d.nonfinite = true;
+  Advice acted = Decide(d, ctx);
+  EXPECT_EQ(acted.action, ActionKind::kScaleLr);
+  EXPECT_DOUBLE_EQ(acted.lr_to, 0.3);
+}
+
 }  // namespace
 }  // namespace lossguard::policy

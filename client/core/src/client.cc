@@ -231,15 +231,20 @@ class Client::Impl {
           }
           return finish_requested_ && unsent == 0;
         };
-        // Wake at the latest when the oldest unsent step is due.
+        // Wake when there is work, when the oldest unsent step is due, or
+        // when new steps arrive (the due time is then recomputed).
         while (!work()) {
+          const size_t unsent = buffer_.size() - sent_;
           absl::Duration wait = absl::Seconds(1);
-          if (buffer_.size() > sent_) {
+          if (unsent > 0) {
             wait = std::max(absl::ZeroDuration(),
                             oldest_unsent_ + options_.max_batch_delay -
                                 absl::Now());
           }
-          mu_.AwaitWithTimeout(absl::Condition(&work), wait);
+          auto changed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+            return work() || buffer_.size() - sent_ != unsent;
+          };
+          mu_.AwaitWithTimeout(absl::Condition(&changed), wait);
         }
         if (stop_ || broken_) return false;
         if (!acks_.empty()) {

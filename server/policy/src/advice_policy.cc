@@ -271,7 +271,8 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
   std::string why;
   if (d.kind == DiagnosisKind::kLossSpike) {
     why = Remedy(d, ctx, options, &a);
-  } else if (ctx.steps_seen < options.min_steps_seen) {
+  } else if (ctx.steps_seen < options.min_steps_seen && !d.nonfinite) {
+    // (A non-finite loss needs no more points to be sure of.)
     Block(GuardRail::kMinStepsSeen,
           absl::StrFormat("only %d steps were seen (min_steps_seen %d)",
                           ctx.steps_seen, options.min_steps_seen),

@@ -58,6 +58,9 @@ struct Diagnosis {
   double best_loss = 0.0;        // best smoothed loss before the onset
   double lr_at_onset = 0.0;      // learning rate at the onset
   double grad_norm_level = 0.0;  // robust typical grad norm (0 if unknown)
+  // Decided on a non-finite loss or gradient norm: unambiguous however few
+  // steps were seen.
+  bool nonfinite = false;
 };
 
 }  // namespace lossguard::analyzers

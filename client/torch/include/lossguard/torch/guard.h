@@ -19,14 +19,18 @@
 namespace lossguard::torch {
 
 struct GuardOptions {
-  // The LR schedule the guard runs (it owns the LR). base_lr <= 0: the
-  // optimizer's LR of param group 0 at construction.
-  schedule::ScheduleConfig schedule;
+  // The LR schedule the guard runs (it owns the LR). base_lr <= 0 (the
+  // default): the optimizer's LR of param group 0 at construction.
+  schedule::ScheduleConfig schedule = {.base_lr = 0.0};
   // What to do with actions: AUTO applies them and acks; ADVISE asks
   // `accept` (no callback: not applied, not acked); OBSERVE ignores them.
   // With a client this should match the client's mode.
   v1::Mode mode = v1::AUTO;
   std::function<bool(const v1::Advice&)> accept;
+  // Clip the global gradient norm from the start (as
+  // torch.nn.utils.clip_grad_norm_); an enable_grad_clip action sets it
+  // later. The reported norm is always the one before clipping.
+  std::optional<double> clip_max_norm;
   // Called for every advice received (applied or not), on the training
   // thread, e.g. to print it.
   std::function<void(const v1::Advice&, bool applied)> on_advice;
@@ -120,6 +124,7 @@ class Guard {
   int64_t step_ = 0;  // last step seen
   std::unique_ptr<Pending> pending_;
   std::unique_ptr<Embedded> embedded_;
+  std::vector<v1::Advice> embedded_advice_;  // decided, not yet handled
   std::vector<GuardEvent> events_;
 };
 

@@ -57,7 +57,8 @@ struct PolicyOptions {
   int64_t cooldown_steps = 100;
   // Actions per run at most.
   int max_actions = 5;
-  // Steps the analyzer must have seen before any action.
+  // Steps the analyzer must have seen before any action (except on a
+  // divergence decided on a non-finite value, which is certain at once).
   int64_t min_steps_seen = 20;
 
   // Remedies.

@@ -1,0 +1,268 @@
+#include "lossguard/torch/guard.h"
+
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "lossguard/analyzers/curve_analyzer.h"
+#include "lossguard/wire/convert.h"
+
+namespace lossguard::torch {
+namespace {
+
+schedule::ScheduleConfig ResolveSchedule(schedule::ScheduleConfig config,
+                                         ::torch::optim::Optimizer& opt) {
+  if (!(config.base_lr > 0.0) && !opt.param_groups().empty()) {
+    config.base_lr = opt.param_groups()[0].options().get_lr();
+  }
+  return config;
+}
+
+}  // namespace
+
+// The analyzers and policy in-process, for a guard without a daemon.
+class Guard::Embedded {
+ public:
+  Embedded(const GuardOptions& o)
+      : analyzer_(o.analyzer), policy_(o.policy) {}
+
+  // Feeds one step; advice decided at it is appended to `out`.
+  void Feed(const analyzers::StepRecord& rec, std::vector<v1::Advice>* out) {
+    decided_.clear();
+    if (!analyzer_.Feed(rec, &decided_).ok()) return;
+    policy::ObserveStep(rec, policy_, &ctx_);
+    for (const analyzers::Diagnosis& d : decided_) {
+      if (d.kind == analyzers::DiagnosisKind::kLossSpike) continue;
+      policy::Advice a = policy::Decide(d, ctx_, policy_);
+      policy::ObserveAdvice(d, a, &ctx_);
+      out->push_back(wire::ToProto(a, d, next_id_++));
+    }
+  }
+
+ private:
+  analyzers::CurveAnalyzer analyzer_;
+  policy::PolicyOptions policy_;
+  policy::RunContext ctx_;
+  std::vector<analyzers::Diagnosis> decided_;
+  uint64_t next_id_ = 1;
+};
+
+// One step's values, still on the device until they are reported.
+struct Guard::Pending {
+  int64_t step = 0;
+  double lr = 0.0;
+  ::torch::Tensor values;  // [loss, grad_norm] (device, float64)
+  ::torch::Tensor host;    // pinned copy (CUDA only)
+  std::optional<c10::Event> copied;
+  std::optional<double> val_loss;
+
+  // Reads [loss, grad_norm]: from the pinned copy when its copy is done,
+  // else (or on the CPU) directly.
+  std::pair<double, double> Read() {
+    ::torch::Tensor t = values;
+    if (copied.has_value() && copied->query()) t = host;
+    t = t.to(::torch::kCPU);
+    const double* v = t.data_ptr<double>();
+    return {v[0], v[1]};
+  }
+};
+
+Guard::Guard(Client* client, ::torch::optim::Optimizer& optimizer,
+             GuardOptions options)
+    : client_(client),
+      optimizer_(optimizer),
+      options_(std::move(options)),
+      schedule_(ResolveSchedule(options_.schedule, optimizer)) {
+  const auto& groups = optimizer_.param_groups();
+  const double lr0 = groups.empty() ? 1.0 : groups[0].options().get_lr();
+  for (const auto& g : groups) {
+    ratios_.push_back(lr0 > 0.0 ? g.options().get_lr() / lr0 : 1.0);
+  }
+  clip_ = options_.clip_max_norm;
+  if (client_ == nullptr) embedded_ = std::make_unique<Embedded>(options_);
+}
+
+Guard::Guard(::torch::optim::Optimizer& optimizer, GuardOptions options)
+    : Guard(nullptr, optimizer, std::move(options)) {}
+
+Guard::~Guard() = default;
+
+double Guard::lr() const {
+  const auto& groups = optimizer_.param_groups();
+  return groups.empty() ? 0.0 : groups[0].options().get_lr();
+}
+
+void Guard::SetLr(double lr0) {
+  auto& groups = optimizer_.param_groups();
+  for (size_t i = 0; i < groups.size(); ++i) {
+    groups[i].options().set_lr(lr0 * ratios_[i]);
+  }
+}
+
+void Guard::BeforeStep(int64_t step) { SetLr(schedule_.LrAt(step)); }
+
+void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
+  // The previous step goes out first (its values are ready by now).
+  ReportPending();
+  step_ = step;
+
+  // Global L2 norm of the gradients, before clipping, on the device.
+  std::vector<::torch::Tensor> norms;
+  for (const auto& group : optimizer_.param_groups()) {
+    for (const auto& p : group.params()) {
+      if (p.grad().defined()) norms.push_back(p.grad().detach().norm(2));
+    }
+  }
+  ::torch::Tensor total =
+      norms.empty() ? ::torch::zeros({}, loss.options().dtype(::torch::kDouble))
+                    : ::torch::stack(norms).norm(2).to(::torch::kDouble);
+  if (clip_.has_value() && !norms.empty()) {
+    // torch.nn.utils.clip_grad_norm_: no host sync either.
+    ::torch::Tensor coef = (*clip_ / (total + 1e-6)).clamp_max(1.0);
+    for (const auto& group : optimizer_.param_groups()) {
+      for (const auto& p : group.params()) {
+        if (p.grad().defined()) {
+          p.grad().detach().mul_(coef.to(p.grad().dtype()));
+        }
+      }
+    }
+  }
+
+  auto pending = std::make_unique<Pending>();
+  pending->step = step;
+  pending->lr = lr();
+  pending->values = ::torch::stack(
+      {loss.detach().to(total.device(), ::torch::kDouble).reshape({}), total});
+  if (pending->values.is_cuda()) {
+    const c10::Device device = pending->values.device();
+    pending->host = ::torch::empty(
+        {2}, ::torch::TensorOptions().dtype(::torch::kDouble).pinned_memory(true));
+    pending->host.copy_(pending->values, /*non_blocking=*/true);
+    const auto* impl = c10::impl::getDeviceGuardImpl(device.type());
+    pending->copied.emplace(device.type());
+    pending->copied->record(impl->getStream(device));
+  }
+  pending_ = std::move(pending);
+  HandleAdvice(step);
+}
+
+void Guard::ReportValidation(int64_t step, double val_loss) {
+  if (pending_ != nullptr && pending_->step == step) {
+    pending_->val_loss = val_loss;
+  }
+  schedule_.ObserveMetric(val_loss);
+  ReportPending();
+  HandleAdvice(step);
+}
+
+void Guard::Flush() { ReportPending(); }
+
+void Guard::ReportPending() {
+  if (pending_ == nullptr) return;
+  std::unique_ptr<Pending> p = std::move(pending_);
+  const auto [loss, grad_norm] = p->Read();
+  if (client_ != nullptr) {
+    client_->Report(p->step, p->lr, loss, p->val_loss, grad_norm);
+    return;
+  }
+  analyzers::StepRecord rec;
+  rec.step = p->step;
+  rec.lr = p->lr;
+  rec.loss = loss;
+  rec.val_loss = p->val_loss;
+  rec.grad_norm = grad_norm;
+  std::vector<v1::Advice> advice;
+  embedded_->Feed(rec, &advice);
+  for (v1::Advice& a : advice) embedded_advice_.push_back(std::move(a));
+}
+
+void Guard::HandleAdvice(int64_t step) {
+  for (;;) {
+    std::optional<v1::Advice> a;
+    if (client_ != nullptr) {
+      a = client_->PollAdvice();
+    } else if (!embedded_advice_.empty()) {
+      a = std::move(embedded_advice_.front());
+      embedded_advice_.erase(embedded_advice_.begin());
+    }
+    if (!a.has_value()) return;
+    Apply(step, *a);
+  }
+}
+
+void Guard::Apply(int64_t step, const v1::Advice& advice) {
+  GuardEvent event;
+  event.step = step;
+  event.advice = advice;
+  bool apply = false;
+  if (advice.has_action()) {
+    switch (options_.mode) {
+      case v1::AUTO:
+        apply = true;
+        break;
+      case v1::ADVISE:
+        apply = options_.accept ? options_.accept(advice) : false;
+        break;
+      default:
+        break;
+    }
+  }
+  if (apply) {
+    const v1::Action& act = advice.action();
+    const double before = lr();
+    // The change takes effect from the next optimizer step.
+    const int64_t next = step + 1;
+    switch (act.kind_case()) {
+      case v1::Action::kScaleLr:
+        schedule_.Scale(act.scale_lr().factor());
+        event.note = absl::StrFormat("LR x%g (%.4g -> %.4g)",
+                                     act.scale_lr().factor(), before,
+                                     schedule_.LrAt(next));
+        break;
+      case v1::Action::kSetLr: {
+        const double now = schedule_.LrAt(next);
+        if (now > 0.0) schedule_.Scale(act.set_lr().lr() / now);
+        event.note = absl::StrFormat("LR set to %.4g", act.set_lr().lr());
+        break;
+      }
+      case v1::Action::kRestartCosine: {
+        const auto& r = act.restart_cosine();
+        schedule_.RestartCosine(next, r.t_0(), r.eta_max(), r.eta_min());
+        event.note = absl::StrFormat(
+            "cosine restarted: %.4g -> %.4g over %d steps", r.eta_max(),
+            r.eta_min(), r.t_0());
+        break;
+      }
+      case v1::Action::kEnableGradClip:
+        clip_ = act.enable_grad_clip().max_norm();
+        event.note =
+            absl::StrFormat("gradient clipping at norm %.4g", *clip_);
+        break;
+      case v1::Action::kEarlyStop:
+        stop_ = true;
+        event.note = "early stop";
+        break;
+      case v1::Action::KIND_NOT_SET:
+        break;
+    }
+    if (act.grad_clip_max_norm() > 0.0) {
+      clip_ = act.grad_clip_max_norm();
+      event.note += absl::StrFormat("; gradient clipping at norm %.4g", *clip_);
+    }
+    event.applied = true;
+  }
+  if (client_ != nullptr && advice.has_action() &&
+      (options_.mode == v1::AUTO ||
+       (options_.mode == v1::ADVISE && options_.accept))) {
+    client_->Ack(advice.advice_id(), apply,
+                 apply ? event.note : "rejected by the trainer");
+  }
+  if (options_.on_advice) options_.on_advice(advice, apply);
+  events_.push_back(std::move(event));
+}
+
+}  // namespace lossguard::torch

@@ -1,0 +1,272 @@
+// The LibTorch guard on a real (tiny) model: it owns the schedule, keeps
+// layer-wise LR ratios, measures the gradient norm as torch does, clips,
+// reports to a real daemon, and applies the daemon's (or, embedded, its
+// own) actions.
+
+#include "lossguard/torch/guard.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <filesystem>
+#include <memory>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "lossguard/client/client.h"
+#include "lossguard/service/service.h"
+#include "lossguard/storage/run_store.h"
+#include "lossguard/v1/lossguard.grpc.pb.h"
+
+namespace lossguard::torch {
+namespace {
+
+// y = x w* + noise; a two-layer net, so there are two param groups.
+struct Problem {
+  Problem() {
+    ::torch::manual_seed(0);
+    x = ::torch::randn({256, 8});
+    y = x.matmul(::torch::randn({8, 1})) + 0.1 * ::torch::randn({256, 1});
+    l1 = ::torch::nn::Linear(8, 16);
+    l2 = ::torch::nn::Linear(16, 1);
+  }
+  ::torch::Tensor Loss() {
+    return ::torch::mse_loss(l2->forward(::torch::relu(l1->forward(x))), y);
+  }
+  std::unique_ptr<::torch::optim::SGD> Sgd(double lr) {
+    std::vector<::torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(l1->parameters(),
+                        std::make_unique<::torch::optim::SGDOptions>(lr));
+    groups.emplace_back(l2->parameters(),
+                        std::make_unique<::torch::optim::SGDOptions>(lr / 10));
+    return std::make_unique<::torch::optim::SGD>(std::move(groups),
+                                                 ::torch::optim::SGDOptions(lr));
+  }
+  ::torch::Tensor x, y;
+  ::torch::nn::Linear l1{nullptr}, l2{nullptr};
+};
+
+double GroupLr(::torch::optim::Optimizer& opt, int i) {
+  return opt.param_groups()[i].options().get_lr();
+}
+
+TEST(GuardTest, OwnsTheScheduleAndKeepsGroupRatios) {
+  Problem p;
+  auto opt = p.Sgd(0.1);
+  GuardOptions o;
+  o.schedule.kind = schedule::ScheduleKind::kCosine;
+  o.schedule.t_max = 100;
+  Guard guard(*opt, o);
+  guard.BeforeStep(0);
+  EXPECT_DOUBLE_EQ(GroupLr(*opt, 0), 0.1);
+  EXPECT_DOUBLE_EQ(GroupLr(*opt, 1), 0.01);
+  guard.BeforeStep(50);
+  EXPECT_NEAR(GroupLr(*opt, 0), 0.05, 1e-12);
+  EXPECT_NEAR(GroupLr(*opt, 1), 0.005, 1e-12);
+}
+
+TEST(GuardTest, GradNormIsTorchsAndClippingMatchesClipGradNorm) {
+  Problem p;
+  auto opt = p.Sgd(0.01);
+  Guard guard(*opt, GuardOptions());
+  opt->zero_grad();
+  ::torch::Tensor loss = p.Loss();
+  loss.backward();
+  // Reference: torch's own clip_grad_norm_ with an infinite bound.
+  std::vector<::torch::Tensor> params;
+  for (auto& g : opt->param_groups()) {
+    for (auto& t : g.params()) params.push_back(t);
+  }
+  std::vector<::torch::Tensor> saved;
+  for (auto& t : params) saved.push_back(t.grad().clone());
+  const double want = ::torch::nn::utils::clip_grad_norm_(
+      params, std::numeric_limits<double>::infinity());
+  guard.AfterBackward(0, loss);
+  // Not clipped: gradients unchanged.
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(::torch::allclose(params[i].grad(), saved[i]));
+  }
+  EXPECT_GT(want, 0.0);
+  EXPECT_FALSE(guard.clip_max_norm().has_value());
+
+  // Clipping at half the norm gives what clip_grad_norm_ gives.
+  GuardOptions clip;
+  clip.clip_max_norm = want / 2;
+  Guard clipping(*opt, clip);
+  for (size_t i = 0; i < params.size(); ++i) params[i].grad().copy_(saved[i]);
+  clipping.AfterBackward(0, loss);
+  std::vector<::torch::Tensor> ours;
+  for (auto& t : params) ours.push_back(t.grad().clone());
+  for (size_t i = 0; i < params.size(); ++i) params[i].grad().copy_(saved[i]);
+  ::torch::nn::utils::clip_grad_norm_(params, want / 2);
+  double norm_sq = 0.0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(::torch::allclose(ours[i], params[i].grad(), 1e-6, 1e-9));
+    norm_sq += ours[i].pow(2).sum().item<double>();
+  }
+  EXPECT_NEAR(std::sqrt(norm_sq), want / 2, 1e-4 * want);
+}
+
+// lossguardd in-process, with a client in AUTO mode.
+class GuardDaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    store_ = storage::NewMemoryStore();
+    service::ServerOptions options;
+    options.listen = "127.0.0.1:0";
+    daemon_ = std::make_unique<service::Daemon>(options, store_.get());
+    ASSERT_TRUE(daemon_->Start().ok());
+  }
+  void TearDown() override {
+    EXPECT_TRUE(daemon_->Shutdown().ok());
+  }
+  ClientOptions Options(const std::string& run) {
+    ClientOptions o;
+    o.server = absl::StrCat("127.0.0.1:", daemon_->port());
+    o.run_id = run;
+    o.mode = v1::AUTO;
+    o.max_batch_delay = absl::Milliseconds(1);
+    return o;
+  }
+  v1::RunHealth Health(const std::string& run) {
+    auto stub = v1::LossGuard::NewStub(grpc::CreateChannel(
+        absl::StrCat("127.0.0.1:", daemon_->port()),
+        grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    v1::GetRunHealthRequest req;
+    req.set_run_id(run);
+    v1::RunHealth h;
+    EXPECT_TRUE(stub->GetRunHealth(&ctx, req, &h).ok());
+    return h;
+  }
+  std::unique_ptr<storage::RunStore> store_;
+  std::unique_ptr<service::Daemon> daemon_;
+};
+
+// Trains with a far too large LR; the guard steps until the daemon's LR cut
+// has been applied (or `max_steps`). Returns the step count.
+int64_t TrainUntilCut(Problem& p, ::torch::optim::SGD& opt, Guard& guard,
+                      Client* client, int64_t max_steps) {
+  for (int64_t step = 0; step < max_steps; ++step) {
+    guard.BeforeStep(step);
+    opt.zero_grad();
+    ::torch::Tensor loss = p.Loss();
+    loss.backward();
+    guard.AfterBackward(step, loss);
+    opt.step();
+    if (client != nullptr && step % 10 == 9) {
+      client->Flush(absl::Seconds(30));  // the advice arrives in order
+    }
+    for (const GuardEvent& e : guard.events()) {
+      if (e.applied) return step + 1;
+    }
+  }
+  return max_steps;
+}
+
+TEST_F(GuardDaemonTest, AutoModeAppliesTheDaemonsLrCutToEveryGroup) {
+  Problem p;
+  auto opt = p.Sgd(10.0);  // diverges: the loss is NaN within steps
+  Client client(Options("guard-auto"));
+  Guard guard(&client, *opt, GuardOptions());
+  TrainUntilCut(p, *opt, guard, &client, 400);
+  guard.Flush();
+  ASSERT_TRUE(client.Flush(absl::Seconds(30)));
+  ASSERT_FALSE(guard.events().empty());
+  const GuardEvent& e = guard.events().front();
+  ASSERT_TRUE(e.applied) << e.advice.DebugString();
+  EXPECT_EQ(e.advice.diagnosis().kind(), v1::DIVERGENCE);
+  ASSERT_TRUE(e.advice.action().has_scale_lr());
+  const double f = e.advice.action().scale_lr().factor();
+  guard.BeforeStep(e.step + 1);
+  EXPECT_NEAR(GroupLr(*opt, 0), 10.0 * f, 1e-12);
+  EXPECT_NEAR(GroupLr(*opt, 1), 1.0 * f, 1e-12);  // ratio kept
+  // The daemon saw the ack.
+  v1::RunHealth h = Health("guard-auto");
+  ASSERT_GE(h.advice_size(), 1);
+  EXPECT_EQ(h.advice(0).status(), v1::APPLIED);
+  EXPECT_THAT(h.advice(0).ack_reason(), ::testing::HasSubstr("LR x"));
+}
+
+TEST_F(GuardDaemonTest, ValidationLossIsReportedWithItsStep) {
+  Problem p;
+  auto opt = p.Sgd(0.01);
+  Client client(Options("guard-val"));
+  Guard guard(&client, *opt, GuardOptions());
+  for (int64_t step = 0; step < 20; ++step) {
+    guard.BeforeStep(step);
+    opt->zero_grad();
+    ::torch::Tensor loss = p.Loss();
+    loss.backward();
+    guard.AfterBackward(step, loss);
+    opt->step();
+    if (step % 5 == 4) guard.ReportValidation(step, 0.5 + step);
+  }
+  guard.Flush();
+  ASSERT_TRUE(client.Flush(absl::Seconds(30)));
+  int vals = 0;
+  ASSERT_TRUE(store_
+                  ->ReadSteps("guard-val", 0, 100,
+                              [&](const storage::StepRow& r) {
+                                if (r.val_loss) {
+                                  ++vals;
+                                  EXPECT_EQ(r.step % 5, 4);
+                                  EXPECT_DOUBLE_EQ(*r.val_loss, 0.5 + r.step);
+                                }
+                                EXPECT_TRUE(r.grad_norm.has_value());
+                                EXPECT_GT(*r.grad_norm, 0.0);
+                                return true;
+                              })
+                  .ok());
+  EXPECT_EQ(vals, 4);
+}
+
+TEST(GuardEmbeddedTest, EmbeddedModeRunsTheAnalyzersInProcess) {
+  Problem p;
+  auto opt = p.Sgd(10.0);
+  std::vector<std::string> seen;
+  GuardOptions o;
+  o.on_advice = [&](const v1::Advice& a, bool applied) {
+    seen.push_back(absl::StrCat(v1::DiagnosisKind_Name(a.diagnosis().kind()),
+                                applied ? " applied" : " not applied"));
+  };
+  Guard guard(*opt, o);
+  TrainUntilCut(p, *opt, guard, nullptr, 400);
+  ASSERT_FALSE(guard.events().empty());
+  EXPECT_TRUE(guard.events().front().applied);
+  EXPECT_THAT(seen, ::testing::Contains("DIVERGENCE applied"));
+  EXPECT_LT(guard.schedule().correction(), 1.0);
+}
+
+TEST(GuardEmbeddedTest, AdviseModeAsksAndObserveModeOnlyWatches) {
+  for (v1::Mode mode : {v1::ADVISE, v1::OBSERVE}) {
+    Problem p;
+    auto opt = p.Sgd(10.0);
+    int asked = 0;
+    GuardOptions o;
+    o.mode = mode;
+    o.accept = [&](const v1::Advice&) {
+      ++asked;
+      return false;
+    };
+    Guard guard(*opt, o);
+    for (int64_t step = 0; step < 100; ++step) {
+      guard.BeforeStep(step);
+      opt->zero_grad();
+      ::torch::Tensor loss = p.Loss();
+      loss.backward();
+      guard.AfterBackward(step, loss);
+      opt->step();
+    }
+    ASSERT_FALSE(guard.events().empty()) << v1::Mode_Name(mode);
+    for (const GuardEvent& e : guard.events()) EXPECT_FALSE(e.applied);
+    EXPECT_EQ(asked > 0, mode == v1::ADVISE);
+    EXPECT_DOUBLE_EQ(guard.schedule().correction(), 1.0);
+  }
+}
+
+}  // namespace
+}  // namespace lossguard::torch
