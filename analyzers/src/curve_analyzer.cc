@@ -154,6 +154,8 @@ absl::Status ValidateOptions(const AnalyzerOptions& o) {
        ">= 1"},
       {o.divergence_climbing_lr_speedup >= 1,
        "divergence_climbing_lr_speedup", ">= 1"},
+      {o.divergence_rearm_lr_fraction > 0 && o.divergence_rearm_lr_fraction < 1,
+       "divergence_rearm_lr_fraction", "in (0, 1)"},
       {o.nonfinite_grad_norm_points >= 1, "nonfinite_grad_norm_points",
        ">= 1"},
       {o.restart_lr_jump > 1, "restart_lr_jump", "> 1"},

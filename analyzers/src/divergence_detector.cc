@@ -39,8 +39,14 @@ void DivergenceDetector::ReportNonFinite(const StepRecord& rec, int64_t onset,
                                          const LossTrack& track,
                                          double grad_norm_level,
                                          Findings* findings) {
-  if (diverged_) return;
+  if (diverged_) {
+    const double lr = track.lr();
+    const bool cut = std::isfinite(lr) && std::isfinite(diverged_lr_) &&
+                     lr <= diverged_lr_ * options_.divergence_rearm_lr_fraction;
+    if (!cut) return;
+  }
   diverged_ = true;
+  diverged_lr_ = track.lr();
   Diagnosis d;
   d.kind = DiagnosisKind::kDivergence;
   d.step = rec.step;
@@ -125,6 +131,7 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
       return;
     }
     diverged_ = true;
+    diverged_lr_ = track.lr();
     const int64_t lasted = StepSpan(rise_start_step_, b.last_step);
     const double ratio = std::exp(level - rise_base_);
     Diagnosis d;

@@ -45,7 +45,8 @@ class DivergenceDetector {
  private:
   // The LR has climbed since the best level the rise is measured from.
   bool LrClimbing(const LossTrack& track) const;
-  // Reports an immediate divergence (once).
+  // Reports an immediate divergence (once, or again after an LR cut; see
+  // AnalyzerOptions::divergence_rearm_lr_fraction).
   void ReportNonFinite(const StepRecord& rec, int64_t onset, double confidence,
                        double value, std::string evidence,
                        const LossTrack& track, double grad_norm_level,
@@ -53,6 +54,7 @@ class DivergenceDetector {
 
   const AnalyzerOptions& options_;
   bool diverged_ = false;
+  double diverged_lr_ = kNaN;  // LR when the divergence was reported
   double best_level_ = kInf;
   int64_t best_step_ = 0;
   double best_level_lr_ = kNaN;

@@ -27,6 +27,7 @@ using synthetic::HealthySpec;
 using synthetic::kL0;
 using synthetic::PowerLaw;
 using ::testing::ContainsRegex;
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -209,6 +210,38 @@ TEST(CurveAnalyzerTest, RejectedRecordsLeaveStateUnchanged) {
   }
   EXPECT_EQ(a.steps_seen(), clean.steps_seen());
   EXPECT_EQ(Describe(a.Active()), Describe(clean.Active()));
+}
+
+TEST(CurveAnalyzerTest, NonFiniteDivergenceRearmsAfterAnLrCut) {
+  // Blows up at step 30, the LR is cut x10 (and the weights restored):
+  // finite again, then NaN again at step 60. The second blow-up is news.
+  CurveAnalyzer a;
+  std::vector<StepRecord> recs;
+  for (int64_t s = 0; s < 80; ++s) {
+    const double lr = s <= 30 ? 1.0 : 0.1;
+    const bool nan = s == 30 || s >= 60;
+    recs.push_back({.step = s,
+                    .lr = lr,
+                    .loss = nan ? std::nan("") : 2.0 - 0.001 * s});
+  }
+  std::vector<Diagnosis> got = FeedAll(a, recs);
+  std::vector<int64_t> steps;
+  for (const Diagnosis& d : got) {
+    if (d.kind == DiagnosisKind::kDivergence) {
+      steps.push_back(d.step);
+      EXPECT_TRUE(d.nonfinite);
+    }
+  }
+  EXPECT_THAT(steps, ElementsAre(30, 60));
+
+  // Without a cut, a divergence is reported once.
+  CurveAnalyzer b;
+  for (auto& r : recs) r.lr = 1.0;
+  steps.clear();
+  for (const Diagnosis& d : FeedAll(b, recs)) {
+    if (d.kind == DiagnosisKind::kDivergence) steps.push_back(d.step);
+  }
+  EXPECT_THAT(steps, ElementsAre(30));
 }
 
 TEST(CurveAnalyzerTest, NanLrMeansNotLogged) {

@@ -490,6 +490,19 @@ TEST(AdvicePolicyTest, NonFiniteDivergenceIsActedOnEvenEarly) {
   Advice acted = Decide(d, ctx);
   EXPECT_EQ(acted.action, ActionKind::kScaleLr);
   EXPECT_DOUBLE_EQ(acted.lr_to, 0.3);
+  // Blown up again right after that action: no cooldown either.
+  ObserveAdvice(d, acted, &ctx);
+  ctx.step = 5;
+  ctx.lr = 0.3;
+  ctx.steps_seen = 6;
+  d.step = 5;
+  Advice again = Decide(d, ctx);
+  EXPECT_EQ(again.action, ActionKind::kScaleLr);
+  EXPECT_NEAR(again.lr_to, 0.03, 1e-15);
+  // A finite divergence still waits out the cooldown.
+  d.nonfinite = false;
+  ctx.steps_seen = 500;
+  EXPECT_EQ(Decide(d, ctx).blocked_by, GuardRail::kCooldown);
 }
 
 }  // namespace

@@ -268,5 +268,49 @@ TEST(GuardEmbeddedTest, AdviseModeAsksAndObserveModeOnlyWatches) {
   }
 }
 
+TEST(GuardEmbeddedTest, RollbackRestoresFiniteWeightsWithTheLrCut) {
+  Problem p;
+  ::torch::nn::Sequential net(p.l1, ::torch::nn::ReLU(), p.l2);
+  auto opt = p.Sgd(10.0);  // NaN weights within a few steps
+  GuardOptions o;
+  o.rollback_module = net.ptr().get();
+  o.snapshot_every = 1;
+  Guard guard(*opt, o);
+  // Snapshot of the initial weights is taken when step 0 is reported.
+  const ::torch::Tensor w0 = p.l1->weight.detach().clone();
+  const int64_t steps = TrainUntilCut(p, *opt, guard, nullptr, 400);
+  ASSERT_LT(steps, 400);
+  const GuardEvent& e = guard.events().front();
+  EXPECT_THAT(e.note, ::testing::HasSubstr("rolled back to step"));
+  for (const auto& t : net->parameters()) {
+    EXPECT_TRUE(::torch::isfinite(t).all().item<bool>());
+  }
+  // Training goes on. Where the lower LR is still too large the run blows
+  // up again, and each time the guard cuts again and rolls back, until the
+  // LR holds: the run ends with finite weights and finite losses.
+  std::vector<double> losses;
+  for (int64_t step = steps; step < steps + 300; ++step) {
+    guard.BeforeStep(step);
+    opt->zero_grad();
+    ::torch::Tensor loss = p.Loss();
+    loss.backward();
+    guard.AfterBackward(step, loss);
+    opt->step();
+    losses.push_back(loss.item<double>());
+  }
+  for (size_t i = losses.size() - 50; i < losses.size(); ++i) {
+    EXPECT_TRUE(std::isfinite(losses[i])) << i;
+  }
+  int cuts = 0;
+  for (const GuardEvent& ev : guard.events()) cuts += ev.applied;
+  EXPECT_GE(cuts, 1);
+  EXPECT_LT(guard.lr(), 10.0);
+  for (const auto& t : net->parameters()) {
+    EXPECT_TRUE(::torch::isfinite(t).all().item<bool>());
+  }
+  // The first snapshot was the initial weights.
+  EXPECT_EQ(w0.sizes(), p.l1->weight.sizes());
+}
+
 }  // namespace
 }  // namespace lossguard::torch

@@ -3,6 +3,7 @@
 #include <c10/core/Event.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -84,6 +85,19 @@ Guard::Guard(Client* client, ::torch::optim::Optimizer& optimizer,
   }
   clip_ = options_.clip_max_norm;
   if (client_ == nullptr) embedded_ = std::make_unique<Embedded>(options_);
+  if (options_.rollback_module != nullptr) {
+    // The weights before any step: the last resort of a rollback.
+    Snapshot initial;
+    initial.step = -1;
+    ::torch::NoGradGuard no_grad;
+    for (const auto& t : options_.rollback_module->parameters()) {
+      initial.tensors.push_back(t.detach().clone());
+    }
+    for (const auto& t : options_.rollback_module->buffers()) {
+      initial.tensors.push_back(t.detach().clone());
+    }
+    snapshots_.push_back(std::move(initial));
+  }
 }
 
 Guard::Guard(::torch::optim::Optimizer& optimizer, GuardOptions options)
@@ -165,6 +179,7 @@ void Guard::ReportPending() {
   if (pending_ == nullptr) return;
   std::unique_ptr<Pending> p = std::move(pending_);
   const auto [loss, grad_norm] = p->Read();
+  MaybeSnapshot(p->step, loss);
   if (client_ != nullptr) {
     client_->Report(p->step, p->lr, loss, p->val_loss, grad_norm);
     return;
@@ -178,6 +193,71 @@ void Guard::ReportPending() {
   std::vector<v1::Advice> advice;
   embedded_->Feed(rec, &advice);
   for (v1::Advice& a : advice) embedded_advice_.push_back(std::move(a));
+}
+
+void Guard::MaybeSnapshot(int64_t step, double loss) {
+  if (options_.rollback_module == nullptr || options_.snapshot_every <= 0) {
+    return;
+  }
+  // `loss` was computed with the weights a candidate snapshot holds (taken
+  // when the previous step was reported): they are good if it is finite and
+  // not blowing up. Only then does the candidate become a snapshot.
+  if (candidate_.has_value()) {
+    if (std::isfinite(loss) && loss <= 2.0 * candidate_loss_) {
+      snapshots_.push_back(std::move(*candidate_));
+      while (static_cast<int>(snapshots_.size()) >
+             std::max(options_.snapshots_kept, 1)) {
+        snapshots_.erase(snapshots_.begin());
+      }
+    }
+    candidate_.reset();
+  }
+  if (!std::isfinite(loss) || step % options_.snapshot_every != 0) return;
+  // The weights now are those after optimizer step `step`.
+  Snapshot snap;
+  snap.step = step;
+  ::torch::NoGradGuard no_grad;
+  for (const auto& t : options_.rollback_module->parameters()) {
+    snap.tensors.push_back(t.detach().clone());
+  }
+  for (const auto& t : options_.rollback_module->buffers()) {
+    snap.tensors.push_back(t.detach().clone());
+  }
+  candidate_ = std::move(snap);
+  candidate_loss_ = loss;
+}
+
+bool Guard::RollBack(int64_t onset, std::string* note) {
+  const Snapshot* best = nullptr;
+  for (const Snapshot& s : snapshots_) {
+    if (s.step < onset) best = &s;
+  }
+  if (best == nullptr) return false;
+  ::torch::NoGradGuard no_grad;
+  size_t i = 0;
+  for (auto& t : options_.rollback_module->parameters()) {
+    t.copy_(best->tensors[i++]);
+  }
+  for (auto& t : options_.rollback_module->buffers()) {
+    t.copy_(best->tensors[i++]);
+  }
+  // Momentum and moments built on the bad steps go too, and so do this
+  // step's gradients (of the bad weights): the optimizer.step() that follows
+  // skips parameters without a gradient.
+  optimizer_.state().clear();
+  for (auto& group : optimizer_.param_groups()) {
+    for (auto& param : group.params()) param.mutable_grad() = ::torch::Tensor();
+  }
+  *note += absl::StrFormat("; weights rolled back to step %d", best->step);
+  // Later snapshots hold the diverging weights.
+  const int64_t kept_step = best->step;
+  candidate_.reset();
+  snapshots_.erase(std::remove_if(snapshots_.begin(), snapshots_.end(),
+                                  [kept_step](const Snapshot& s) {
+                                    return s.step > kept_step;
+                                  }),
+                   snapshots_.end());
+  return true;
 }
 
 void Guard::HandleAdvice(int64_t step) {
@@ -252,6 +332,11 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
     if (act.grad_clip_max_norm() > 0.0) {
       clip_ = act.grad_clip_max_norm();
       event.note += absl::StrFormat("; gradient clipping at norm %.4g", *clip_);
+    }
+    if (options_.rollback_module != nullptr &&
+        advice.diagnosis().kind() == v1::DIVERGENCE &&
+        (act.has_scale_lr() || act.has_set_lr())) {
+      RollBack(advice.diagnosis().onset(), &event.note);
     }
     event.applied = true;
   }

@@ -283,7 +283,9 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
                           ctx.actions_taken, options.max_actions),
           &a);
   } else if (ctx.last_action_step.has_value() &&
-             since_action < options.cooldown_steps) {
+             since_action < options.cooldown_steps && !d.nonfinite) {
+    // (A run that blew up again after an action cannot wait: the action
+    // was not enough.)
     Block(
         GuardRail::kCooldown,
         absl::StrFormat("the last action was %d steps ago (cooldown_steps %d)",

@@ -51,6 +51,11 @@ struct AnalyzerOptions {
   // (warmup, a ramp, a range test), nothing will bring the loss back down:
   // the confirmation then needs this many times fewer points.
   double divergence_climbing_lr_speedup = 2.0;
+  // A divergence is reported once; a non-finite loss is reported again once
+  // the LR has been cut to at most this fraction of the LR at the last
+  // divergence: the correction was applied and the run blew up again
+  // (still too large an LR), which is news. 0.5 ignores schedule wobble.
+  double divergence_rearm_lr_fraction = 0.5;
   // A non-finite gradient norm with a finite loss is a divergence once it
   // has been non-finite on this many consecutive reports. Mixed-precision
   // loss scaling (torch.cuda.amp.GradScaler) overflows and skips a step now

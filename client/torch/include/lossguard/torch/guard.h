@@ -34,6 +34,20 @@ struct GuardOptions {
   // Called for every advice received (applied or not), on the training
   // thread, e.g. to print it.
   std::function<void(const v1::Advice&, bool applied)> on_advice;
+  // Rollback: with a module, the guard keeps in-memory snapshots of its
+  // parameters and buffers (BatchNorm statistics) every `snapshot_every`
+  // steps; a copy counts once the next step's loss, computed from those
+  // weights, is finite and at most twice the loss before it. When it applies an LR cut for a
+  // divergence, it first restores the newest snapshot taken before the
+  // divergence's onset and clears the optimizer's state (momentum, Adam
+  // moments) and this step's gradients (the optimizer.step() right after
+  // AfterBackward then changes nothing), as a practitioner restarts from
+  // the last good checkpoint
+  // with a lower LR: a run whose weights already hold NaN is rescued too.
+  // Costs `snapshots_kept` copies of the model in memory.
+  ::torch::nn::Module* rollback_module = nullptr;
+  int64_t snapshot_every = 50;
+  int snapshots_kept = 3;
   // Embedded mode (no client): the analyzer's and the policy's options.
   analyzers::AnalyzerOptions analyzer;
   policy::PolicyOptions policy;
@@ -110,6 +124,9 @@ class Guard {
   struct Pending;
 
   void ReportPending();
+  void MaybeSnapshot(int64_t step, double loss);
+  // Restores the newest snapshot taken before `onset`; false if none.
+  bool RollBack(int64_t onset, std::string* note);
   void HandleAdvice(int64_t step);
   void Apply(int64_t step, const v1::Advice& advice);
   void SetLr(double lr0);
@@ -125,6 +142,14 @@ class Guard {
   std::unique_ptr<Pending> pending_;
   std::unique_ptr<Embedded> embedded_;
   std::vector<v1::Advice> embedded_advice_;  // decided, not yet handled
+  struct Snapshot {
+    int64_t step = 0;
+    std::vector<::torch::Tensor> tensors;  // parameters, then buffers
+  };
+  std::vector<Snapshot> snapshots_;  // good ones, oldest first
+  // The newest copy, until the loss computed from it shows it is good.
+  std::optional<Snapshot> candidate_;
+  double candidate_loss_ = 0.0;
   std::vector<GuardEvent> events_;
 };
 

@@ -53,7 +53,8 @@ struct PolicyOptions {
   double min_lr = 1e-7;
   // No action sets the LR above this.
   double max_lr = 10.0;
-  // Steps after an action during which no other action is taken.
+  // Steps after an action during which no other action is taken (except on
+  // a divergence decided on a non-finite value: it did not work).
   int64_t cooldown_steps = 100;
   // Actions per run at most.
   int max_actions = 5;
