@@ -7,7 +7,9 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace lossguard::trainer {
+// Outside namespace lossguard: TORCH_MODULE names torch::nn unqualified, which
+// inside lossguard would find lossguard::torch (the guard).
+namespace lossguard_train {
 namespace {
 
 absl::StatusOr<std::vector<uint8_t>> ReadGzip(const std::string& path) {
@@ -74,4 +76,4 @@ absl::StatusOr<Dataset> ReadFashionMnist(const std::string& dir, bool train) {
   return d;
 }
 
-}  // namespace lossguard::trainer
+}  // namespace lossguard_train

@@ -7,7 +7,9 @@
 
 #include "absl/status/statusor.h"
 
-namespace lossguard::trainer {
+// Outside namespace lossguard: TORCH_MODULE names torch::nn unqualified, which
+// inside lossguard would find lossguard::torch (the guard).
+namespace lossguard_train {
 
 // Where Debian's dataset-fashion-mnist puts the files.
 inline constexpr char kFashionMnistDir[] = "/usr/share/datasets/fashion-mnist";
@@ -22,6 +24,6 @@ struct Dataset {
 // NotFound / DataLoss errors name the file.
 absl::StatusOr<Dataset> ReadFashionMnist(const std::string& dir, bool train);
 
-}  // namespace lossguard::trainer
+}  // namespace lossguard_train
 
 #endif  // LOSSGUARD_TRAINER_FASHION_MNIST_H_

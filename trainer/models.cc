@@ -1,6 +1,8 @@
 #include "trainer/models.h"
 
-namespace lossguard::trainer {
+// Outside namespace lossguard: TORCH_MODULE names torch::nn unqualified, which
+// inside lossguard would find lossguard::torch (the guard).
+namespace lossguard_train {
 
 namespace nn = ::torch::nn;
 namespace F = ::torch::nn::functional;
@@ -57,4 +59,4 @@ SmallResNetImpl::SmallResNetImpl() {
   return head->forward(x);
 }
 
-}  // namespace lossguard::trainer
+}  // namespace lossguard_train

@@ -6,7 +6,9 @@
 #include <memory>
 #include <string>
 
-namespace lossguard::trainer {
+// Outside namespace lossguard: TORCH_MODULE names torch::nn unqualified, which
+// inside lossguard would find lossguard::torch (the guard).
+namespace lossguard_train {
 
 // Two conv blocks (conv 3x3, ReLU, max-pool) and two linear layers: a plain
 // CNN without normalisation, the kind a too-large LR throws off quickly.
@@ -40,6 +42,6 @@ struct SmallResNetImpl : ::torch::nn::Module {
 };
 TORCH_MODULE(SmallResNet);
 
-}  // namespace lossguard::trainer
+}  // namespace lossguard_train
 
 #endif  // LOSSGUARD_TRAINER_MODELS_H_
