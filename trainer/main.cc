@@ -114,6 +114,27 @@ std::string ActionText(const Advice& a) {
   }
 }
 
+// absl flags are spelled with underscores; accept --metrics-out for
+// --metrics_out too (the name part only, never the value).
+std::vector<char*> DashesToUnderscores(int argc, char** argv,
+                                       std::vector<std::string>* storage) {
+  storage->reserve(argc);
+  std::vector<char*> out;
+  for (int i = 0; i < argc; ++i) {
+    std::string a = argv[i];
+    if (i > 0 && a.size() > 2 && a.rfind("--", 0) == 0) {
+      const size_t end = std::min(a.find('='), a.size());
+      for (size_t k = 2; k < end; ++k) {
+        if (a[k] == '-') a[k] = '_';
+      }
+    }
+    storage->push_back(std::move(a));
+    out.push_back(storage->back().data());
+  }
+  out.push_back(nullptr);
+  return out;
+}
+
 int Fail(const std::string& what) {
   std::fprintf(stderr, "lossguard-train: %s\n", what.c_str());
   return 1;
@@ -124,7 +145,9 @@ int Fail(const std::string& what) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "lossguard-train [--lr 0.05] [--server 127.0.0.1:7077 --mode auto]");
-  absl::ParseCommandLine(argc, argv);
+  std::vector<std::string> arg_storage;
+  std::vector<char*> args = DashesToUnderscores(argc, argv, &arg_storage);
+  absl::ParseCommandLine(argc, args.data());
   const bool quiet = absl::GetFlag(FLAGS_quiet);
 
   torch::manual_seed(absl::GetFlag(FLAGS_seed));

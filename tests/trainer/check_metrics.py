@@ -1,0 +1,40 @@
+#!/usr/bin/python3
+"""Runs lossguard-train briefly and checks its --metrics-out JSON.
+
+    check_metrics.py LOSSGUARD_TRAIN
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def main():
+    binary = sys.argv[1]
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "m.json")
+        subprocess.run([binary, "--steps", "40", "--train-subset", "1000",
+                        "--val-size", "300", "--eval-every", "20", "--lr", "0.05",
+                        "--schedule", "cosine", "--warmup", "5", "--quiet",
+                        "--metrics-out", out], check=True)
+        m = json.load(open(out))
+        assert m["steps"] == 40, m
+        assert m["attached"] is False and m["mode"] == "unattended", m
+        assert 0.0 <= m["val_accuracy"] <= 1.0, m
+        assert m["val_accuracy"] > 0.3, f"40 steps of a sane LR learn something: {m}"
+        assert m["val_loss"] is not None and m["val_loss"] > 0, m
+        assert m["advice"] == [], m
+        # Cosine to step 40 (T_max = 35 after 5 warmup steps): ends near 0.
+        assert m["final_lr"] < 0.01, m
+        # Bad flags are errors, not crashes.
+        r = subprocess.run([binary, "--optimizer", "lion"], capture_output=True, text=True)
+        assert r.returncode == 1 and "--optimizer" in r.stderr, r
+        r = subprocess.run([binary, "--data", d], capture_output=True, text=True)
+        assert r.returncode == 1 and "cannot open" in r.stderr, r
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
