@@ -16,7 +16,7 @@ packages=(
   libsqlite3-dev
   libtorch-dev
   dataset-fashion-mnist
-  python3 python3-numpy python3-torch python3-grpcio python3-protobuf python3-grpc-tools
+  python3 python3-numpy python3-torch python3-grpcio python3-protobuf
 )
 
 missing=()

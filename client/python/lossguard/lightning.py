@@ -1,0 +1,77 @@
+"""A Lightning-style callback (no Lightning import needed).
+
+    trainer = pl.Trainer(callbacks=[LossGuardCallback(client)])
+
+It implements Lightning's hooks: on_train_batch_end reads the step's loss
+from `outputs` (a tensor or a dict with "loss"), on_after_backward measures
+the gradient norm, on_before_optimizer_step clips when clipping is on,
+on_validation_end reads `trainer.callback_metrics["val_loss"]`, and
+on_train_end finishes the run. Actions are applied to
+`trainer.optimizers[0]` as TorchGuard applies them; early_stop sets
+`trainer.should_stop`.
+"""
+
+import torch
+
+from lossguard.torch_guard import TorchGuard
+
+
+class LossGuardCallback:
+    def __init__(self, client, *, accept=None, clip_max_norm=None, on_advice=None,
+                 finish_on_train_end=True):
+        self.client = client
+        self._options = dict(accept=accept, clip_max_norm=clip_max_norm,
+                             on_advice=on_advice)
+        self._finish = finish_on_train_end
+        self.guard = None
+        self._grad_norm = None
+
+    def _ensure_guard(self, trainer):
+        if self.guard is None:
+            sched = None
+            configs = getattr(trainer, "lr_scheduler_configs", None) or []
+            if configs:
+                sched = getattr(configs[0], "scheduler", None)
+            self.guard = TorchGuard(trainer.optimizers[0], self.client,
+                                    scheduler=sched, **self._options)
+        return self.guard
+
+    def on_after_backward(self, trainer, pl_module):
+        guard = self._ensure_guard(trainer)
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        if params:
+            self._grad_norm = torch.stack([p.grad.detach().norm(2) for p in params]).norm(2)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer, *args):
+        guard = self._ensure_guard(trainer)
+        if guard.clip_max_norm is not None and self._grad_norm is not None:
+            coef = (guard.clip_max_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef.to(p.grad.dtype))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        guard = self._ensure_guard(trainer)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        step = int(trainer.global_step) - 1  # the optimizer step just taken
+        norm = self._grad_norm
+        guard._report_pending()
+        guard._pending = (step, guard.lr, loss.detach(),
+                          norm if norm is not None else torch.zeros(()))
+        guard._handle_advice(step)
+        if guard.should_stop:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module):
+        guard = self._ensure_guard(trainer)
+        val = trainer.callback_metrics.get("val_loss")
+        if val is not None:
+            guard.report_validation(int(trainer.global_step) - 1, float(val))
+            if guard.should_stop:
+                trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):
+        if self.guard is not None:
+            self.guard.flush()
+        if self._finish:
+            self.client.finish("training ended")

@@ -1,0 +1,148 @@
+"""lossguard.TorchGuard: report a plain PyTorch loop and apply the advice."""
+
+import math
+
+import torch
+
+
+class TorchGuard:
+    """Wraps a torch.optim optimizer for lossguard.
+
+    Call after_backward(step, loss) after loss.backward() and before
+    optimizer.step(): it measures the global gradient norm (before
+    clipping), clips when clipping is on, reports the step and applies the
+    advice that has arrived (in the client's AUTO mode; in ADVISE mode
+    `accept(advice)` decides; in OBSERVE mode nothing is applied).
+
+    Values are reported one step late, so reading the loss and the norm
+    (a device-to-host copy) happens after the next step has been queued,
+    not in the middle of it.
+
+    Actions: scale_lr / set_lr change every param group's LR keeping their
+    ratios (and scale a torch LR scheduler's base_lrs, when one is given, so
+    the schedule goes on from the corrected LR); restart_cosine takes the LR
+    over with a cosine from eta_max to eta_min over t_0 steps, restarting;
+    enable_grad_clip clips from then on; early_stop sets should_stop.
+    """
+
+    def __init__(self, optimizer, client, *, scheduler=None, accept=None,
+                 clip_max_norm=None, on_advice=None):
+        self.optimizer = optimizer
+        self.client = client
+        self.scheduler = scheduler
+        self.accept = accept
+        self.clip_max_norm = clip_max_norm
+        self.on_advice = on_advice
+        self.should_stop = False
+        self.events = []          # (step, advice, applied, note)
+        self._pending = None      # (step, lr, loss tensor, norm tensor)
+        self._pending_val = None
+        self._restart = None      # (at_step, t_0, eta_max, eta_min)
+        lr0 = optimizer.param_groups[0]["lr"]
+        self._ratios = [g["lr"] / lr0 if lr0 else 1.0 for g in optimizer.param_groups]
+
+    @property
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _params(self):
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    yield p
+
+    def _set_lr(self, lr0):
+        for group, ratio in zip(self.optimizer.param_groups, self._ratios):
+            group["lr"] = lr0 * ratio
+
+    def before_step(self, step):
+        """Sets the LR when a restart_cosine action owns it (else a no-op)."""
+        if self._restart is not None:
+            at, t0, eta_max, eta_min = self._restart
+            t = (step - at) % t0
+            self._set_lr(eta_min + (eta_max - eta_min) * (1 + math.cos(math.pi * t / t0)) / 2)
+
+    def after_backward(self, step, loss):
+        self._report_pending()
+        params = list(self._params())
+        if params:
+            norms = torch.stack([p.grad.detach().norm(2) for p in params])
+            total = norms.norm(2)
+            if self.clip_max_norm is not None:
+                coef = (self.clip_max_norm / (total + 1e-6)).clamp(max=1.0)
+                for p in params:
+                    p.grad.detach().mul_(coef.to(p.grad.dtype))
+        else:
+            total = torch.zeros(())
+        self._pending = (step, self.lr, loss.detach(), total.detach())
+        self._handle_advice(step)
+
+    def report_validation(self, step, val_loss):
+        """The validation loss after optimizer step `step`."""
+        if self._pending is not None and self._pending[0] == step:
+            self._pending_val = float(val_loss)
+        self._report_pending()
+        self._handle_advice(step)
+
+    def flush(self):
+        self._report_pending()
+
+    def _report_pending(self):
+        if self._pending is None:
+            return
+        step, lr, loss, norm = self._pending
+        self._pending = None
+        val, self._pending_val = self._pending_val, None
+        self.client.report(step, lr, float(loss), val_loss=val, grad_norm=float(norm))
+
+    def _handle_advice(self, step):
+        for advice in self.client.poll_advice():
+            self._apply(step, advice)
+
+    def _apply(self, step, advice):
+        mode = self.client.mode
+        applied = False
+        note = ""
+        if advice.HasField("action"):
+            if mode == "auto":
+                applied = True
+            elif mode == "advise" and self.accept is not None:
+                applied = bool(self.accept(advice))
+        if applied:
+            act = advice.action
+            kind = act.WhichOneof("kind")
+            before = self.lr
+            if kind == "scale_lr":
+                self._scale(act.scale_lr.factor)
+                note = f"LR x{act.scale_lr.factor:g} ({before:.4g} -> {self.lr:.4g})"
+            elif kind == "set_lr":
+                self._scale(act.set_lr.lr / before if before else 1.0)
+                note = f"LR set to {self.lr:.4g}"
+            elif kind == "restart_cosine":
+                r = act.restart_cosine
+                self._restart = (step + 1, max(1, r.t_0), r.eta_max, r.eta_min)
+                note = f"cosine restarted: {r.eta_max:.4g} -> {r.eta_min:.4g} over {r.t_0} steps"
+            elif kind == "enable_grad_clip":
+                self.clip_max_norm = act.enable_grad_clip.max_norm
+                note = f"gradient clipping at norm {self.clip_max_norm:.4g}"
+            elif kind == "early_stop":
+                self.should_stop = True
+                note = "early stop"
+            if act.grad_clip_max_norm > 0:
+                self.clip_max_norm = act.grad_clip_max_norm
+                note += f"; gradient clipping at norm {self.clip_max_norm:.4g}"
+        if advice.HasField("action") and (mode == "auto" or
+                                          (mode == "advise" and self.accept is not None)):
+            self.client.ack(advice.advice_id, applied,
+                            note if applied else "rejected by the trainer")
+        if self.on_advice is not None:
+            self.on_advice(advice, applied)
+        self.events.append((step, advice, applied, note))
+
+    def _scale(self, factor):
+        self._set_lr(self.lr * factor)
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
+        if self._restart is not None:
+            at, t0, eta_max, eta_min = self._restart
+            self._restart = (at, t0, eta_max * factor, eta_min * factor)

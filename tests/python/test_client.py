@@ -1,0 +1,227 @@
+#!/usr/bin/python3
+"""The Python package against a real lossguardd (a child process on port 0).
+
+    LOSSGUARDD=build/bin/lossguardd PYTHONPATH=build/python \
+        /usr/bin/python3 tests/python/test_client.py
+"""
+import csv
+import math
+import os
+import signal
+import subprocess
+import tempfile
+import unittest
+
+import grpc
+import torch
+
+import lossguard
+from lossguard.v1 import lossguard_pb2 as pb
+from lossguard.v1 import lossguard_pb2_grpc as pb_grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(HERE, "..", "..", "examples", "curves")
+WAIT = 60.0  # only a bug waits this long
+
+
+class Daemon:
+    """lossguardd as a child process; `port` once it serves."""
+
+    def __init__(self, db, port=0):
+        self.proc = subprocess.Popen(
+            [os.environ["LOSSGUARDD"], f"--listen=127.0.0.1:{port}", f"--db={db}",
+             "--log_level=warning"], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # "lossguardd listening on port N"
+        self.port = int(line.rsplit(" ", 1)[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+        return self.proc.returncode
+
+    def health(self, run_id):
+        with grpc.insecure_channel(self.address) as ch:
+            return pb_grpc.LossGuardStub(ch).GetRunHealth(
+                pb.GetRunHealthRequest(run_id=run_id), timeout=WAIT)
+
+
+def read_curve(name):
+    with open(os.path.join(EXAMPLES, name)) as f:
+        for row in csv.DictReader(f):
+            yield (int(row["step"]), float(row["lr"]), float(row["loss"]),
+                   float(row["val_loss"]) if row.get("val_loss") else None,
+                   float(row["grad_norm"]) if row.get("grad_norm") else None)
+
+
+class ClientTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.db = os.path.join(self.dir.name, "lossguard.db")
+        self.daemon = Daemon(self.db)
+
+    def tearDown(self):
+        if self.daemon is not None:
+            self.assertEqual(self.daemon.stop(), 0)
+        self.dir.cleanup()
+
+    def test_streams_a_curve_gets_advice_and_acks(self):
+        seen = []
+        client = lossguard.Client(self.daemon.address, "py-diverging", mode="auto",
+                                  project="py", config={"optimizer": "sgd", "base_lr": 0.1},
+                                  on_advice=seen.append)
+        curve = list(read_curve("digits-cnn-sgd-lr300-b32-ramp-s130.csv"))
+        for step, lr, loss, val, gn in curve:
+            self.assertTrue(client.report(step, lr, loss, val_loss=val, grad_norm=gn))
+        self.assertTrue(client.flush(WAIT))
+        advice = client.poll_advice()
+        self.assertGreaterEqual(len(advice), 1)
+        self.assertEqual(len(seen), len(advice))
+        first = advice[0]
+        self.assertEqual(first.diagnosis.kind, pb.DIVERGENCE)
+        self.assertEqual(first.action.WhichOneof("kind"), "scale_lr")
+        client.ack(first.advice_id, True, "scaled by the test")
+        self.assertTrue(client.finish(timeout=WAIT))
+        h = self.daemon.health("py-diverging")
+        self.assertEqual(h.summary.state, pb.FINISHED)
+        self.assertEqual(h.summary.steps_stored, len(curve))
+        self.assertEqual(h.config.optimizer, "sgd")
+        self.assertEqual(h.advice[0].status, pb.APPLIED)
+        self.assertEqual(h.advice[0].ack_reason, "scaled by the test")
+        self.assertFalse(client.report(10**6, 0.1, 1.0))  # finished
+
+    def test_refuses_what_the_daemon_would_refuse(self):
+        with lossguard.Client(self.daemon.address, "py-refuse") as client:
+            self.assertTrue(client.report(5, 0.1, 1.0))
+            self.assertFalse(client.report(5, 0.1, 1.0))
+            self.assertFalse(client.report(6, -1.0, 1.0))
+            self.assertFalse(client.report(6, math.inf, 1.0))
+            self.assertTrue(client.report(6, math.nan, 1.0))
+            self.assertTrue(client.report(7, 0.1, math.inf))
+            self.assertTrue(client.flush(WAIT))
+            s = client.stats
+            self.assertEqual((s.reported_steps, s.rejected_steps, s.connects), (3, 3, 1))
+
+    def test_survives_a_daemon_restart(self):
+        client = lossguard.Client(self.daemon.address, "py-restart",
+                                  initial_backoff=0.01, max_backoff=0.1)
+        for i in range(100):
+            client.report(i, 0.01, 2.0 - 0.005 * i)
+        self.assertTrue(client.flush(WAIT))
+        port = self.daemon.port
+        self.assertEqual(self.daemon.stop(), 0)
+        for i in range(100, 200):  # training goes on while the daemon is away
+            client.report(i, 0.01, 2.0 - 0.005 * i)
+        self.assertFalse(client.stats.connected and client.flush(0.05))
+        self.daemon = Daemon(self.db, port)
+        self.assertTrue(client.flush(WAIT))
+        self.assertGreaterEqual(client.stats.connects, 2)
+        h = self.daemon.health("py-restart")
+        self.assertEqual(h.summary.steps_stored, 200)
+        self.assertEqual(h.summary.last_step, 199)
+        client.close()
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = torch.nn.Linear(8, 16)
+        self.l2 = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def problem():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 1) + 0.1 * torch.randn(256, 1)
+    net = Net()
+    opt = torch.optim.SGD([{"params": net.l1.parameters(), "lr": 10.0},
+                           {"params": net.l2.parameters(), "lr": 1.0}], lr=10.0)
+    return x, y, net, opt
+
+
+class TorchGuardTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.daemon = Daemon(os.path.join(self.dir.name, "lossguard.db"))
+
+    def tearDown(self):
+        self.assertEqual(self.daemon.stop(), 0)
+        self.dir.cleanup()
+
+    def test_auto_mode_cuts_every_group_keeping_ratios(self):
+        x, y, net, opt = problem()
+        client = lossguard.Client(self.daemon.address, "py-guard", mode="auto",
+                                  max_batch_delay=0.001)
+        guard = lossguard.TorchGuard(opt, client)
+        for step in range(200):
+            guard.before_step(step)
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.after_backward(step, loss)
+            opt.step()
+            if step % 10 == 9:
+                client.flush(WAIT)  # the advice has arrived in order
+            if any(applied for _, _, applied, _ in guard.events):
+                break
+        guard.flush()
+        self.assertTrue(client.flush(WAIT))
+        applied = [e for e in guard.events if e[2]]
+        self.assertTrue(applied, guard.events)
+        step, advice, _, note = applied[0]
+        self.assertEqual(advice.diagnosis.kind, pb.DIVERGENCE)
+        factor = advice.action.scale_lr.factor
+        self.assertAlmostEqual(opt.param_groups[0]["lr"], 10.0 * factor)
+        self.assertAlmostEqual(opt.param_groups[1]["lr"], 1.0 * factor)
+        self.assertIn("LR x", note)
+        client.finish(timeout=WAIT)
+        h = self.daemon.health("py-guard")
+        self.assertEqual(h.advice[0].status, pb.APPLIED)
+        # The reported gradient norms are those before clipping, > 0.
+        with grpc.insecure_channel(self.daemon.address) as ch:
+            curve = pb_grpc.LossGuardStub(ch).GetCurve(
+                pb.GetCurveRequest(run_id="py-guard"), timeout=WAIT)
+        self.assertTrue(all(p.HasField("grad_norm") for p in curve.points))
+
+    def test_lightning_style_callback(self):
+        x, y, net, opt = problem()
+        client = lossguard.Client(self.daemon.address, "py-lightning", mode="auto",
+                                  max_batch_delay=0.001)
+        cb = lossguard.LossGuardCallback(client)
+
+        class FakeTrainer:  # what the callback reads of a Lightning Trainer
+            optimizers = [opt]
+            lr_scheduler_configs = []
+            global_step = 0
+            should_stop = False
+            callback_metrics = {}
+
+        trainer = FakeTrainer()
+        for batch_idx in range(150):
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            cb.on_after_backward(trainer, net)          # Lightning's order
+            cb.on_before_optimizer_step(trainer, net, opt)
+            opt.step()
+            trainer.global_step += 1
+            cb.on_train_batch_end(trainer, net, {"loss": loss}, None, batch_idx)
+            if batch_idx % 50 == 49:
+                trainer.callback_metrics = {"val_loss": torch.tensor(1.0)}
+                cb.on_validation_end(trainer, net)
+            if batch_idx % 10 == 9:
+                client.flush(WAIT)
+        cb.on_train_end(trainer, net)
+        self.assertTrue(any(applied for _, _, applied, _ in cb.guard.events))
+        self.assertLess(opt.param_groups[0]["lr"], 10.0)
+        h = self.daemon.health("py-lightning")
+        self.assertEqual(h.summary.state, pb.FINISHED)
+        self.assertEqual(h.summary.steps_stored, 150)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
