@@ -505,5 +505,49 @@ TEST(AdvicePolicyTest, NonFiniteDivergenceIsActedOnEvenEarly) {
   EXPECT_EQ(Decide(d, ctx).blocked_by, GuardRail::kCooldown);
 }
 
+TEST(AdvicePolicyTest, StuckAtInitialLossAfterABlowUpIsDamageNotStarvation) {
+  PolicyOptions o;
+  RunContext ctx;
+  for (int64_t s = 0; s < 100; ++s) {
+    // 2.30 at first, a blow-up to 34.5 at step 8, then stuck at ~2.30.
+    const double loss = s == 8 ? 34.5 : 2.30;
+    ObserveStep({.step = s, .lr = 1.5, .loss = loss}, o, &ctx);
+  }
+  EXPECT_DOUBLE_EQ(ctx.initial_loss, 2.30);
+  EXPECT_DOUBLE_EQ(ctx.peak_loss, 34.5);
+  Diagnosis d = Diag(DiagnosisKind::kStagnation, 99);
+  d.loss_at_onset = 2.31;
+  Advice a = Decide(d, ctx, o);
+  EXPECT_EQ(a.action, ActionKind::kScaleLr);
+  EXPECT_DOUBLE_EQ(a.lr_factor, 0.1);
+  EXPECT_TRUE(a.restore_checkpoint);
+  EXPECT_THAT(a.explanation, HasSubstr("damaged the model"));
+
+  // Without the blow-up it is starvation: raise the LR.
+  RunContext calm;
+  for (int64_t s = 0; s < 100; ++s) {
+    ObserveStep({.step = s, .lr = 1e-5, .loss = 2.30}, o, &calm);
+  }
+  Advice b = Decide(d, calm, o);
+  EXPECT_EQ(b.action, ActionKind::kScaleLr);
+  EXPECT_DOUBLE_EQ(b.lr_factor, 3.0);
+  EXPECT_FALSE(b.restore_checkpoint);
+  // After that cut, a later stagnation never raises the LR back above the
+  // LR the cut set (the run blew up above it).
+  ObserveAdvice(d, a, &ctx);
+  EXPECT_DOUBLE_EQ(ctx.lr_ceiling, 0.15);
+  ctx.step = 400;
+  ctx.steps_seen = 401;
+  ctx.lr = 0.15;
+  ctx.schedule = ScheduleHint::kDecaying;
+  Diagnosis later = Diag(DiagnosisKind::kStagnation, 400);
+  later.loss_at_onset = 0.57;  // progress since: not "stuck at the start"
+  later.lr_at_onset = 0.15;
+  Advice c = Decide(later, ctx, o);
+  EXPECT_EQ(c.action, ActionKind::kNone);
+  EXPECT_EQ(c.blocked_by, GuardRail::kLrBound);
+  EXPECT_THAT(c.reason, HasSubstr("after the blow-up"));
+}
+
 }  // namespace
 }  // namespace lossguard::policy

@@ -179,6 +179,10 @@ void Guard::ReportPending() {
   if (pending_ == nullptr) return;
   std::unique_ptr<Pending> p = std::move(pending_);
   const auto [loss, grad_norm] = p->Read();
+  if (std::isfinite(loss) && loss > peak_loss_) {
+    peak_loss_ = loss;
+    peak_step_ = p->step;
+  }
   MaybeSnapshot(p->step, loss);
   if (client_ != nullptr) {
     client_->Report(p->step, p->lr, loss, p->val_loss, grad_norm);
@@ -333,10 +337,14 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
       clip_ = act.grad_clip_max_norm();
       event.note += absl::StrFormat("; gradient clipping at norm %.4g", *clip_);
     }
-    if (options_.rollback_module != nullptr &&
-        advice.diagnosis().kind() == v1::DIVERGENCE &&
-        (act.has_scale_lr() || act.has_set_lr())) {
-      RollBack(advice.diagnosis().onset(), &event.note);
+    if (options_.rollback_module != nullptr && act.restore_checkpoint()) {
+      // The newest good weights from before the trouble began: the
+      // divergence's onset, or for a run stuck after a blow-up, the step of
+      // its highest loss (the stagnation's onset comes after the damage).
+      RollBack(advice.diagnosis().kind() == v1::DIVERGENCE
+                   ? advice.diagnosis().onset()
+                   : peak_step_,
+               &event.note);
     }
     event.applied = true;
   }

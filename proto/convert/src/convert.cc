@@ -80,6 +80,9 @@ v1::Advice ToProto(const policy::Advice& a, const Diagnosis& d,
       a.clip_max_norm > 0.0) {
     action->set_grad_clip_max_norm(a.clip_max_norm);
   }
+  if (action != nullptr && a.restore_checkpoint) {
+    action->set_restore_checkpoint(true);
+  }
   return p;
 }
 

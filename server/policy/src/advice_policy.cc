@@ -59,6 +59,11 @@ void MoveLr(double factor, const RunContext& ctx, const PolicyOptions& o,
     bound = cap;
     bound_name = cap_name;
   }
+  if (!down && ctx.lr_ceiling > 0.0 && ctx.lr_ceiling < bound) {
+    // The run blew up at a larger LR; lossguard cut it to this one.
+    bound = ctx.lr_ceiling;
+    bound_name = "LR set after the blow-up";
+  }
   if (!std::isfinite(ctx.lr) || ctx.lr <= 0.0) {
     Block(GuardRail::kNone, NoLrMoveReason(ctx.lr), a);
     return;
@@ -66,7 +71,9 @@ void MoveLr(double factor, const RunContext& ctx, const PolicyOptions& o,
   const double wanted = ctx.lr * factor;
   const double target =
       down ? std::max(wanted, bound) : std::min(wanted, bound);
-  if (down ? target >= ctx.lr : target <= ctx.lr) {
+  // (Within rounding of the LR itself counts as no move.)
+  constexpr double kRel = 1e-9;
+  if (down ? target >= ctx.lr * (1.0 - kRel) : target <= ctx.lr * (1.0 + kRel)) {
     Block(GuardRail::kLrBound,
           absl::StrFormat("the LR %g is already at or beyond %s %g", ctx.lr,
                           bound_name, bound),
@@ -125,6 +132,8 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
   switch (d.kind) {
     case DiagnosisKind::kDivergence: {
       MoveLr(o.divergence_lr_factor, ctx, o, a);
+      a->restore_checkpoint = a->action == ActionKind::kScaleLr ||
+                              a->action == ActionKind::kSetLr;
       if (!ctx.grad_explosion_seen || grad_level <= 0.0) return "";
       a->clip_max_norm = o.clip_level_multiple * grad_level;
       if (a->action != ActionKind::kNone) {
@@ -140,6 +149,19 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       MoveLr(o.oscillation_lr_factor, ctx, o, a);
       return "";
     case DiagnosisKind::kStagnation: {
+      if (ctx.initial_loss > 0.0 &&
+          ctx.peak_loss >= o.damaged_peak_ratio * ctx.initial_loss &&
+          d.loss_at_onset >= o.damaged_progress_ratio * ctx.initial_loss &&
+          std::isfinite(ctx.lr)) {
+        MoveLr(o.divergence_lr_factor, ctx, o, a);
+        a->restore_checkpoint = a->action == ActionKind::kScaleLr ||
+                                a->action == ActionKind::kSetLr;
+        return absl::StrFormat(
+            "the loss is stuck at its initial level %.4g after blowing up "
+            "to %.4g (x%.1f): the LR damaged the model rather than starved "
+            "it, so ",
+            ctx.initial_loss, ctx.peak_loss, ctx.peak_loss / ctx.initial_loss);
+      }
       if (!std::isfinite(ctx.lr)) {
         // No LR, no schedule: neither a raise nor a restart can be sized.
         Block(GuardRail::kNone,
@@ -168,7 +190,8 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
             "onset, so ",
             ctx.max_lr_seen, ctx.lr);
       }
-      const double eta_max = std::min(ctx.max_lr_seen, o.max_lr);
+      double eta_max = std::min(ctx.max_lr_seen, o.max_lr);
+      if (ctx.lr_ceiling > 0.0) eta_max = std::min(eta_max, ctx.lr_ceiling);
       if (!(eta_max > ctx.lr)) {
         Block(GuardRail::kLrBound,
               absl::StrFormat("a restart at eta_max %g (max_lr %g) would not "
@@ -318,6 +341,10 @@ void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
   }
   ++ctx->steps_seen;
   ctx->schedule = InferSchedule(ctx->max_lr_seen, rec.lr, options.lr_tolerance);
+  if (std::isfinite(rec.loss) && rec.loss > 0.0) {
+    if (ctx->initial_loss <= 0.0) ctx->initial_loss = rec.loss;
+    ctx->peak_loss = std::max(ctx->peak_loss, rec.loss);
+  }
 }
 
 void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
@@ -326,6 +353,12 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   }
   if (d.grad_norm_level > 0.0) ctx->grad_norm_level = d.grad_norm_level;
   if (advice.action == ActionKind::kNone) return;
+  if (advice.restore_checkpoint && advice.lr_to > 0.0) {
+    // The LR that blew the run up is not to be reached again.
+    ctx->lr_ceiling = ctx->lr_ceiling > 0.0
+                          ? std::min(ctx->lr_ceiling, advice.lr_to)
+                          : advice.lr_to;
+  }
   ctx->last_action_step = advice.at_step;
   ++ctx->actions_taken;
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;

@@ -36,15 +36,17 @@ struct GuardOptions {
   std::function<void(const v1::Advice&, bool applied)> on_advice;
   // Rollback: with a module, the guard keeps in-memory snapshots of its
   // parameters and buffers (BatchNorm statistics) every `snapshot_every`
-  // steps; a copy counts once the next step's loss, computed from those
-  // weights, is finite and at most twice the loss before it. When it applies an LR cut for a
-  // divergence, it first restores the newest snapshot taken before the
-  // divergence's onset and clears the optimizer's state (momentum, Adam
-  // moments) and this step's gradients (the optimizer.step() right after
-  // AfterBackward then changes nothing), as a practitioner restarts from
-  // the last good checkpoint
-  // with a lower LR: a run whose weights already hold NaN is rescued too.
-  // Costs `snapshots_kept` copies of the model in memory.
+  // steps (and one of the initial weights); a copy counts once the next
+  // step's loss, computed from those weights, is finite and at most twice
+  // the loss before it. When an action says restore_checkpoint (an LR cut
+  // for a divergence, or for a run stuck at its initial loss after blowing
+  // up), the guard first restores the newest snapshot from before the
+  // trouble (the divergence's onset; the step of the run's highest loss),
+  // clears the optimizer's state (momentum, Adam moments) and this step's
+  // gradients (the optimizer.step() right after AfterBackward then changes
+  // nothing), as a practitioner restarts from the last good checkpoint with
+  // a lower LR: a run whose weights already hold NaN is rescued too. Costs
+  // `snapshots_kept` + 1 copies of the model in memory.
   ::torch::nn::Module* rollback_module = nullptr;
   int64_t snapshot_every = 50;
   int snapshots_kept = 3;
@@ -139,6 +141,8 @@ class Guard {
   std::optional<double> clip_;
   bool stop_ = false;
   int64_t step_ = 0;  // last step seen
+  double peak_loss_ = -1.0;  // highest finite loss reported, and its step
+  int64_t peak_step_ = 0;
   std::unique_ptr<Pending> pending_;
   std::unique_ptr<Embedded> embedded_;
   std::vector<v1::Advice> embedded_advice_;  // decided, not yet handled

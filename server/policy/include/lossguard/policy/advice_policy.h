@@ -81,6 +81,15 @@ struct PolicyOptions {
   double restart_eta_min_fraction = 0.01;
   // Relative LR change below which two LRs count as the same.
   double lr_tolerance = 0.05;
+  // Stagnation right at the initial loss (smoothed loss at the onset at
+  // least `damaged_progress_ratio` x the first loss) in a run whose loss
+  // once rose above `damaged_peak_ratio` x the first loss is a run damaged
+  // by too large an LR (saturated or dead units; typically stuck at chance
+  // level, ln(classes)): raising the LR would hurt. It gets the divergence
+  // remedy instead, with restore_checkpoint. A 4x blow-up is far beyond
+  // minibatch noise; 0.95 means "no progress at all".
+  double damaged_peak_ratio = 4.0;
+  double damaged_progress_ratio = 0.95;
 
   // --- judging an applied action afterwards ---
   // Steps after the action over which its effect is judged: the cooldown,
@@ -108,6 +117,14 @@ struct RunContext {
   bool grad_explosion_seen = false;  // a gradient explosion was diagnosed
   double grad_norm_level = 0.0;      // robust typical grad norm (0: unknown)
   bool overfitting_advised = false;  // an overfitting action was advised
+  // The run's first finite loss and its highest finite loss so far
+  // (ObserveStep): a run stuck at its initial loss after a blow-up is
+  // damaged, not starved of LR.
+  double initial_loss = 0.0;
+  double peak_loss = 0.0;
+  // After an LR cut for a blow-up (restore_checkpoint), the LR it set: no
+  // later raise or cosine restart goes above it (0: no ceiling).
+  double lr_ceiling = 0.0;
   ScheduleHint schedule = ScheduleHint::kUnknown;
 };
 
@@ -123,6 +140,9 @@ struct Advice {
   std::string lr_bound;        // kSetLr: the bound that stopped the move:
                                // "min_lr", "max_lr" or "max LR seen"
   double clip_max_norm = 0.0;  // kEnableGradClip, or with an LR action
+  // With an LR cut: the weights are likely damaged (a divergence, or a run
+  // stuck at its initial loss after blowing up), restore a good checkpoint.
+  bool restore_checkpoint = false;
                                // after a gradient explosion; 0: no clipping
   int64_t t_0 = 0;             // kRestartCosine: cycle length in steps
   double eta_max = 0.0;        // kRestartCosine: LR at the cycle's start
