@@ -76,6 +76,19 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
   if (diverged_) return;
   const Block& b = track.last_block();
   const double level = track.smoothed_level();
+  if (std::isnan(first_level_)) {
+    first_level_ = b.level;
+    first_step_ = b.last_step;
+  }
+  if (std::isinf(best_level_) && std::isfinite(level) &&
+      std::isfinite(first_level_) && first_level_ < level) {
+    // The smoothed level needs a few blocks; a loss that jumped within
+    // them (an LR so large the first steps blow it up) must still count as
+    // a rise from where the run started.
+    best_level_ = first_level_;
+    best_step_ = first_step_;
+    best_level_lr_ = track.lr();
+  }
   if (track.restart_pending()) {
     track.TakeRestart();
     follow_blocks_left_ = options_.restart_follow_blocks;

@@ -55,6 +55,8 @@ class DivergenceDetector {
   const AnalyzerOptions& options_;
   bool diverged_ = false;
   double diverged_lr_ = kNaN;  // LR when the divergence was reported
+  double first_level_ = kNaN;  // level of the first block (the first loss)
+  int64_t first_step_ = 0;
   double best_level_ = kInf;
   int64_t best_step_ = 0;
   double best_level_lr_ = kNaN;

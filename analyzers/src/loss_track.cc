@@ -48,7 +48,13 @@ bool LossTrack::AddLoss(const StepRecord& rec) {
   if (std::isnan(l0_) && rec.loss > 0) {
     init_losses_.push_back(rec.loss);
     if (static_cast<int>(init_losses_.size()) >= options_.initial_points) {
-      l0_ = std::max(Median(init_losses_), 1e-300);
+      // The median resists a spike among the first points; but when most of
+      // them blew up (an LR so large the first updates explode), only the
+      // first loss, computed before any update, is the untrained model's.
+      const double first = init_losses_.front();
+      double l0 = Median(init_losses_);
+      if (l0 > options_.initial_blowup_factor * first) l0 = first;
+      l0_ = std::max(l0, 1e-300);
       log_l0_ = std::log(l0_);
     }
   }

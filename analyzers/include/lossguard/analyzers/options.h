@@ -25,8 +25,13 @@ struct AnalyzerOptions {
   // this many blocks and this many points.
   int level_median_blocks = 3;
   int level_median_points = 16;
-  // Initial loss L0 = median of this many first finite, positive losses.
+  // Initial loss L0 = median of this many first finite, positive losses...
   int initial_points = 5;
+  // ...unless that median is more than this factor above the very first
+  // loss: then most of the first points already blew up, and L0 is the
+  // first loss (the untrained model's, before any update). No healthy run
+  // quadruples its loss in its first steps.
+  double initial_blowup_factor = 4.0;
 
   // --- divergence ---------------------------------------------------------
   // A rise counts when the smoothed loss exceeds its best level by this
