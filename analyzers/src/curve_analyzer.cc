@@ -33,6 +33,9 @@ class CurveAnalyzer::Impl final : public Findings {
   absl::Status Feed(const StepRecord& rec, std::vector<Diagnosis>* out);
 
   void Report(Diagnosis d) override {
+    // Every diagnosis carries the gradient norm's typical level, when one
+    // is known, for the policy (e.g. dead units: a collapsed norm).
+    if (d.grad_norm_level <= 0.0) d.grad_norm_level = gradient_.level();
     if (d.kind != DiagnosisKind::kLossSpike) {
       active_[static_cast<size_t>(d.kind)] = d;
     }

@@ -549,5 +549,31 @@ TEST(AdvicePolicyTest, StuckAtInitialLossAfterABlowUpIsDamageNotStarvation) {
   EXPECT_THAT(c.reason, HasSubstr("after the blow-up"));
 }
 
+TEST(AdvicePolicyTest, StuckWithCollapsedGradientsIsDamage) {
+  PolicyOptions o;
+  RunContext ctx;
+  for (int64_t s = 0; s < 100; ++s) {
+    // No 4x blow-up, but the gradient norm fell 0.6 -> 0.13 (dead units).
+    ObserveStep({.step = s, .lr = 0.5, .loss = s == 3 ? 7.3 : 2.30,
+                 .grad_norm = s == 0 ? 0.6 : 0.13},
+                o, &ctx);
+  }
+  Diagnosis d = Diag(DiagnosisKind::kStagnation, 99);
+  d.loss_at_onset = 2.31;
+  d.grad_norm_level = 0.135;
+  Advice a = Decide(d, ctx, o);
+  EXPECT_DOUBLE_EQ(a.lr_factor, 0.1);
+  EXPECT_TRUE(a.restore_checkpoint);
+  EXPECT_THAT(a.explanation, HasSubstr("gradient norm collapsed"));
+  // A starved run keeps its gradient norm: raise.
+  d.grad_norm_level = 0.69;
+  RunContext starved;
+  for (int64_t s = 0; s < 100; ++s) {
+    ObserveStep({.step = s, .lr = 5e-5, .loss = 2.30, .grad_norm = 0.7}, o,
+                &starved);
+  }
+  EXPECT_DOUBLE_EQ(Decide(d, starved, o).lr_factor, 3.0);
+}
+
 }  // namespace
 }  // namespace lossguard::policy

@@ -149,18 +149,35 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       MoveLr(o.oscillation_lr_factor, ctx, o, a);
       return "";
     case DiagnosisKind::kStagnation: {
-      if (ctx.initial_loss > 0.0 &&
-          ctx.peak_loss >= o.damaged_peak_ratio * ctx.initial_loss &&
-          d.loss_at_onset >= o.damaged_progress_ratio * ctx.initial_loss &&
+      const bool stuck_at_start =
+          ctx.initial_loss > 0.0 &&
+          d.loss_at_onset >= o.damaged_progress_ratio * ctx.initial_loss;
+      const bool blew_up =
+          ctx.peak_loss >= o.damaged_peak_ratio * ctx.initial_loss;
+      const double level = d.grad_norm_level > 0.0 ? d.grad_norm_level
+                                                    : ctx.grad_norm_level;
+      const bool grads_collapsed =
+          ctx.initial_grad_norm > 0.0 && level > 0.0 &&
+          level * o.damaged_grad_collapse <= ctx.initial_grad_norm;
+      if (stuck_at_start && (blew_up || grads_collapsed) &&
           std::isfinite(ctx.lr)) {
         MoveLr(o.divergence_lr_factor, ctx, o, a);
         a->restore_checkpoint = a->action == ActionKind::kScaleLr ||
                                 a->action == ActionKind::kSetLr;
-        return absl::StrFormat(
-            "the loss is stuck at its initial level %.4g after blowing up "
-            "to %.4g (x%.1f): the LR damaged the model rather than starved "
-            "it, so ",
-            ctx.initial_loss, ctx.peak_loss, ctx.peak_loss / ctx.initial_loss);
+        return blew_up
+                   ? absl::StrFormat(
+                         "the loss is stuck at its initial level %.4g after "
+                         "blowing up to %.4g (x%.1f): the LR damaged the "
+                         "model rather than starved it, so ",
+                         ctx.initial_loss, ctx.peak_loss,
+                         ctx.peak_loss / ctx.initial_loss)
+                   : absl::StrFormat(
+                         "the loss is stuck at its initial level %.4g while "
+                         "the gradient norm collapsed from %.3g to %.3g "
+                         "(x%.2f): units died, the LR damaged the model "
+                         "rather than starved it, so ",
+                         ctx.initial_loss, ctx.initial_grad_norm, level,
+                         level / ctx.initial_grad_norm);
       }
       if (!std::isfinite(ctx.lr)) {
         // No LR, no schedule: neither a raise nor a restart can be sized.
@@ -344,6 +361,10 @@ void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
   if (std::isfinite(rec.loss) && rec.loss > 0.0) {
     if (ctx->initial_loss <= 0.0) ctx->initial_loss = rec.loss;
     ctx->peak_loss = std::max(ctx->peak_loss, rec.loss);
+  }
+  if (ctx->initial_grad_norm <= 0.0 && rec.grad_norm.has_value() &&
+      std::isfinite(*rec.grad_norm) && *rec.grad_norm > 0.0) {
+    ctx->initial_grad_norm = *rec.grad_norm;
   }
 }
 

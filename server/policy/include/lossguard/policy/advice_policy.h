@@ -83,13 +83,19 @@ struct PolicyOptions {
   double lr_tolerance = 0.05;
   // Stagnation right at the initial loss (smoothed loss at the onset at
   // least `damaged_progress_ratio` x the first loss) in a run whose loss
-  // once rose above `damaged_peak_ratio` x the first loss is a run damaged
+  // once rose above `damaged_peak_ratio` x the first loss (or see
+  // damaged_grad_collapse) is a run damaged
   // by too large an LR (saturated or dead units; typically stuck at chance
   // level, ln(classes)): raising the LR would hurt. It gets the divergence
   // remedy instead, with restore_checkpoint. A 4x blow-up is far beyond
   // minibatch noise; 0.95 means "no progress at all".
   double damaged_peak_ratio = 4.0;
   double damaged_progress_ratio = 0.95;
+  // ...or whose gradient norm level (an EMA, slow to fall) dropped this many
+  // times below its first
+  // gradient norm (dead units pass no gradient; a starved run, which has
+  // not moved, keeps its initial gradient norm).
+  double damaged_grad_collapse = 2.0;
 
   // --- judging an applied action afterwards ---
   // Steps after the action over which its effect is judged: the cooldown,
@@ -122,6 +128,7 @@ struct RunContext {
   // damaged, not starved of LR.
   double initial_loss = 0.0;
   double peak_loss = 0.0;
+  double initial_grad_norm = 0.0;  // the first finite, positive one
   // After an LR cut for a blow-up (restore_checkpoint), the LR it set: no
   // later raise or cosine restart goes above it (0: no ceiling).
   double lr_ceiling = 0.0;
