@@ -572,7 +572,9 @@ TEST(AdvicePolicyTest, StuckWithCollapsedGradientsIsDamage) {
     ObserveStep({.step = s, .lr = 5e-5, .loss = 2.30, .grad_norm = 0.7}, o,
                 &starved);
   }
-  EXPECT_DOUBLE_EQ(Decide(d, starved, o).lr_factor, 3.0);
+  Advice raise = Decide(d, starved, o);
+  EXPECT_DOUBLE_EQ(raise.lr_factor, 10.0);  // starved: the bolder raise
+  EXPECT_THAT(raise.explanation, HasSubstr("starved"));
 }
 
 }  // namespace

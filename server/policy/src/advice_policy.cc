@@ -193,7 +193,24 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
           ctx.lr < d.lr_at_onset * (1.0 - o.lr_tolerance);
       if (!still_decaying) {
         if (!decaying) {
-          MoveLr(o.stagnation_lr_factor, ctx, o, a);
+          // Not moved at all from the initial loss, nothing damaged (no
+          // blow-up, gradients intact): the LR is starved by an order of
+          // magnitude or more (within 3x of a good LR the loss would show
+          // clear progress by now), so the bolder raise.
+          const bool starved = stuck_at_start && !blew_up &&
+                               ctx.initial_grad_norm > 0.0 && level > 0.0 &&
+                               !grads_collapsed && ctx.lr_ceiling <= 0.0;
+          MoveLr(starved ? o.stagnation_starved_lr_factor
+                         : o.stagnation_lr_factor,
+                 ctx, o, a);
+          if (starved) {
+            return absl::StrFormat(
+                "the loss has not moved from its initial level %.4g while "
+                "the gradient norm stayed at %.3g (%.2fx its first): the LR "
+                "%g is starved, so ",
+                ctx.initial_loss, level, level / ctx.initial_grad_norm,
+                ctx.lr);
+          }
           return ctx.schedule == ScheduleHint::kConstant
                      ? absl::StrFormat("the LR is constant at %g, so ", ctx.lr)
                      : "";

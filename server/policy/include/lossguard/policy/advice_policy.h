@@ -96,6 +96,10 @@ struct PolicyOptions {
   // gradient norm (dead units pass no gradient; a starved run, which has
   // not moved, keeps its initial gradient norm).
   double damaged_grad_collapse = 2.0;
+  // A constant-LR run stuck at its initial loss with its gradients intact
+  // (no blow-up, norm not collapsed) is starved by an order of magnitude:
+  // it gets this raise instead of stagnation_lr_factor.
+  double stagnation_starved_lr_factor = 10.0;
 
   // --- judging an applied action afterwards ---
   // Steps after the action over which its effect is judged: the cooldown,
