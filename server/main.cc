@@ -31,6 +31,8 @@ ABSL_FLAG(int64_t, cooldown_steps, 100,
           "steps after an action before the next one");
 ABSL_FLAG(double, min_lr, 1e-7, "no action sets the LR below this");
 ABSL_FLAG(double, max_lr, 10.0, "no action sets the LR above this");
+ABSL_FLAG(double, shutdown_grace_s, 5.0,
+          "on SIGTERM, seconds calls get to end before they are cancelled");
 
 namespace {
 
@@ -75,6 +77,10 @@ int main(int argc, char** argv) {
   options.run.policy.cooldown_steps = absl::GetFlag(FLAGS_cooldown_steps);
   options.run.policy.min_lr = absl::GetFlag(FLAGS_min_lr);
   options.run.policy.max_lr = absl::GetFlag(FLAGS_max_lr);
+  options.shutdown_grace_s = absl::GetFlag(FLAGS_shutdown_grace_s);
+  if (!(options.shutdown_grace_s >= 0.0)) {
+    return Fail("--shutdown_grace_s must be >= 0");
+  }
   if (!(options.run.policy.min_lr > 0.0 &&
         options.run.policy.min_lr < options.run.policy.max_lr)) {
     return Fail("need 0 < --min_lr < --max_lr");

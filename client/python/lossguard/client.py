@@ -252,7 +252,10 @@ class Client:
             self._broken = False
             self._sent = 0
         session.requests.put(pb.AttachRequest(start=self._start))
-        call = self._stub.Attach(iter(session))
+        # wait_for_ready: the call waits (polling the channel) for the daemon
+        # instead of failing at once while the channel is in backoff, so a
+        # daemon that comes back is found as soon as it listens.
+        call = self._stub.Attach(iter(session), wait_for_ready=True)
         session.call = call
         reader = threading.Thread(target=self._read, args=(call,), daemon=True)
         reader.start()
