@@ -160,6 +160,7 @@ absl::Status ValidateOptions(const AnalyzerOptions& o) {
       {o.divergence_rearm_lr_fraction > 0 && o.divergence_rearm_lr_fraction < 1,
        "divergence_rearm_lr_fraction", "in (0, 1)"},
       {o.initial_blowup_factor > 1, "initial_blowup_factor", "> 1"},
+      {o.stagnation_rearm_lr_rise > 1, "stagnation_rearm_lr_rise", "> 1"},
       {o.nonfinite_grad_norm_points >= 1, "nonfinite_grad_norm_points",
        ">= 1"},
       {o.restart_lr_jump > 1, "restart_lr_jump", "> 1"},

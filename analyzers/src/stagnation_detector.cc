@@ -94,7 +94,14 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   const double tail = MedianInPlace(scratch_);
   const double progress = head - tail;  // log-loss fallen across the window
   if (findings->IsActive(DiagnosisKind::kStagnation)) {
-    if (tail < reported_level_ + std::log1p(-options_.stagnation_clear_fall)) {
+    const double lr_now = track.lr();
+    const bool raised = std::isfinite(reported_lr_) && std::isfinite(lr_now) &&
+                        lr_now >= reported_lr_ * options_.stagnation_rearm_lr_rise;
+    if (tail < reported_level_ + std::log1p(-options_.stagnation_clear_fall) ||
+        raised) {
+      // Progress, or the LR was raised since the report (the remedy was
+      // applied): judged afresh, so a run still stagnant at the raised LR
+      // is reported again once the evidence holds at that LR.
       findings->Clear(DiagnosisKind::kStagnation);
       candidate_since_ = -1;
     }
@@ -137,6 +144,7 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
     return;
   }
   reported_level_ = tail;
+  reported_lr_ = track.lr();
 
   const Block& b = track.last_block();
   Diagnosis d;

@@ -40,6 +40,7 @@ class StagnationDetector {
   int last_window_blocks_ = 0;    // blocks in the window at the last check
   int64_t candidate_since_ = -1;  // points seen when the condition first held
   double reported_level_ = kNaN;  // tail level when stagnation was reported
+  double reported_lr_ = kNaN;     // LR when stagnation was reported
   std::vector<double> scratch_;
 };
 

@@ -244,6 +244,32 @@ TEST(CurveAnalyzerTest, NonFiniteDivergenceRearmsAfterAnLrCut) {
   EXPECT_THAT(steps, ElementsAre(30));
 }
 
+TEST(CurveAnalyzerTest, StagnationIsJudgedAfreshAfterAnLrRaise) {
+  // Flat at its initial loss at LR 1e-5; the LR is raised x10 at step 400
+  // and the run is still flat: a second report (a second raise can follow).
+  // Without the raise, one report.
+  auto run = [](bool raise) {
+    std::vector<StepRecord> recs;
+    for (int64_t s = 0; s < 2000; ++s) {
+      const double noise = 0.01 * std::sin(0.7 * static_cast<double>(s));
+      recs.push_back({.step = s,
+                      .lr = raise && s >= 400 ? 1e-4 : 1e-5,
+                      .loss = 2.3 + noise});
+    }
+    CurveAnalyzer a;
+    std::vector<int64_t> steps;
+    for (const Diagnosis& d : FeedAll(a, recs)) {
+      if (d.kind == DiagnosisKind::kStagnation) steps.push_back(d.step);
+    }
+    return steps;
+  };
+  const std::vector<int64_t> raised = run(true);
+  ASSERT_EQ(raised.size(), 2u);
+  EXPECT_LT(raised[0], 400);
+  EXPECT_GT(raised[1], 400);
+  EXPECT_EQ(run(false).size(), 1u);
+}
+
 TEST(CurveAnalyzerTest, NanLrMeansNotLogged) {
   // A healthy run whose log has no LR at all.
   CurveSpec spec = HealthySpec(5000, 100.0);
