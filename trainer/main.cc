@@ -59,6 +59,9 @@ ABSL_FLAG(std::string, project, "fashion-mnist", "project name");
 ABSL_FLAG(bool, lr_range_test, false, "run an LR range test and print the suggested LR");
 ABSL_FLAG(std::string, metrics_out, "", "write the final metrics as JSON here");
 ABSL_FLAG(bool, quiet, false, "print only advice and the summary");
+ABSL_FLAG(bool, guard, true,
+          "false: no lossguard at all, the schedule set directly (the "
+          "baseline of bench/guard_overhead.py); only when unattached");
 
 namespace {
 
@@ -361,9 +364,20 @@ int main(int argc, char** argv) {
     std::printf("attached to lossguardd at %s as run %s (%s)\n", server.c_str(),
                 co.run_id.c_str(), mode_name.c_str());
   }
-  std::unique_ptr<lossguard::torch::Guard> guard =
-      client ? std::make_unique<lossguard::torch::Guard>(client.get(), *optimizer, gopts)
-             : std::make_unique<lossguard::torch::Guard>(*optimizer, gopts);
+  const bool use_guard = absl::GetFlag(FLAGS_guard);
+  if (!use_guard && attached) return Fail("--guard=false needs no --server or --embedded");
+  std::unique_ptr<lossguard::torch::Guard> guard;
+  if (use_guard) {
+    guard = client ? std::make_unique<lossguard::torch::Guard>(client.get(), *optimizer, gopts)
+                   : std::make_unique<lossguard::torch::Guard>(*optimizer, gopts);
+  }
+  // Without the guard: the same schedule, set on the optimizer directly.
+  auto plain_schedule = gopts.schedule;
+  plain_schedule.base_lr = lr;
+  lossguard::schedule::LrSchedule schedule(plain_schedule);
+  auto current_lr = [&] {
+    return optimizer->param_groups()[0].options().get_lr();
+  };
 
   // --- training --------------------------------------------------------------
   if (!quiet) {
@@ -373,37 +387,61 @@ int main(int argc, char** argv) {
                 static_cast<long long>(steps), device.str().c_str());
   }
   const auto start = std::chrono::steady_clock::now();
-  std::vector<double> recent;  // last training losses, for the summary
+  // Time spent evaluating, subtracted for the training time per step (on
+  // CUDA the device is synchronised around each evaluation, which happens
+  // anyway when its loss is read).
+  double eval_seconds = 0.0;
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
   Eval last_eval;
   int64_t done = 0;
   for (int64_t step = 0; step < steps; ++step) {
     current_step = step;
-    guard->BeforeStep(step);
+    if (guard) {
+      guard->BeforeStep(step);
+    } else {
+      for (auto& g : optimizer->param_groups()) g.options().set_lr(schedule.LrAt(step));
+    }
     auto [x, y] = batch_at(step);
     optimizer->zero_grad();
     torch::Tensor loss = torch::nn::functional::cross_entropy(forward(x), y);
     loss.backward();
-    guard->AfterBackward(step, loss);
+    if (guard) guard->AfterBackward(step, loss);
     optimizer->step();
     done = step + 1;
     if ((step + 1) % eval_every == 0 || step + 1 == steps) {
+      sync();
+      const auto eval_start = std::chrono::steady_clock::now();
       const double train_loss = loss.item<double>();
       last_eval = Evaluate(*module, forward, x_val, y_val, device);
-      guard->ReportValidation(step, last_eval.loss);
+      if (guard) {
+        guard->ReportValidation(step, last_eval.loss);
+      } else {
+        schedule.ObserveMetric(last_eval.loss);
+      }
       if (!quiet) {
         std::printf("step %5lld  lr %-9.3g loss %-9.4g val_loss %-9.4g val_acc %.3f\n",
-                    static_cast<long long>(step + 1), guard->lr(), train_loss,
+                    static_cast<long long>(step + 1), current_lr(), train_loss,
                     last_eval.loss, last_eval.accuracy);
         std::fflush(stdout);
       }
+      eval_seconds += std::chrono::duration<double>(
+                          std::chrono::steady_clock::now() - eval_start)
+                          .count();
     }
-    if (guard->should_stop()) {
+    if (guard && guard->should_stop()) {
       std::printf("stopping early at step %lld (lossguard)\n",
                   static_cast<long long>(step + 1));
       break;
     }
   }
-  guard->Flush();
+  if (guard) guard->Flush();
+  sync();
+  const double train_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count() -
+      eval_seconds;
   // The final evaluation on the validation set.
   last_eval = Evaluate(*module, forward, x_val, y_val, device);
   double train_loss = 0.0;
@@ -441,14 +479,17 @@ int main(int argc, char** argv) {
     j["mode"] = attached ? mode_name : "unattended";
     j["steps"] = done;
     j["wall_time_s"] = wall;
-    j["final_lr"] = guard->lr();
+    j["train_time_s"] = train_seconds;  // wall time minus evaluations
+    j["ms_per_step"] = 1000.0 * train_seconds / static_cast<double>(std::max<int64_t>(done, 1));
+    j["final_lr"] = current_lr();
+    j["guard"] = use_guard;
     j["train_loss"] = std::isfinite(train_loss) ? nlohmann::json(train_loss) : nlohmann::json(nullptr);
     j["val_loss"] = std::isfinite(last_eval.loss) ? nlohmann::json(last_eval.loss) : nlohmann::json(nullptr);
     j["val_accuracy"] = last_eval.accuracy;
     nlohmann::ordered_json advice = nlohmann::ordered_json::array();
     for (const Received& r : received) {
       std::string note;
-      for (const auto& e : guard->events()) {
+      for (const auto& e : guard->events()) {  // (received is empty without)
         if (e.advice.advice_id() == r.advice.advice_id() && e.step == r.step) note = e.note;
       }
       advice.push_back({{"step", r.step},
