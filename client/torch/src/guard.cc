@@ -87,16 +87,7 @@ Guard::Guard(Client* client, ::torch::optim::Optimizer& optimizer,
   if (client_ == nullptr) embedded_ = std::make_unique<Embedded>(options_);
   if (options_.rollback_module != nullptr) {
     // The weights before any step: the last resort of a rollback.
-    Snapshot initial;
-    initial.step = -1;
-    ::torch::NoGradGuard no_grad;
-    for (const auto& t : options_.rollback_module->parameters()) {
-      initial.tensors.push_back(t.detach().clone());
-    }
-    for (const auto& t : options_.rollback_module->buffers()) {
-      initial.tensors.push_back(t.detach().clone());
-    }
-    snapshots_.push_back(std::move(initial));
+    snapshots_.push_back(TakeSnapshot(-1));
   }
 }
 
@@ -218,6 +209,11 @@ void Guard::MaybeSnapshot(int64_t step, double loss) {
   }
   if (!std::isfinite(loss) || step % options_.snapshot_every != 0) return;
   // The weights now are those after optimizer step `step`.
+  candidate_ = TakeSnapshot(step);
+  candidate_loss_ = loss;
+}
+
+Guard::Snapshot Guard::TakeSnapshot(int64_t step) const {
   Snapshot snap;
   snap.step = step;
   ::torch::NoGradGuard no_grad;
@@ -227,8 +223,7 @@ void Guard::MaybeSnapshot(int64_t step, double loss) {
   for (const auto& t : options_.rollback_module->buffers()) {
     snap.tensors.push_back(t.detach().clone());
   }
-  candidate_ = std::move(snap);
-  candidate_loss_ = loss;
+  return snap;
 }
 
 bool Guard::RollBack(int64_t onset, std::string* note) {

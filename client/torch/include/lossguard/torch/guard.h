@@ -150,6 +150,8 @@ class Guard {
     int64_t step = 0;
     std::vector<::torch::Tensor> tensors;  // parameters, then buffers
   };
+  // A copy of the rollback module's parameters and buffers.
+  Snapshot TakeSnapshot(int64_t step) const;
   std::vector<Snapshot> snapshots_;  // good ones, oldest first
   // The newest copy, until the loss computed from it shows it is good.
   std::optional<Snapshot> candidate_;
