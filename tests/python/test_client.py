@@ -188,6 +188,29 @@ class TorchGuardTest(unittest.TestCase):
                 pb.GetCurveRequest(run_id="py-guard"), timeout=WAIT)
         self.assertTrue(all(p.HasField("grad_norm") for p in curve.points))
 
+    def test_rollback_restores_finite_weights_with_the_cut(self):
+        x, y, net, opt = problem()
+        client = lossguard.Client(self.daemon.address, "py-rollback", mode="auto",
+                                  max_batch_delay=0.001)
+        guard = lossguard.TorchGuard(opt, client, model=net, snapshot_every=1)
+        losses = []
+        for step in range(300):
+            guard.before_step(step)
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.after_backward(step, loss)
+            opt.step()
+            losses.append(float(loss))
+            if step % 5 == 4:
+                client.flush(WAIT)
+        guard.flush()
+        client.finish(timeout=WAIT)
+        notes = [note for _, _, applied, note in guard.events if applied]
+        self.assertTrue(any("rolled back" in n for n in notes), guard.events)
+        self.assertTrue(all(torch.isfinite(p).all() for p in net.parameters()))
+        self.assertTrue(all(math.isfinite(v) for v in losses[-50:]), losses[-50:])
+
     def test_lightning_style_callback(self):
         x, y, net, opt = problem()
         client = lossguard.Client(self.daemon.address, "py-lightning", mode="auto",

@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from lossguard.v1 import lossguard_pb2 as pb
+
 
 class TorchGuard:
     """Wraps a torch.optim optimizer for lossguard.
@@ -23,10 +25,21 @@ class TorchGuard:
     the schedule goes on from the corrected LR); restart_cosine takes the LR
     over with a cosine from eta_max to eta_min over t_0 steps, restarting;
     enable_grad_clip clips from then on; early_stop sets should_stop.
+
+    Rollback (with `model`): in-memory snapshots of the model's state_dict
+    every `snapshot_every` steps (and of the initial weights); a snapshot
+    counts once the next step's loss, computed from it, is finite and at
+    most twice the loss before it. An action with restore_checkpoint (an LR
+    cut for a run that blew up) first restores the newest snapshot from
+    before the trouble (the divergence's onset, else the step of the highest
+    loss), clears the optimizer's state and the current gradients, so the
+    optimizer.step() that follows changes nothing. Costs snapshots_kept + 1
+    copies of the model.
     """
 
     def __init__(self, optimizer, client, *, scheduler=None, accept=None,
-                 clip_max_norm=None, on_advice=None):
+                 clip_max_norm=None, on_advice=None, model=None,
+                 snapshot_every=50, snapshots_kept=3):
         self.optimizer = optimizer
         self.client = client
         self.scheduler = scheduler
@@ -38,6 +51,14 @@ class TorchGuard:
         self._pending = None      # (step, lr, loss tensor, norm tensor)
         self._pending_val = None
         self._restart = None      # (at_step, t_0, eta_max, eta_min)
+        self.model = model
+        self.snapshot_every = snapshot_every
+        self.snapshots_kept = snapshots_kept
+        self._snapshots = []        # (step, state_dict copy), good ones
+        self._candidate = None      # (step, state, loss) until proven good
+        self._peak = (-math.inf, 0)  # (loss, step)
+        if model is not None:
+            self._snapshots.append((-1, self._copy_state()))
         lr0 = optimizer.param_groups[0]["lr"]
         self._ratios = [g["lr"] / lr0 if lr0 else 1.0 for g in optimizer.param_groups]
 
@@ -87,13 +108,46 @@ class TorchGuard:
     def flush(self):
         self._report_pending()
 
+    def _copy_state(self):
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _snapshot(self, step, loss):
+        if self.model is None or self.snapshot_every <= 0:
+            return
+        if self._candidate is not None:
+            c_step, c_state, c_loss = self._candidate
+            if math.isfinite(loss) and loss <= 2.0 * c_loss:
+                self._snapshots.append((c_step, c_state))
+                del self._snapshots[:-max(1, self.snapshots_kept)]
+            self._candidate = None
+        if math.isfinite(loss) and step % self.snapshot_every == 0:
+            self._candidate = (step, self._copy_state(), loss)
+
+    def _roll_back(self, before_step):
+        good = [s for s in self._snapshots if s[0] < before_step]
+        if not good:
+            return ""
+        step, state = good[-1]
+        with torch.no_grad():
+            self.model.load_state_dict(state)
+        self.optimizer.state.clear()
+        for p in self._params():
+            p.grad = None
+        self._snapshots = [s for s in self._snapshots if s[0] <= step]
+        self._candidate = None
+        return f"; weights rolled back to step {step}"
+
     def _report_pending(self):
         if self._pending is None:
             return
         step, lr, loss, norm = self._pending
         self._pending = None
         val, self._pending_val = self._pending_val, None
-        self.client.report(step, lr, float(loss), val_loss=val, grad_norm=float(norm))
+        loss = float(loss)
+        if math.isfinite(loss) and loss > self._peak[0]:
+            self._peak = (loss, step)
+        self._snapshot(step, loss)
+        self.client.report(step, lr, loss, val_loss=val, grad_norm=float(norm))
 
     def _handle_advice(self, step):
         for advice in self.client.poll_advice():
@@ -131,6 +185,11 @@ class TorchGuard:
             if act.grad_clip_max_norm > 0:
                 self.clip_max_norm = act.grad_clip_max_norm
                 note += f"; gradient clipping at norm {self.clip_max_norm:.4g}"
+            if self.model is not None and act.restore_checkpoint:
+                before = (advice.diagnosis.onset
+                          if advice.diagnosis.kind == pb.DIVERGENCE
+                          else self._peak[1])
+                note += self._roll_back(before)
         if advice.HasField("action") and (mode == "auto" or
                                           (mode == "advise" and self.accept is not None)):
             self.client.ack(advice.advice_id, applied,
