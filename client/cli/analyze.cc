@@ -69,6 +69,11 @@ absl::Status CurveAnalysis::Feed(const analyzers::StepRecord& rec) {
   absl::Status s = analyzer_.Feed(rec, &decided_);
   if (!s.ok()) return s;
   policy::ObserveStep(rec, options_, &ctx_);
+  if (policy::DeferredDue(ctx_, options_)) {
+    for (Diagnosis& d : policy::TakeDeferred(analyzer_.Active(), options_, &ctx_)) {
+      decided_.push_back(std::move(d));
+    }
+  }
   for (Diagnosis& d : decided_) {
     if (d.kind == DiagnosisKind::kLossSpike) {
       report_.events.push_back(std::move(d));

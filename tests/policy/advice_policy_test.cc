@@ -577,5 +577,41 @@ TEST(AdvicePolicyTest, StuckWithCollapsedGradientsIsDamage) {
   EXPECT_THAT(raise.explanation, HasSubstr("starved"));
 }
 
+TEST(AdvicePolicyTest, CooldownDefersAnActionItDoesNotCancelIt) {
+  PolicyOptions o;
+  RunContext ctx;
+  for (int64_t s = 0; s <= 100; ++s) {
+    ObserveStep({.step = s, .lr = 0.5, .loss = 1.0}, o, &ctx);
+  }
+  Diagnosis stag = Diag(DiagnosisKind::kStagnation, 100);
+  Advice first = Decide(stag, ctx, o);
+  ASSERT_NE(first.action, ActionKind::kNone);
+  ObserveAdvice(stag, first, &ctx);
+  // An oscillation 20 steps later is blocked by the cooldown...
+  for (int64_t s = 101; s <= 120; ++s) {
+    ObserveStep({.step = s, .lr = 1.5, .loss = 1.0}, o, &ctx);
+  }
+  Diagnosis osc = Diag(DiagnosisKind::kOscillation, 120);
+  Advice blocked = Decide(osc, ctx, o);
+  EXPECT_EQ(blocked.blocked_by, GuardRail::kCooldown);
+  ObserveAdvice(osc, blocked, &ctx);
+  EXPECT_FALSE(DeferredDue(ctx, o));
+  // ...and comes back once the cooldown is over, if it still holds.
+  for (int64_t s = 121; s <= 200; ++s) {
+    ObserveStep({.step = s, .lr = 1.5, .loss = 1.0}, o, &ctx);
+  }
+  EXPECT_TRUE(DeferredDue(ctx, o));
+  std::vector<Diagnosis> due = TakeDeferred({osc}, o, &ctx);
+  ASSERT_EQ(due.size(), 1u);
+  EXPECT_EQ(due[0].step, 200);
+  EXPECT_THAT(due[0].evidence, HasSubstr("after the cooldown"));
+  EXPECT_EQ(Decide(due[0], ctx, o).action, ActionKind::kScaleLr);
+  EXPECT_FALSE(DeferredDue(ctx, o));  // taken once
+  // A deferred kind that no longer holds is dropped.
+  ctx.deferred_kinds = 1u << static_cast<unsigned>(DiagnosisKind::kOscillation);
+  EXPECT_TRUE(TakeDeferred({}, o, &ctx).empty());
+  EXPECT_EQ(ctx.deferred_kinds, 0u);
+}
+
 }  // namespace
 }  // namespace lossguard::policy

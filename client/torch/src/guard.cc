@@ -36,6 +36,12 @@ class Guard::Embedded {
     decided_.clear();
     if (!analyzer_.Feed(rec, &decided_).ok()) return;
     policy::ObserveStep(rec, policy_, &ctx_);
+    if (policy::DeferredDue(ctx_, policy_)) {
+      for (analyzers::Diagnosis& d :
+           policy::TakeDeferred(analyzer_.Active(), policy_, &ctx_)) {
+        decided_.push_back(std::move(d));
+      }
+    }
     for (const analyzers::Diagnosis& d : decided_) {
       if (d.kind == analyzers::DiagnosisKind::kLossSpike) continue;
       policy::Advice a = policy::Decide(d, ctx_, policy_);

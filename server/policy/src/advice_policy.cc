@@ -390,7 +390,12 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
     ctx->grad_explosion_seen = true;
   }
   if (d.grad_norm_level > 0.0) ctx->grad_norm_level = d.grad_norm_level;
+  if (advice.blocked_by == GuardRail::kCooldown) {
+    ctx->deferred_kinds |= 1u << static_cast<unsigned>(d.kind);
+  }
   if (advice.action == ActionKind::kNone) return;
+  // An action answers every earlier deferral (the situation changed).
+  ctx->deferred_kinds = 0;
   if (advice.restore_checkpoint && advice.lr_to > 0.0) {
     // The LR that blew the run up is not to be reached again.
     ctx->lr_ceiling = ctx->lr_ceiling > 0.0
@@ -400,6 +405,31 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   ctx->last_action_step = advice.at_step;
   ++ctx->actions_taken;
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;
+}
+
+bool DeferredDue(const RunContext& ctx, const PolicyOptions& options) {
+  return ctx.deferred_kinds != 0 &&
+         (!ctx.last_action_step.has_value() ||
+          analyzers::StepsBetween(*ctx.last_action_step, ctx.step) >=
+              options.cooldown_steps);
+}
+
+std::vector<Diagnosis> TakeDeferred(const std::vector<Diagnosis>& active,
+                                    const PolicyOptions& options,
+                                    RunContext* ctx) {
+  std::vector<Diagnosis> due;
+  if (!DeferredDue(*ctx, options)) return due;
+  for (const Diagnosis& d : active) {
+    if (ctx->deferred_kinds & (1u << static_cast<unsigned>(d.kind))) {
+      due.push_back(d);
+      due.back().step = ctx->step;
+      absl::StrAppendFormat(&due.back().evidence,
+                            "; still holds at step %d, after the cooldown",
+                            ctx->step);
+    }
+  }
+  ctx->deferred_kinds = 0;
+  return due;
 }
 
 std::string_view OutcomeName(Outcome outcome) {

@@ -298,6 +298,12 @@ void Run::FeedLocked(const v1::Step& step, std::vector<v1::Advice>* to_send,
     return;
   }
   for (const Diagnosis& d : decided_) HandleDiagnosisLocked(d, to_send);
+  if (policy::DeferredDue(ctx_, options_->policy)) {
+    for (const Diagnosis& d :
+         policy::TakeDeferred(analyzer_.Active(), options_->policy, &ctx_)) {
+      HandleDiagnosisLocked(d, to_send);
+    }
+  }
 }
 
 void Run::HandleDiagnosisLocked(const Diagnosis& d,

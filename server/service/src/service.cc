@@ -759,6 +759,12 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
         return;
       }
       policy::ObserveStep(rec, options_->run.policy, &ctx);
+      if (policy::DeferredDue(ctx, options_->run.policy)) {
+        for (analyzers::Diagnosis& d : policy::TakeDeferred(
+                 analyzer.Active(), options_->run.policy, &ctx)) {
+          decided.push_back(std::move(d));
+        }
+      }
       for (const analyzers::Diagnosis& d : decided) {
         if (d.kind == analyzers::DiagnosisKind::kLossSpike) {
           *reply->add_events() = wire::ToProto(d);

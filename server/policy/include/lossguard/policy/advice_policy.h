@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "lossguard/analyzers/types.h"
 
@@ -133,6 +134,9 @@ struct RunContext {
   double initial_loss = 0.0;
   double peak_loss = 0.0;
   double initial_grad_norm = 0.0;  // the first finite, positive one
+  // Kinds whose diagnosis was blocked by the cooldown (bit = 1 << kind):
+  // reconsidered once it ends, if they still hold (see TakeDeferred).
+  uint32_t deferred_kinds = 0;
   // After an LR cut for a blow-up (restore_checkpoint), the LR it set: no
   // later raise or cosine restart goes above it (0: no ceiling).
   double lr_ceiling = 0.0;
@@ -200,6 +204,17 @@ void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
 // overfitting_advised; a gradient explosion and a grad-norm level are noted.
 void ObserveAdvice(const analyzers::Diagnosis& d, const Advice& advice,
                    RunContext* ctx);
+
+// The cooldown delays an action, it does not cancel it: a diagnosis blocked
+// by it is deferred (ObserveAdvice records it). Once the cooldown is over,
+// TakeDeferred returns those of `active` (the analyzer's diagnoses that
+// still hold) whose kind was deferred, re-dated to `ctx.step`, and forgets
+// the deferral; the caller Decides on each as on a new diagnosis.
+std::vector<analyzers::Diagnosis> TakeDeferred(
+    const std::vector<analyzers::Diagnosis>& active,
+    const PolicyOptions& options, RunContext* ctx);
+// Whether TakeDeferred would return anything (cheap: no analyzer call).
+bool DeferredDue(const RunContext& ctx, const PolicyOptions& options);
 
 // What an applied action did to the run.
 enum class Outcome {
