@@ -59,28 +59,23 @@ nlohmann::ordered_json AdviceToJson(const Advice& a) {
 
 CurveAnalysis::CurveAnalysis(std::string file,
                              const policy::PolicyOptions& options)
-    : options_(options) {
+    : advisor_(analyzers::AnalyzerOptions(), options) {
   report_.file = std::move(file);
 }
 
 absl::Status CurveAnalysis::Feed(const analyzers::StepRecord& rec) {
   decided_.clear();
   // The analyzer's errors already name the step.
-  absl::Status s = analyzer_.Feed(rec, &decided_);
+  absl::Status s = advisor_.Feed(rec, &decided_);
   if (!s.ok()) return s;
-  policy::ObserveStep(rec, options_, &ctx_);
-  if (policy::DeferredDue(ctx_, options_)) {
-    for (Diagnosis& d : policy::TakeDeferred(analyzer_.Active(), options_, &ctx_)) {
-      decided_.push_back(std::move(d));
-    }
-  }
+  advisor_.TakeDue(&decided_);
   for (Diagnosis& d : decided_) {
     if (d.kind == DiagnosisKind::kLossSpike) {
       report_.events.push_back(std::move(d));
       continue;
     }
-    Advice advice = policy::Decide(d, ctx_, options_);
-    policy::ObserveAdvice(d, advice, &ctx_);
+    Advice advice = advisor_.Decide(d);
+    advisor_.Record(d, advice);
     report_.advice.push_back(std::move(advice));
     report_.diagnoses.push_back(std::move(d));
   }

@@ -12,6 +12,7 @@
 #include "lossguard/analyzers/curve_analyzer.h"
 #include "lossguard/analyzers/types.h"
 #include "lossguard/policy/advice_policy.h"
+#include "lossguard/policy/advisor.h"
 
 namespace lossguard::cli {
 
@@ -50,9 +51,7 @@ class CurveAnalysis {
   const AnalyzeReport& report() const { return report_; }
 
  private:
-  const policy::PolicyOptions options_;
-  analyzers::CurveAnalyzer analyzer_;
-  policy::RunContext ctx_;
+  policy::Advisor advisor_;
   std::vector<analyzers::Diagnosis> decided_;  // scratch for Feed
   AnalyzeReport report_;
 };

@@ -9,7 +9,7 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
-#include "lossguard/analyzers/curve_analyzer.h"
+#include "lossguard/policy/advisor.h"
 #include "lossguard/wire/convert.h"
 
 namespace lossguard::torch {
@@ -28,32 +28,23 @@ schedule::ScheduleConfig ResolveSchedule(schedule::ScheduleConfig config,
 // The analyzers and policy in-process, for a guard without a daemon.
 class Guard::Embedded {
  public:
-  Embedded(const GuardOptions& o)
-      : analyzer_(o.analyzer), policy_(o.policy) {}
+  Embedded(const GuardOptions& o) : advisor_(o.analyzer, o.policy) {}
 
   // Feeds one step; advice decided at it is appended to `out`.
   void Feed(const analyzers::StepRecord& rec, std::vector<v1::Advice>* out) {
     decided_.clear();
-    if (!analyzer_.Feed(rec, &decided_).ok()) return;
-    policy::ObserveStep(rec, policy_, &ctx_);
-    if (policy::DeferredDue(ctx_, policy_)) {
-      for (analyzers::Diagnosis& d :
-           policy::TakeDeferred(analyzer_.Active(), policy_, &ctx_)) {
-        decided_.push_back(std::move(d));
-      }
-    }
+    if (!advisor_.Feed(rec, &decided_).ok()) return;
+    advisor_.TakeDue(&decided_);
     for (const analyzers::Diagnosis& d : decided_) {
       if (d.kind == analyzers::DiagnosisKind::kLossSpike) continue;
-      policy::Advice a = policy::Decide(d, ctx_, policy_);
-      policy::ObserveAdvice(d, a, &ctx_);
+      policy::Advice a = advisor_.Decide(d);
+      advisor_.Record(d, a);
       out->push_back(wire::ToProto(a, d, next_id_++));
     }
   }
 
  private:
-  analyzers::CurveAnalyzer analyzer_;
-  policy::PolicyOptions policy_;
-  policy::RunContext ctx_;
+  policy::Advisor advisor_;
   std::vector<analyzers::Diagnosis> decided_;
   uint64_t next_id_ = 1;
 };

@@ -26,6 +26,16 @@ v1::DiagnosisKind ToProto(DiagnosisKind kind) {
   return v1::DIAGNOSIS_KIND_UNSPECIFIED;
 }
 
+std::optional<DiagnosisKind> FromProto(v1::DiagnosisKind kind) {
+  for (DiagnosisKind k :
+       {DiagnosisKind::kDivergence, DiagnosisKind::kOscillation,
+        DiagnosisKind::kStagnation, DiagnosisKind::kOverfitting,
+        DiagnosisKind::kGradientExplosion, DiagnosisKind::kLossSpike}) {
+    if (ToProto(k) == kind) return k;
+  }
+  return std::nullopt;
+}
+
 v1::Diagnosis ToProto(const Diagnosis& d) {
   v1::Diagnosis p;
   p.set_kind(ToProto(d.kind));

@@ -84,7 +84,7 @@ Run::Run(const storage::RunRow& row, const v1::RunConfig& config,
       name_(row.name),
       tags_json_(row.tags_json),
       config_(config),
-      analyzer_(options->analyzer) {
+      advisor_(options->analyzer, options->policy) {
   summary_.set_run_id(row.run_id);
   summary_.set_name(row.name);
   summary_.set_project(row.project);
@@ -138,15 +138,16 @@ absl::Status Run::Recover() {
         PersistAdviceLocked(r);
       }
       // Rebuild the policy's memory of its own actions.
+      policy::RunContext* ctx = advisor_.mutable_context();
       const v1::Advice& a = r.advice();
       if (a.diagnosis().kind() == v1::GRADIENT_EXPLOSION) {
-        ctx_.grad_explosion_seen = true;
+        ctx->grad_explosion_seen = true;
       }
       if (a.has_action()) {
-        ctx_.last_action_step = a.at_step();
-        ++ctx_.actions_taken;
+        ctx->last_action_step = a.at_step();
+        ++ctx->actions_taken;
         if (a.diagnosis().kind() == v1::OVERFITTING) {
-          ctx_.overfitting_advised = true;
+          ctx->overfitting_advised = true;
         }
       }
       advice_.push_back(std::move(r));
@@ -267,9 +268,8 @@ void Run::FeedLocked(const v1::Step& step, std::vector<v1::Advice>* to_send,
   const analyzers::StepRecord rec = FromProto(step);
   decided_.clear();
   // Validated by the caller (or stored after validation): Feed cannot fail.
-  absl::Status s = analyzer_.Feed(rec, &decided_);
+  absl::Status s = advisor_.Feed(rec, &decided_);
   if (!s.ok()) return;
-  policy::ObserveStep(rec, options_->policy, &ctx_);
   summary_.set_has_steps(true);
   summary_.set_last_step(step.step());
   summary_.set_last_loss(step.loss());
@@ -289,21 +289,19 @@ void Run::FeedLocked(const v1::Step& step, std::vector<v1::Advice>* to_send,
   }
   if (replaying) {
     // The diagnoses are stored already; the policy's memory of them is not.
+    policy::RunContext* ctx = advisor_.mutable_context();
     for (const Diagnosis& d : decided_) {
       if (d.kind == DiagnosisKind::kGradientExplosion) {
-        ctx_.grad_explosion_seen = true;
+        ctx->grad_explosion_seen = true;
       }
-      if (d.grad_norm_level > 0.0) ctx_.grad_norm_level = d.grad_norm_level;
+      if (d.grad_norm_level > 0.0) ctx->grad_norm_level = d.grad_norm_level;
     }
     return;
   }
   for (const Diagnosis& d : decided_) HandleDiagnosisLocked(d, to_send);
-  if (policy::DeferredDue(ctx_, options_->policy)) {
-    for (const Diagnosis& d :
-         policy::TakeDeferred(analyzer_.Active(), options_->policy, &ctx_)) {
-      HandleDiagnosisLocked(d, to_send);
-    }
-  }
+  decided_.clear();
+  advisor_.TakeDue(&decided_);
+  for (const Diagnosis& d : decided_) HandleDiagnosisLocked(d, to_send);
 }
 
 void Run::HandleDiagnosisLocked(const Diagnosis& d,
@@ -329,7 +327,7 @@ void Run::HandleDiagnosisLocked(const Diagnosis& d,
   }
   if (d.kind == DiagnosisKind::kLossSpike) return;  // an event, no advice
 
-  policy::Advice a = policy::Decide(d, ctx_, options_->policy);
+  policy::Advice a = advisor_.Decide(d);
   const bool observe = summary_.mode() == v1::OBSERVE;
   if (observe && a.action != ActionKind::kNone) {
     // OBSERVE: say what would have been done, do not count it as done.
@@ -338,7 +336,7 @@ void Run::HandleDiagnosisLocked(const Diagnosis& d,
                                  a.explanation);
     a.action = ActionKind::kNone;
   }
-  policy::ObserveAdvice(d, a, &ctx_);
+  advisor_.Record(d, a);
   v1::AdviceRecord rec;
   *rec.mutable_advice() = ToProto(a, d, next_advice_id_++);
   rec.set_status(rec.advice().has_action() ? v1::SENT : v1::INFORMATIONAL);
@@ -419,23 +417,8 @@ absl::Status Run::Ack(uint64_t session, const v1::AdviceAck& ack) {
     PendingOutcome p;
     p.advice_id = ack.advice_id();
     p.record = *rec;
-    switch (rec->advice().diagnosis().kind()) {
-      case v1::OSCILLATION:
-        p.kind = DiagnosisKind::kOscillation;
-        break;
-      case v1::STAGNATION:
-        p.kind = DiagnosisKind::kStagnation;
-        break;
-      case v1::OVERFITTING:
-        p.kind = DiagnosisKind::kOverfitting;
-        break;
-      case v1::GRADIENT_EXPLOSION:
-        p.kind = DiagnosisKind::kGradientExplosion;
-        break;
-      default:
-        p.kind = DiagnosisKind::kDivergence;
-        break;
-    }
+    p.kind = FromProto(rec->advice().diagnosis().kind())
+                 .value_or(DiagnosisKind::kDivergence);
     p.applied_step = summary_.last_step();
     p.loss_before = RecentLossMedianLocked(window);
     if (!recent_vals_.empty()) {
@@ -519,7 +502,7 @@ v1::RunState Run::ComputeStateLocked() const {
   if (finished_) return v1::FINISHED;
   if (!attached_) return v1::DETACHED;
   bool at_risk = false;
-  for (const Diagnosis& d : analyzer_.Active()) {
+  for (const Diagnosis& d : advisor_.analyzer().Active()) {
     if (d.kind == DiagnosisKind::kDivergence ||
         d.kind == DiagnosisKind::kOverfitting) {
       return v1::UNHEALTHY;
@@ -582,7 +565,7 @@ v1::RunSummary Run::Summary() const {
   absl::MutexLock lock(&mu_);
   v1::RunSummary s = summary_;
   s.clear_active();
-  for (const Diagnosis& d : analyzer_.Active()) s.add_active(ToProto(d.kind));
+  for (const Diagnosis& d : advisor_.analyzer().Active()) s.add_active(ToProto(d.kind));
   return s;
 }
 
@@ -591,7 +574,7 @@ v1::RunHealth Run::Health() const {
   v1::RunHealth h;
   *h.mutable_summary() = summary_;
   *h.mutable_config() = config_;
-  for (const Diagnosis& d : analyzer_.Active()) {
+  for (const Diagnosis& d : advisor_.analyzer().Active()) {
     h.mutable_summary()->add_active(ToProto(d.kind));
     *h.add_active_diagnoses() = ToProto(d);
   }

@@ -17,8 +17,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
-#include "lossguard/analyzers/curve_analyzer.h"
 #include "lossguard/policy/advice_policy.h"
+#include "lossguard/policy/advisor.h"
 #include "lossguard/runs/curve_sampler.h"
 #include "lossguard/service/log.h"
 #include "lossguard/wire/convert.h"
@@ -746,34 +746,26 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
     const v1::AnalyzeCurveRequest* request, v1::AnalyzeCurveResponse* reply) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   pool_->Submit([this, reactor, request, reply] {
-    analyzers::CurveAnalyzer analyzer(options_->run.analyzer);
-    policy::RunContext ctx;
+    policy::Advisor advisor(options_->run.analyzer, options_->run.policy);
     std::vector<analyzers::Diagnosis> decided;
     uint64_t next_id = 1;
     for (const v1::Step& step : request->steps()) {
-      const analyzers::StepRecord rec = wire::FromProto(step);
       decided.clear();
-      absl::Status s = analyzer.Feed(rec, &decided);
+      absl::Status s = advisor.Feed(wire::FromProto(step), &decided);
       if (!s.ok()) {
         reactor->Finish(ToGrpc(s));
         return;
       }
-      policy::ObserveStep(rec, options_->run.policy, &ctx);
-      if (policy::DeferredDue(ctx, options_->run.policy)) {
-        for (analyzers::Diagnosis& d : policy::TakeDeferred(
-                 analyzer.Active(), options_->run.policy, &ctx)) {
-          decided.push_back(std::move(d));
-        }
-      }
+      advisor.TakeDue(&decided);
       for (const analyzers::Diagnosis& d : decided) {
         if (d.kind == analyzers::DiagnosisKind::kLossSpike) {
           *reply->add_events() = wire::ToProto(d);
           continue;
         }
         *reply->add_diagnoses() = wire::ToProto(d);
-        policy::Advice a = policy::Decide(d, ctx, options_->run.policy);
+        policy::Advice a = advisor.Decide(d);
         if (request->mode() == v1::OBSERVE) a.action = policy::ActionKind::kNone;
-        policy::ObserveAdvice(d, a, &ctx);
+        advisor.Record(d, a);
         *reply->add_advice() = wire::ToProto(a, d, next_id++);
       }
     }

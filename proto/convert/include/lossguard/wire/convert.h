@@ -2,6 +2,7 @@
 #define LOSSGUARD_WIRE_CONVERT_H_
 
 #include <cstdint>
+#include <optional>
 
 #include "lossguard/analyzers/types.h"
 #include "lossguard/policy/advice_policy.h"
@@ -14,6 +15,8 @@ namespace lossguard::wire {
 namespace v1 = ::lossguard::v1;
 
 v1::DiagnosisKind ToProto(analyzers::DiagnosisKind kind);
+// The inverse; nullopt for DIAGNOSIS_KIND_UNSPECIFIED or an unknown value.
+std::optional<analyzers::DiagnosisKind> FromProto(v1::DiagnosisKind kind);
 v1::Diagnosis ToProto(const analyzers::Diagnosis& d);
 // The policy's advice as a wire Advice (action unset for kNone).
 v1::Advice ToProto(const policy::Advice& a, const analyzers::Diagnosis& d,

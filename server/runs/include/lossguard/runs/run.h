@@ -11,8 +11,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
-#include "lossguard/analyzers/curve_analyzer.h"
 #include "lossguard/policy/advice_policy.h"
+#include "lossguard/policy/advisor.h"
 #include "lossguard/storage/run_store.h"
 #include "lossguard/v1/lossguard.pb.h"
 
@@ -172,8 +172,7 @@ class Run {
   bool attached_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_session_ ABSL_GUARDED_BY(mu_) = 1;
 
-  analyzers::CurveAnalyzer analyzer_ ABSL_GUARDED_BY(mu_);
-  policy::RunContext ctx_ ABSL_GUARDED_BY(mu_);
+  policy::Advisor advisor_ ABSL_GUARDED_BY(mu_);  // analyzer + policy memory
   std::vector<analyzers::Diagnosis> decided_ ABSL_GUARDED_BY(mu_);  // scratch
   std::vector<storage::StepRow> rows_ ABSL_GUARDED_BY(mu_);         // scratch
 
