@@ -58,6 +58,10 @@ ABSL_FLAG(std::string, run_id, "", "run id (default: derived from the flags and 
 ABSL_FLAG(std::string, project, "fashion-mnist", "project name");
 ABSL_FLAG(bool, lr_range_test, false, "run an LR range test and print the suggested LR");
 ABSL_FLAG(std::string, metrics_out, "", "write the final metrics as JSON here");
+ABSL_FLAG(std::string, curve_out, "",
+          "write every reported step here as a curve CSV (step, lr, loss, "
+          "val_loss, grad_norm: the corpus format, readable by lossguard "
+          "analyze); needs the guard");
 ABSL_FLAG(bool, quiet, false, "print only advice and the summary");
 ABSL_FLAG(bool, guard, true,
           "false: no lossguard at all, the schedule set directly (the "
@@ -328,6 +332,24 @@ int main(int argc, char** argv) {
   };
   std::vector<Received> received;
   int64_t current_step = 0;
+  std::FILE* curve = nullptr;
+  const std::string curve_path = absl::GetFlag(FLAGS_curve_out);
+  if (!curve_path.empty()) {
+    if (!absl::GetFlag(FLAGS_guard)) return Fail("--curve_out needs the guard");
+    curve = std::fopen(curve_path.c_str(), "w");
+    if (curve == nullptr) {
+      return Fail(absl::StrCat("--curve_out: cannot write ", curve_path));
+    }
+    std::fputs("step,lr,loss,val_loss,grad_norm\n", curve);
+    gopts.on_report = [curve](const lossguard::analyzers::StepRecord& r) {
+      auto opt = [](const std::optional<double>& v) {
+        return v.has_value() ? absl::StrFormat("%.9g", *v) : std::string();
+      };
+      std::fprintf(curve, "%lld,%.9g,%.9g,%s,%s\n",
+                   static_cast<long long>(r.step), r.lr, r.loss,
+                   opt(r.val_loss).c_str(), opt(r.grad_norm).c_str());
+    };
+  }
   gopts.on_advice = [&](const Advice& a, bool applied) {
     received.push_back({current_step, a, applied});
     if (!attached) return;
@@ -437,6 +459,9 @@ int main(int argc, char** argv) {
     }
   }
   if (guard) guard->Flush();
+  if (curve != nullptr && std::fclose(curve) != 0) {
+    return Fail(absl::StrCat("--curve_out: writing ", curve_path, " failed"));
+  }
   sync();
   const double train_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)

@@ -14,10 +14,11 @@ def main():
     binary = sys.argv[1]
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "m.json")
+        curve = os.path.join(d, "curve.csv")
         subprocess.run([binary, "--steps", "40", "--train-subset", "1000",
                         "--val-size", "300", "--eval-every", "20", "--lr", "0.05",
                         "--schedule", "cosine", "--warmup", "5", "--quiet",
-                        "--metrics-out", out], check=True)
+                        "--metrics-out", out, "--curve-out", curve], check=True)
         m = json.load(open(out))
         assert m["steps"] == 40, m
         assert m["attached"] is False and m["mode"] == "unattended", m
@@ -27,6 +28,14 @@ def main():
         assert m["advice"] == [], m
         # Cosine to step 40 (T_max = 35 after 5 warmup steps): ends near 0.
         assert m["final_lr"] < 0.01, m
+        # --curve-out: every step in the corpus format, validation where run.
+        lines = open(curve).read().splitlines()
+        assert lines[0] == "step,lr,loss,val_loss,grad_norm", lines[0]
+        rows = [line.split(",") for line in lines[1:]]
+        assert [int(r[0]) for r in rows] == list(range(40)), rows
+        assert [i for i, r in enumerate(rows) if r[3]] == [19, 39], rows
+        assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows), rows
+        assert abs(float(rows[-1][1]) - m["final_lr"]) < 1e-6 + 0.1 * m["final_lr"], (rows[-1], m)
         # Bad flags are errors, not crashes.
         r = subprocess.run([binary, "--optimizer", "lion"], capture_output=True, text=True)
         assert r.returncode == 1 and "--optimizer" in r.stderr, r

@@ -172,16 +172,17 @@ void Guard::ReportPending() {
     peak_step_ = p->step;
   }
   MaybeSnapshot(p->step, loss);
-  if (client_ != nullptr) {
-    client_->Report(p->step, p->lr, loss, p->val_loss, grad_norm);
-    return;
-  }
   analyzers::StepRecord rec;
   rec.step = p->step;
   rec.lr = p->lr;
   rec.loss = loss;
   rec.val_loss = p->val_loss;
   rec.grad_norm = grad_norm;
+  if (options_.on_report) options_.on_report(rec);
+  if (client_ != nullptr) {
+    client_->Report(p->step, p->lr, loss, p->val_loss, grad_norm);
+    return;
+  }
   std::vector<v1::Advice> advice;
   embedded_->Feed(rec, &advice);
   for (v1::Advice& a : advice) embedded_advice_.push_back(std::move(a));

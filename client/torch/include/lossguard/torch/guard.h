@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lossguard/analyzers/options.h"
+#include "lossguard/analyzers/types.h"
 #include "lossguard/client/client.h"
 #include "lossguard/policy/advice_policy.h"
 #include "lossguard/schedule/lr_schedule.h"
@@ -34,6 +35,9 @@ struct GuardOptions {
   // Called for every advice received (applied or not), on the training
   // thread, e.g. to print it.
   std::function<void(const v1::Advice&, bool applied)> on_advice;
+  // Called with every step as it is reported (one step late, see Guard),
+  // on the training thread: e.g. to log the curve the daemon sees.
+  std::function<void(const analyzers::StepRecord&)> on_report;
   // Rollback: with a module, the guard keeps in-memory snapshots of its
   // parameters and buffers (BatchNorm statistics) every `snapshot_every`
   // steps (and one of the initial weights); a copy counts once the next
