@@ -92,7 +92,9 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   scratch_.clear();
   for (int i = 0; i < third; ++i) scratch_.push_back(blocks.FromBack(i).level);
   const double tail = MedianInPlace(scratch_);
-  const double progress = head - tail;  // log-loss fallen across the window
+  // Log-loss fallen across the window. Falling back towards the initial
+  // loss after a blow-up is not progress: the head counts from L0 at most.
+  const double progress = std::min(head, track.log_l0()) - tail;
   if (findings->IsActive(DiagnosisKind::kStagnation)) {
     const double lr_now = track.lr();
     const bool raised = std::isfinite(reported_lr_) && std::isfinite(lr_now) &&
@@ -167,12 +169,16 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
           ? absl::StrFormat("at its rate it would take %.0f more points "
                             "(%.1fx the run so far) to halve",
                             halving_points, halving_ratio)
-          : std::string("it did not fall at all");
+          : head > track.log_l0()
+              ? std::string(
+                    "it only fell back towards the initial loss after "
+                    "blowing up, which is no progress")
+              : std::string("it did not fall at all");
   d.evidence = absl::StrFormat(
       "smoothed loss went from %.4g to %.4g over the last %d steps (%+.1f%%); "
       "%s; it is %.0f%% of the initial loss %.4g",
       std::exp(head), std::exp(tail), StepSpan(first.first_step, b.last_step),
-      100.0 * (std::exp(-progress) - 1.0), rate, 100.0 * frac_now,
+      100.0 * (std::exp(tail - head) - 1.0), rate, 100.0 * frac_now,
       track.l0());
   if (cut_early) {
     absl::StrAppendFormat(

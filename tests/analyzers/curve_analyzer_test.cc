@@ -594,6 +594,36 @@ TEST(CurveAnalyzerTest, FlatAtInitialLossIsStagnation) {
   EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kStagnation).size(), 1u);
 }
 
+// An LR 100x too large (lossguard-train, SGD at lr 5): the loss blows up
+// within the first five steps (2.3 -> 36000), hovers near 4x its initial
+// level for 40 steps, then falls back to chance level (ln 10) and stays
+// there. L0 is the first loss (the untrained model's), not the median of
+// points that already blew up, and falling back towards L0 is no progress:
+// stagnation, decided within a hundred steps, not a healthy run.
+TEST(CurveAnalyzerTest, FallBackToChanceAfterEarlyBlowUpIsStagnation) {
+  CurveSpec spec;
+  spec.points = 400;
+  spec.lr = [](int64_t) { return 5.0; };
+  spec.loss = [](int64_t i) {
+    static constexpr double kFirst[] = {1.0, 1.66, 2.77, 44.0, 15650.0};
+    if (i < 5) return kL0 * kFirst[i];
+    if (i < 45) return 4.0 * kL0;
+    if (i < 60) return kL0 * (4.0 - 2.9 * static_cast<double>(i - 45) / 15);
+    return 1.06 * kL0;
+  };
+  spec.loss_noise = 0.05;
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, Generate(spec));
+  const std::vector<Diagnosis> st = OfKind(ds, DiagnosisKind::kStagnation);
+  ASSERT_EQ(st.size(), 1u) << Describe(ds);
+  EXPECT_LE(st[0].step, 100) << Describe(st);
+  EXPECT_THAT(st[0].evidence, HasSubstr("no progress"));
+  // L0 ~ ln 10 (the first loss, with its noise), not ~6 (the median of the
+  // first five, three of them blown up).
+  EXPECT_THAT(st[0].evidence,
+              ContainsRegex("1[0-2][0-9]% of the initial loss 2\\.[23]"));
+}
+
 // A run stuck at its initial loss is reported once and stays active while
 // the loss stays flat: minibatch noise does not clear it.
 TEST(CurveAnalyzerTest, StuckRunIsReportedOnceAndStaysActive) {

@@ -28,10 +28,11 @@ struct AnalyzerOptions {
   // Initial loss L0 = median of this many first finite, positive losses...
   int initial_points = 5;
   // ...unless that median is more than this factor above the very first
-  // loss: then most of the first points already blew up, and L0 is the
-  // first loss (the untrained model's, before any update). No healthy run
-  // quadruples its loss in its first steps.
-  double initial_blowup_factor = 4.0;
+  // loss: then the first updates already blew the loss up (an LR far too
+  // large), and L0 is the first loss (the untrained model's, before any
+  // update). A healthy run does not raise its loss by half in its first
+  // steps; a spike at one of them leaves the median alone.
+  double initial_blowup_factor = 1.5;
 
   // --- divergence ---------------------------------------------------------
   // A rise counts when the smoothed loss exceeds its best level by this
