@@ -2,13 +2,20 @@
 //
 //   lossguard analyze FILE.csv [--json]
 //   lossguard lr-find FILE.csv [--json]
+//   lossguard runs|health RUN|watch RUN|plot RUN|import FILE.csv
+//             [--server ADDR] ...
 //   lossguard help [COMMAND]
 //
-// Exit codes: 0 done, 1 bad file or failed analysis (message on stderr,
-// nothing on stdout), 2 usage error (usage on stderr). `analyze` streams the
-// file through the analyzer and prints once the whole file has parsed.
+// Exit codes: 0 done, 1 bad file, failed analysis or a daemon error
+// (message on stderr, nothing on stdout), 2 usage error (usage on stderr).
+// `analyze` streams the file through the analyzer and prints once the whole
+// file has parsed.
 
+#include <algorithm>
+#include <cctype>
 #include <iostream>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <ostream>
@@ -17,10 +24,17 @@
 #include <string_view>
 #include <vector>
 
+#include <cstdlib>
+#include <fstream>
+
 #include "absl/functional/function_ref.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "client/cli/analyze.h"
+#include "client/cli/fleet.h"
 #include "client/cli/lr_find.h"
 #include "lossguard/curvefile/curve_csv.h"
 
@@ -40,9 +54,85 @@ commands:
                              show the advice a live run would get
   lr-find FILE.csv [--json]  suggest an initial learning rate from an LR
                              range test curve
+
+against a running lossguardd (--server ADDR, default $LOSSGUARD_SERVER or
+127.0.0.1:7077):
+  runs                       the fleet: run, project, state, step, loss, LR,
+                             active diagnoses
+  health RUN                 one run: state, diagnoses with evidence, advice
+                             history with outcomes
+  watch RUN                  the run's events, live, until it finishes
+  plot RUN [-o FILE.svg]     loss, validation loss and LR against step, with
+                             diagnosis onsets and applied actions marked
+  import FILE.csv            send a curve file to the daemon as a run, to be
+                             diagnosed and plotted (never steered)
+
   help [COMMAND]             show this help, or a command's usage
 
-exit codes: 0 done, 1 bad file or failed analysis, 2 usage error
+every command takes --json (one JSON object; `watch`: one per line)
+
+exit codes: 0 done, 1 bad file, failed analysis or daemon error, 2 usage error
+)";
+
+constexpr std::string_view kRunsUsage =
+    R"(usage: lossguard runs [--server ADDR] [--project P] [--state S,...] [--json]
+
+The runs lossguardd knows, newest first: run id, project, state, last step,
+loss, validation loss, LR and active diagnoses, then a count by state.
+
+  --project P  only runs of project P
+  --state S    only runs in these states (comma separated): healthy,
+               at_risk, unhealthy, finished, detached
+  --json       {"server": ..., "runs": [RunSummary, ...]} (proto field names)
+)";
+
+constexpr std::string_view kHealthUsage =
+    R"(usage: lossguard health RUN [--server ADDR] [--json]
+
+One run: state and mode, last step, loss, validation loss and LR, its
+configuration, the active diagnoses with their evidence, and every advice
+with its status (sent, applied, rejected) and outcome (improved, no_change,
+worsened).
+
+  --json  the RunHealth message as JSON (proto field names)
+)";
+
+constexpr std::string_view kWatchUsage =
+    R"(usage: lossguard watch RUN [--server ADDR] [--json]
+
+Prints the run's past diagnoses, advice, acks, outcomes and state changes,
+then the new ones as they happen, until the run finishes (exit 0) or the
+daemon goes away (exit 1). Interrupt to stop earlier.
+
+  --json  one RunEvent JSON object per line
+)";
+
+constexpr std::string_view kPlotUsage =
+    R"(usage: lossguard plot RUN [-o FILE.svg] [--server ADDR] [--max-points N] [--linear]
+
+Writes an SVG of the run's loss and validation loss (left axis, log scale)
+and LR (right axis, log scale) against step. Each diagnosis is marked by a
+dashed line at its onset and a triangle where it was decided; each applied
+action by a solid line with what it did. Hover a marker for its evidence.
+
+  -o FILE.svg       where to write it (default RUN.svg; - for stdout)
+  --max-points N    curve points fetched (min/max buckets keep spikes;
+                    default 2000)
+  --linear          loss axis in linear scale
+  --json            print {"file": ..., "run_id": ..., "points": N} when done
+)";
+
+constexpr std::string_view kImportUsage =
+    R"(usage: lossguard import FILE.csv [--server ADDR] [--run-id ID] [--project P] [--json]
+
+Sends a curve file (step,lr,loss[,val_loss,grad_norm]) to lossguardd as a
+run in OBSERVE mode: it is diagnosed, stored and plotted like a live run,
+and marked finished. The whole file is checked first; a bad row sends
+nothing. Importing the same run again adds only the steps it lacks.
+
+  --run-id ID   the run's id (default: the file name without extension)
+  --project P   its project (default: imported)
+  --json        {"file", "run_id", "rows", "last_step", "advice"}
 )";
 
 constexpr std::string_view kAnalyzeUsage =
@@ -70,6 +160,11 @@ suggests the initial learning rate.
 std::optional<std::string_view> CommandUsage(std::string_view command) {
   if (command == "analyze") return kAnalyzeUsage;
   if (command == "lr-find") return kLrFindUsage;
+  if (command == "runs") return kRunsUsage;
+  if (command == "health") return kHealthUsage;
+  if (command == "watch") return kWatchUsage;
+  if (command == "plot") return kPlotUsage;
+  if (command == "import") return kImportUsage;
   return std::nullopt;
 }
 
@@ -176,8 +271,12 @@ int main(int argc, char** argv) {
         std::string("unknown command '") + std::string(command) + "'", kUsage);
   }
 
+  // Options: "--name value" or "--name=value"; which ones a command takes
+  // is checked below.
   bool json = false;
-  std::vector<std::string> files;
+  bool linear = false;
+  std::map<std::string, std::string> opts;
+  std::vector<std::string> positional;
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string_view arg = args[i];
     if (arg == "--help" || arg == "-h") {
@@ -186,16 +285,148 @@ int main(int argc, char** argv) {
     }
     if (arg == "--json") {
       json = true;
+    } else if (arg == "--linear") {
+      linear = true;
+    } else if (arg == "-") {
+      positional.emplace_back(arg);
     } else if (arg.size() > 1 && arg[0] == '-') {
-      return UsageError("unknown option '" + std::string(arg) + "'", *usage);
+      std::string name(arg);
+      std::string value;
+      const size_t eq = name.find('=');
+      if (eq != std::string::npos) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+      } else if (i + 1 < args.size()) {
+        value = std::string(args[++i]);
+      } else {
+        return UsageError("option '" + name + "' needs a value", *usage);
+      }
+      static const std::map<std::string_view, std::vector<std::string_view>>
+          kAllowed = {
+              {"analyze", {}},
+              {"lr-find", {}},
+              {"runs", {"--server", "--project", "--state"}},
+              {"health", {"--server"}},
+              {"watch", {"--server"}},
+              {"plot", {"--server", "-o", "--max-points"}},
+              {"import", {"--server", "--run-id", "--project"}},
+          };
+      const auto& allowed = kAllowed.at(command);
+      if (std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
+        return UsageError("unknown option '" + name + "'", *usage);
+      }
+      opts[name] = value;
     } else {
-      files.emplace_back(arg);
+      positional.emplace_back(arg);
     }
   }
-  if (files.size() != 1) {
-    return UsageError(files.empty() ? "missing FILE.csv" : "too many files",
+  if (linear && command != "plot") {
+    return UsageError("unknown option '--linear'", *usage);
+  }
+  const bool remote = command != "analyze" && command != "lr-find";
+  const size_t wanted = command == "runs" ? 0 : 1;
+  if (positional.size() != wanted) {
+    const std::string what = command == "analyze" || command == "lr-find" ||
+                                     command == "import"
+                                 ? "FILE.csv"
+                                 : "RUN";
+    return UsageError(positional.size() < wanted ? "missing " + what
+                                                 : "too many arguments",
                       *usage);
   }
-  return command == "analyze" ? RunAnalyze(files[0], json)
-                              : RunLrFind(files[0], json);
+  if (!remote) {
+    return command == "analyze" ? RunAnalyze(positional[0], json)
+                                : RunLrFind(positional[0], json);
+  }
+
+  std::string server = "127.0.0.1:7077";
+  if (const char* env = std::getenv("LOSSGUARD_SERVER"); env && *env) server = env;
+  if (opts.count("--server")) server = opts["--server"];
+  auto print = [](const absl::StatusOr<std::string>& out) {
+    if (!out.ok()) {
+      std::cerr << "lossguard: " << out.status().message() << "\n";
+      return kExitFailed;
+    }
+    std::cout << *out;
+    return kExitOk;
+  };
+  if (command == "import") {
+    lossguard::cli::ImportOptions io;
+    io.server = server;
+    io.run_id = opts["--run-id"];
+    io.project = opts["--project"];
+    absl::StatusOr<lossguard::cli::ImportReport> r =
+        lossguard::cli::ImportCsv(positional[0], io);
+    if (!r.ok()) return print(r.status());
+    return print(lossguard::cli::ImportReportText(*r, json));
+  }
+  std::unique_ptr<lossguard::v1::LossGuard::StubInterface> stub =
+      lossguard::cli::ConnectTo(server);
+  if (command == "runs") {
+    lossguard::cli::RunsQuery q;
+    q.project = opts["--project"];
+    if (!opts["--state"].empty()) {
+      for (absl::string_view name : absl::StrSplit(opts["--state"], ',')) {
+        lossguard::v1::RunState state;
+        if (!lossguard::v1::RunState_Parse(
+                absl::AsciiStrToUpper(std::string(absl::StripAsciiWhitespace(name))),
+                &state) ||
+            state == lossguard::v1::RUN_STATE_UNSPECIFIED) {
+          return UsageError("unknown state '" + std::string(name.data(), name.size()) + "'",
+                            *usage);
+        }
+        q.states.push_back(state);
+      }
+    }
+    return print(lossguard::cli::Runs(*stub, server, q, json));
+  }
+  const std::string& run = positional[0];
+  if (command == "health") {
+    return print(lossguard::cli::Health(*stub, server, run, json));
+  }
+  if (command == "watch") {
+    const absl::Status s = lossguard::cli::Watch(*stub, server, run, json, std::cout);
+    if (!s.ok()) return print(s);
+    return kExitOk;
+  }
+  // plot
+  lossguard::cli::PlotOptions po;
+  po.log_loss = !linear;
+  if (opts.count("--max-points") &&
+      (!absl::SimpleAtoi(opts["--max-points"], &po.max_points) ||
+       po.max_points < 4 || po.max_points > 100000)) {
+    return UsageError("--max-points takes a number from 4 to 100000", *usage);
+  }
+  std::string out_path = opts["-o"];
+  if (out_path.empty()) {
+    out_path = run + ".svg";
+    for (char& c : out_path) {
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-' &&
+          c != '_') {
+        c = '_';
+      }
+    }
+  }
+  absl::StatusOr<std::string> svg = lossguard::cli::PlotSvg(*stub, server, run, po);
+  if (!svg.ok()) return print(svg.status());
+  if (out_path == "-") {
+    std::cout << *svg;
+    return kExitOk;
+  }
+  {
+    std::ofstream f(out_path, std::ios::binary);
+    f << *svg;
+    if (!f.flush()) {
+      return print(absl::UnavailableError("cannot write " + out_path));
+    }
+  }
+  if (json) {
+    nlohmann::ordered_json j;
+    j["file"] = out_path;
+    j["run_id"] = run;
+    std::cout << JsonText(j);
+  } else {
+    std::cout << "wrote " << out_path << "\n";
+  }
+  return kExitOk;
 }
