@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--model", default="cnn")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="lossguard-overhead-")
-    daemon = subprocess.Popen([os.path.join(args.bin, "lossguardd"), "--listen=127.0.0.1:0",
+    daemon = subprocess.Popen([os.path.join(args.bin, "lossguardd"), "--listen=127.0.0.1:0", "--http=",
                                f"--db={os.path.join(work, 'lossguard.db')}",
                                "--log_level=warning"], stdout=subprocess.PIPE, text=True)
     port = int(daemon.stdout.readline().rsplit(" ", 1)[1])

@@ -40,7 +40,7 @@ def main():
     work = tempfile.mkdtemp(prefix="lossguard-rescue-")
     for b in ("lossguardd", "lossguard-train"):
         shutil.copy2(os.path.join(args.bin, b), os.path.join(work, b))
-    daemon = subprocess.Popen([os.path.join(work, "lossguardd"), "--listen=127.0.0.1:0",
+    daemon = subprocess.Popen([os.path.join(work, "lossguardd"), "--listen=127.0.0.1:0", "--http=",
                                f"--db={os.path.join(work, 'lossguard.db')}",
                                "--log_level=warning"], stdout=subprocess.PIPE, text=True)
     port = int(daemon.stdout.readline().rsplit(" ", 1)[1])

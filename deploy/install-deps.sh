@@ -17,7 +17,16 @@ packages=(
   libtorch-dev
   dataset-fashion-mnist
   python3 python3-numpy python3-torch python3-grpcio python3-protobuf
+  libcpp-httplib-dev
+  chromium
 )
+# The dashboard's front end is built with npm (its packages come from the
+# npm registry, pinned by server/dashboard/package-lock.json). A machine
+# with Node.js and npm already (from NodeSource, say) keeps them; otherwise
+# Debian's.
+if ! command -v npm >/dev/null 2>&1; then
+  packages+=(nodejs npm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

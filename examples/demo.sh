@@ -24,7 +24,7 @@ done
 WORK="$(mktemp -d)"
 FIFO="$WORK/port"
 mkfifo "$FIFO"
-"$BIN/lossguardd" --listen 127.0.0.1:0 --db "$WORK/lossguard.db" \
+"$BIN/lossguardd" --listen 127.0.0.1:0 --http 127.0.0.1:0 --db "$WORK/lossguard.db" \
   >"$FIFO" 2>"$WORK/lossguardd.log" &
 DAEMON=$!
 cleanup() {
@@ -36,7 +36,10 @@ trap cleanup EXIT
 exec 3<"$FIFO"
 read -r -u 3 LINE
 PORT="${LINE##* }"
+read -r -u 3 LINE
+HTTP_PORT="${LINE##* }"
 echo "lossguardd is up on 127.0.0.1:$PORT (store $WORK/lossguard.db, log $WORK/lossguardd.log)"
+echo "dashboard while the demo runs: http://127.0.0.1:$HTTP_PORT/"
 
 COMMON=(--lr "$LR" --steps "$STEPS" --optimizer sgd --momentum 0.9 --seed 1 --eval-every 50)
 

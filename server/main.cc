@@ -22,6 +22,9 @@
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:7077",
           "host:port to serve gRPC on (loopback by default; port 0 picks one)");
+ABSL_FLAG(std::string, http, "127.0.0.1:7078",
+          "host:port of the web dashboard, /api (JSON), /metrics "
+          "(Prometheus) and /healthz; empty: no HTTP port");
 ABSL_FLAG(std::string, db, "./lossguard.db",
           "SQLite database file (created if missing); \":memory:\" keeps "
           "nothing across restarts");
@@ -73,6 +76,7 @@ int main(int argc, char** argv) {
 
   lossguard::service::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
+  options.http_listen = absl::GetFlag(FLAGS_http);
   options.run.policy.max_actions = absl::GetFlag(FLAGS_max_actions);
   options.run.policy.cooldown_steps = absl::GetFlag(FLAGS_cooldown_steps);
   options.run.policy.min_lr = absl::GetFlag(FLAGS_min_lr);
@@ -102,6 +106,9 @@ int main(int argc, char** argv) {
   if (!s.ok()) return Fail(std::string(s.message()));
   // Scripts read the port from this line when they listen on port 0.
   std::printf("lossguardd listening on port %d\n", daemon.port());
+  if (daemon.http_port() != 0) {
+    std::printf("lossguardd dashboard on http port %d\n", daemon.http_port());
+  }
   std::fflush(stdout);
 
   int sig = 0;

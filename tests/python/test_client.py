@@ -30,7 +30,7 @@ class Daemon:
     def __init__(self, db, port=0):
         self.proc = subprocess.Popen(
             [os.environ["LOSSGUARDD"], f"--listen=127.0.0.1:{port}", f"--db={db}",
-             "--log_level=warning", "--shutdown_grace_s=1"],
+             "--http=", "--log_level=warning", "--shutdown_grace_s=1"],
             stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # "lossguardd listening on port N"
         self.port = int(line.rsplit(" ", 1)[1])

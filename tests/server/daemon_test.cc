@@ -24,6 +24,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "httplib.h"
 #include "lossguard/curvefile/curve_csv.h"
 #include "lossguard/service/service.h"
 #include "lossguard/storage/run_store.h"
@@ -339,6 +340,128 @@ TEST_F(DaemonTest, AutoModeCutsTheLrOfADivergingRunBeforeItsLossTurnsNaN) {
     EXPECT_THAT(r.outcome_evidence(), HasSubstr("steps"));
   }
   EXPECT_TRUE(found);
+}
+
+// A trainer that reports one step late has sent losses computed before it
+// applied an action; with the ack's effective_step the outcome window
+// starts there, so those losses do not count against the action.
+TEST_F(DaemonTest, OutcomeIsJudgedFromTheAcksEffectiveStep) {
+  StartDaemon();
+  auto run = [&](const std::string& id, bool give_effective_step) {
+    std::vector<analyzers::StepRecord> curve;
+    for (int i = 0; i < 200; ++i) {
+      analyzers::StepRecord r;
+      r.step = i;
+      r.lr = 0.5;
+      r.loss = i < 20 ? 2.3 + 0.01 * (i % 3) : 1.0 - 0.001 * i;
+      curve.push_back(r);
+    }
+    curve[20].loss = std::numeric_limits<double>::quiet_NaN();  // blows up
+    curve[21].loss = std::numeric_limits<double>::quiet_NaN();  // before the fix
+    Trainer t(stub_.get());
+    EXPECT_TRUE(t.Send(StartRequest(id, v1::AUTO)));
+    std::optional<v1::Advice> advice;
+    for (const auto& r : t.SendAndWait(Batch(curve, 0, 21))) {
+      if (r.has_advice() && r.advice().has_action()) advice = r.advice();
+    }
+    EXPECT_TRUE(advice.has_value());
+    if (!advice) return v1::OUTCOME_UNSPECIFIED;
+    v1::AttachRequest ack;
+    ack.mutable_ack()->set_advice_id(advice->advice_id());
+    ack.mutable_ack()->set_applied(true);
+    if (give_effective_step) ack.mutable_ack()->set_effective_step(22);
+    EXPECT_TRUE(t.Send(ack));
+    for (size_t i = 21; i < curve.size(); i += 10) {
+      EXPECT_TRUE(t.Send(Batch(curve, i, i + 10)));
+    }
+    EXPECT_TRUE(t.Close().ok());
+    const v1::RunHealth h = MustHealth(id);
+    for (const v1::AdviceRecord& r : h.advice()) {
+      if (r.advice().advice_id() == advice->advice_id()) {
+        EXPECT_THAT(r.outcome_evidence(), Not(::testing::IsEmpty()));
+        return r.outcome();
+      }
+    }
+    return v1::OUTCOME_UNSPECIFIED;
+  };
+  EXPECT_EQ(run("late-reporter", /*give_effective_step=*/true), v1::IMPROVED);
+  // Without it, the NaN computed before the fix counts as after it.
+  EXPECT_EQ(run("no-effective-step", /*give_effective_step=*/false), v1::WORSENED);
+}
+
+// The HTTP port: /metrics counts what the daemon did; /api answers like
+// the gRPC API (same errors); the dashboard's assets are built in.
+TEST_F(DaemonTest, HttpPortServesMetricsApiAndDashboard) {
+  options_.http_listen = "127.0.0.1:0";
+  StartDaemon();
+  ASSERT_GT(daemon_->http_port(), 0);
+  const auto curve = LoadCurve(kDiverging);
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("metered", v1::AUTO)));
+  std::optional<v1::Advice> advice;
+  size_t sent = 0;
+  while (sent < curve.size() && !advice) {
+    for (const auto& r : t.SendAndWait(Batch(curve, sent, sent + 10))) {
+      if (r.has_advice() && r.advice().has_action()) advice = r.advice();
+    }
+    sent += 10;
+  }
+  ASSERT_TRUE(advice.has_value());
+  v1::AttachRequest ack;
+  ack.mutable_ack()->set_advice_id(advice->advice_id());
+  ack.mutable_ack()->set_applied(true);
+  ASSERT_TRUE(t.Send(ack));
+  ASSERT_TRUE(t.Close().ok());
+
+  httplib::Client http("127.0.0.1", daemon_->http_port());
+  auto metrics = http.Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_EQ(metrics->status, 200);
+  EXPECT_THAT(metrics->get_header_value("Content-Type"), HasSubstr("version=0.0.4"));
+  const std::string& m = metrics->body;
+  EXPECT_THAT(m, HasSubstr(absl::StrCat("\nlossguard_steps_ingested_total ", sent, "\n")));
+  EXPECT_THAT(m, HasSubstr("lossguard_runs{state=\"detached\"} 1\n"));
+  EXPECT_THAT(m, HasSubstr("lossguard_advice_total{kind=\"divergence\",action=\"scale_lr\"} 1\n"));
+  EXPECT_THAT(m, HasSubstr("lossguard_diagnoses_total{kind=\"divergence\"} 1\n"));
+  EXPECT_THAT(m, HasSubstr("lossguard_advice_acks_total{result=\"applied\"} 1\n"));
+  EXPECT_THAT(m, HasSubstr(absl::StrCat("lossguard_ingest_latency_seconds_count ",
+                                        (sent + 9) / 10, "\n")));
+  EXPECT_THAT(m, HasSubstr("# TYPE lossguard_ingest_latency_seconds histogram"));
+  EXPECT_THAT(m, HasSubstr("lossguard_store_write_lag_seconds "));
+  EXPECT_THAT(m, HasSubstr("lossguard_attach_streams 0\n"));
+
+  auto health = http.Get("/api/runs/metered");
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 200);
+  EXPECT_THAT(health->body, HasSubstr("\"run_id\":\"metered\""));
+  EXPECT_THAT(health->body, HasSubstr("\"status\":\"APPLIED\""));
+  auto curve_json = http.Get("/api/runs/metered/curve?max_points=100");
+  ASSERT_TRUE(curve_json);
+  EXPECT_EQ(curve_json->status, 200);
+  EXPECT_THAT(curve_json->body, HasSubstr("\"points\":["));
+  auto missing = http.Get("/api/runs/nope");
+  ASSERT_TRUE(missing);
+  EXPECT_EQ(missing->status, 404);
+  EXPECT_THAT(missing->body, HasSubstr("no run"));
+  auto bad = http.Get("/api/runs?state=bogus");
+  ASSERT_TRUE(bad);
+  EXPECT_EQ(bad->status, 400);
+  auto bad_points = http.Get("/api/runs/metered/curve?max_points=2");
+  ASSERT_TRUE(bad_points);
+  EXPECT_EQ(bad_points->status, 400);
+  auto runs = http.Get("/api/runs?state=detached");
+  ASSERT_TRUE(runs);
+  EXPECT_THAT(runs->body, HasSubstr("\"metered\""));
+  auto page = http.Get("/");
+  ASSERT_TRUE(page);
+  EXPECT_EQ(page->status, 200);
+  EXPECT_THAT(page->body, HasSubstr("/assets/app.js"));
+  auto uplot = http.Get("/assets/uPlot.iife.min.js");
+  ASSERT_TRUE(uplot);
+  EXPECT_EQ(uplot->status, 200);
+  EXPECT_GT(uplot->body.size(), 10000u);
+  EXPECT_EQ(http.Get("/assets/nope.js")->status, 404);
+  EXPECT_EQ(http.Get("/healthz")->body, "ok\n");
 }
 
 TEST_F(DaemonTest, HealthyRunGetsNoActionAndFinishes) {

@@ -45,8 +45,9 @@ class DaemonProcess {
     std::string listen = "--listen=127.0.0.1:0";
     std::string dbflag = absl::StrCat("--db=", db);
     std::string level = "--log_level=warning";
+    std::string http = "--http=127.0.0.1:0";
     char* argv[] = {bin.data(), listen.data(), dbflag.data(), level.data(),
-                    nullptr};
+                    http.data(), nullptr};
     if (posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv, environ) !=
         0) {
       pid_ = -1;

@@ -100,12 +100,14 @@ class Client::Impl {
     return a;
   }
 
-  void Ack(uint64_t advice_id, bool applied, const std::string& reason) {
+  void Ack(uint64_t advice_id, bool applied, const std::string& reason,
+           std::optional<int64_t> effective_step) {
     absl::MutexLock lock(&mu_);
     v1::AdviceAck ack;
     ack.set_advice_id(advice_id);
     ack.set_applied(applied);
     ack.set_reason(reason);
+    if (effective_step.has_value()) ack.set_effective_step(*effective_step);
     acks_.push_back(std::move(ack));
   }
 
@@ -387,8 +389,9 @@ bool Client::Report(int64_t step, double lr, double loss,
 
 std::optional<v1::Advice> Client::PollAdvice() { return impl_->PollAdvice(); }
 
-void Client::Ack(uint64_t advice_id, bool applied, const std::string& reason) {
-  impl_->Ack(advice_id, applied, reason);
+void Client::Ack(uint64_t advice_id, bool applied, const std::string& reason,
+                 std::optional<int64_t> effective_step) {
+  impl_->Ack(advice_id, applied, reason, effective_step);
 }
 
 bool Client::Flush(absl::Duration timeout) { return impl_->Flush(timeout); }

@@ -146,11 +146,16 @@ class Client:
             self._advice.clear()
             return out
 
-    def ack(self, advice_id, applied, reason=""):
-        """Tells the daemon an advice was applied or rejected."""
+    def ack(self, advice_id, applied, reason="", effective_step=None):
+        """Tells the daemon an advice was applied or rejected.
+
+        effective_step: the first step whose loss reflects an applied action
+        (its outcome is judged from there)."""
+        ack = pb.AdviceAck(advice_id=advice_id, applied=applied, reason=reason)
+        if effective_step is not None:
+            ack.effective_step = effective_step
         with self._cv:
-            self._acks.append(pb.AdviceAck(advice_id=advice_id, applied=applied,
-                                           reason=reason))
+            self._acks.append(ack)
             self._cv.notify_all()
 
     def flush(self, timeout=10.0):

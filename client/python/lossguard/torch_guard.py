@@ -192,8 +192,11 @@ class TorchGuard:
                 note += self._roll_back(before)
         if advice.HasField("action") and (mode == "auto" or
                                           (mode == "advise" and self.accept is not None)):
+            # Applied before this step's optimizer.step(): the next step's
+            # loss is the first computed after it.
             self.client.ack(advice.advice_id, applied,
-                            note if applied else "rejected by the trainer")
+                            note if applied else "rejected by the trainer",
+                            effective_step=step + 1 if applied else None)
         if self.on_advice is not None:
             self.on_advice(advice, applied)
         self.events.append((step, advice, applied, note))

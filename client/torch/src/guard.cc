@@ -344,8 +344,11 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
   if (client_ != nullptr && advice.has_action() &&
       (options_.mode == v1::AUTO ||
        (options_.mode == v1::ADVISE && options_.accept))) {
+    // Applied now, before this step's optimizer.step(): the next step's
+    // loss is the first computed after it.
     client_->Ack(advice.advice_id(), apply,
-                 apply ? event.note : "rejected by the trainer");
+                 apply ? event.note : "rejected by the trainer",
+                 apply ? std::optional<int64_t>(step + 1) : std::nullopt);
   }
   if (options_.on_advice) options_.on_advice(advice, apply);
   events_.push_back(std::move(event));

@@ -420,6 +420,7 @@ absl::Status Run::Ack(uint64_t session, const v1::AdviceAck& ack) {
     p.kind = FromProto(rec->advice().diagnosis().kind())
                  .value_or(DiagnosisKind::kDivergence);
     p.applied_step = summary_.last_step();
+    if (ack.has_effective_step()) p.first_step = ack.effective_step();
     p.loss_before = RecentLossMedianLocked(window);
     if (!recent_vals_.empty()) {
       p.val_before = Median({recent_vals_.begin(), recent_vals_.end()});
@@ -443,6 +444,10 @@ void Run::TrackOutcomesLocked(const v1::Step& step) {
   const int64_t window = options_->policy.outcome_steps;
   for (auto it = pending_.begin(); it != pending_.end();) {
     PendingOutcome& p = *it;
+    if (step.step() < p.first_step) {
+      ++it;  // computed before the action took effect
+      continue;
+    }
     ++p.steps_after;
     if (!std::isfinite(step.loss())) p.nonfinite_after = true;
     if (step.has_val_loss() && std::isfinite(step.val_loss())) {

@@ -1,5 +1,10 @@
 #include "lossguard/service/service.h"
 
+#include <chrono>
+
+#include "server/service/src/http_frontend.h"
+#include "server/service/src/metrics.h"
+
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -121,6 +126,17 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
   runs::RunRegistry* registry() { return registry_; }
   storage::RunStore* store() { return store_; }
   runs::Clock* clock() { return clock_; }
+  Metrics& metrics() { return metrics_; }
+  // /metrics: the counters, the fleet, the open streams and the store.
+  std::string RenderMetrics() {
+    int64_t attaches, watches;
+    {
+      absl::MutexLock lock(&mu_);
+      attaches = static_cast<int64_t>(attaches_.size());
+      watches = static_cast<int64_t>(watches_.size());
+    }
+    return metrics_.Render(*registry_, *store_, attaches, watches);
+  }
 
  private:
   const ServerOptions* const options_;
@@ -128,6 +144,7 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
   storage::RunStore* const store_;
   runs::Clock* const clock_;
   std::unique_ptr<WorkerPool> pool_;
+  Metrics metrics_;
 
   absl::Mutex mu_;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
@@ -290,12 +307,18 @@ class AttachReactor final
     }
     advice_.clear();
     int64_t dups = 0;
+    const auto started = std::chrono::steady_clock::now();
     absl::Status s = run_->Ingest(session_, batch, &advice_, &dups);
     if (!s.ok()) {
+      service_->metrics().BatchRejected();
       Log(LogLevel::kWarning, "bad_batch",
           {{"run_id", run_->run_id()}, {"error", std::string(s.message())}});
       return ToGrpc(s);
     }
+    service_->metrics().BatchIngested(
+        batch.steps_size() - dups, dups,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started)
+            .count());
     steps_ += batch.steps_size() - dups;
     duplicates_ += dups;
     for (v1::Advice& a : advice_) {
@@ -310,6 +333,7 @@ class AttachReactor final
                                     a.action().kind_case())
                                 ->name()
                           : "none"}});
+      service_->metrics().AdviceSent(a);
       v1::AttachResponse resp;
       *resp.mutable_advice() = std::move(a);
       grpc::Status st = Enqueue(std::move(resp));
@@ -328,6 +352,7 @@ class AttachReactor final
   grpc::Status OnAck(const v1::AdviceAck& ack) {
     if (run_ == nullptr) return NotStarted("ack");
     absl::Status s = run_->Ack(session_, ack);
+    if (s.ok()) service_->metrics().AckReceived(ack.applied());
     if (absl::IsAborted(s)) return ToGrpc(s);
     if (!s.ok()) {
       // A wrong ack is the client's bug but not worth its run's stream.
@@ -784,6 +809,8 @@ Daemon::Daemon(const ServerOptions& options, storage::RunStore* store,
                                                   clock_);
 }
 
+int Daemon::http_port() const { return http_ ? http_->port() : 0; }
+
 Daemon::~Daemon() {
   if (running_) Shutdown().IgnoreError();
 }
@@ -819,6 +846,23 @@ absl::Status Daemon::Start() {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options_.listen));
   }
+  if (!options_.http_listen.empty()) {
+    http_ = std::make_unique<HttpFrontend>(
+        server_->InProcessChannel(grpc::ChannelArguments()),
+        [service = service_.get()] { return service->RenderMetrics(); });
+    s = http_->Start(options_.http_listen);
+    if (!s.ok()) {
+      http_.reset();
+      server_->Shutdown();
+      server_->Wait();
+      service_->StopWorkers();
+      server_.reset();
+      service_.reset();
+      return s;
+    }
+    Log(LogLevel::kInfo, "http_listening",
+        {{"http", options_.http_listen}, {"port", http_->port()}});
+  }
   server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
   running_ = true;
   Log(LogLevel::kInfo, "listening",
@@ -831,6 +875,7 @@ absl::Status Daemon::Shutdown() {
   running_ = false;
   Log(LogLevel::kInfo, "shutting_down", nullptr);
   server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+  if (http_ != nullptr) http_->Stop();
   service_->BeginShutdown();
   const auto deadline =
       std::chrono::system_clock::now() +

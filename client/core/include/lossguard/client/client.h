@@ -100,7 +100,10 @@ class Client {
 
   // Tells the daemon an advice was applied or rejected (queued, sent by the
   // background thread).
-  void Ack(uint64_t advice_id, bool applied, const std::string& reason = "");
+  // `effective_step`: the first step whose loss reflects an applied action
+  // (its outcome is judged from there).
+  void Ack(uint64_t advice_id, bool applied, const std::string& reason = "",
+           std::optional<int64_t> effective_step = std::nullopt);
 
   // Waits until the daemon holds every step reported so far, at most
   // `timeout`. True when it does.

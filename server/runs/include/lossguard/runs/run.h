@@ -2,6 +2,7 @@
 #define LOSSGUARD_RUNS_RUN_H_
 
 #include <cstdint>
+#include <limits>
 #include <deque>
 #include <memory>
 #include <optional>
@@ -126,6 +127,9 @@ class Run {
     v1::AdviceRecord record;
     analyzers::DiagnosisKind kind = analyzers::DiagnosisKind::kDivergence;
     int64_t applied_step = 0;  // last step held when the ack came
+    // Steps before this one were computed before the action (the ack's
+    // effective_step; INT64_MIN when not given).
+    int64_t first_step = std::numeric_limits<int64_t>::min();
     int64_t steps_after = 0;
     double loss_before = 0.0;
     std::optional<double> val_before;

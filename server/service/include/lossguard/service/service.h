@@ -21,6 +21,9 @@ struct ServerOptions {
   // host:port to listen on; loopback unless told otherwise. Port 0 picks a
   // free port (see Daemon::port()).
   std::string listen = "127.0.0.1:7077";
+  // host:port of the HTTP port (dashboard, /api, /metrics, /healthz);
+  // empty: none. Port 0 picks a free port (see Daemon::http_port()).
+  std::string http_listen;
   runs::RunOptions run;
   runs::RunLimits limits;
   // Most steps in one StepBatch (RESOURCE_EXHAUSTED above).
@@ -46,6 +49,7 @@ struct ServerOptions {
 };
 
 class LossGuardServiceImpl;
+class HttpFrontend;
 
 // lossguardd in a box: the gRPC server with the LossGuard service, the
 // standard health service and reflection, over a run registry and a store.
@@ -66,6 +70,8 @@ class Daemon {
   absl::Status Start();
   // The port actually listened on (after Start).
   int port() const { return port_; }
+  // The HTTP port actually listened on (0: none).
+  int http_port() const;
   // Stops taking new calls, ends every Attach stream with UNAVAILABLE
   // ("shutting down; reconnect"), waits up to the grace period for calls to
   // end, then flushes the store. Returns the store's flush status.
@@ -80,6 +86,7 @@ class Daemon {
   std::unique_ptr<runs::RunRegistry> registry_;
   std::unique_ptr<LossGuardServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<HttpFrontend> http_;
   int port_ = 0;
   bool running_ = false;
 };
