@@ -25,6 +25,10 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:7077",
 ABSL_FLAG(std::string, http, "127.0.0.1:7078",
           "host:port of the web dashboard, /api (JSON), /metrics "
           "(Prometheus) and /healthz; empty: no HTTP port");
+ABSL_FLAG(std::string, alert_webhook, "",
+          "POST a JSON alert here when a run turns UNHEALTHY or a trainer "
+          "applies an action (http(s)://host[:port][/path]; retried with "
+          "backoff); empty: no alerts");
 ABSL_FLAG(std::string, db, "./lossguard.db",
           "SQLite database file (created if missing); \":memory:\" keeps "
           "nothing across restarts");
@@ -77,6 +81,7 @@ int main(int argc, char** argv) {
   lossguard::service::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
   options.http_listen = absl::GetFlag(FLAGS_http);
+  options.alert_webhook = absl::GetFlag(FLAGS_alert_webhook);
   options.run.policy.max_actions = absl::GetFlag(FLAGS_max_actions);
   options.run.policy.cooldown_steps = absl::GetFlag(FLAGS_cooldown_steps);
   options.run.policy.min_lr = absl::GetFlag(FLAGS_min_lr);

@@ -25,6 +25,7 @@
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
+#include "nlohmann/json.hpp"
 #include "lossguard/curvefile/curve_csv.h"
 #include "lossguard/service/service.h"
 #include "lossguard/storage/run_store.h"
@@ -462,6 +463,92 @@ TEST_F(DaemonTest, HttpPortServesMetricsApiAndDashboard) {
   EXPECT_GT(uplot->body.size(), 10000u);
   EXPECT_EQ(http.Get("/assets/nope.js")->status, 404);
   EXPECT_EQ(http.Get("/healthz")->body, "ok\n");
+}
+
+// Alerts go to a webhook (a local receiver here): the run turning
+// UNHEALTHY, then the action applied; a receiver that fails once gets the
+// alert again (backoff), and the daemon never waits for it.
+TEST_F(DaemonTest, WebhookGetsUnhealthyAndActionAppliedAlertsWithRetry) {
+  httplib::Server receiver;
+  absl::Mutex mu;
+  std::vector<std::string> bodies;
+  int calls = 0;
+  receiver.Post("/hook", [&](const httplib::Request& req, httplib::Response& res) {
+    absl::MutexLock lock(&mu);
+    if (++calls == 1) {
+      res.status = 503;  // the first attempt fails
+      return;
+    }
+    bodies.push_back(req.body);
+  });
+  const int port = receiver.bind_to_any_port("127.0.0.1");
+  ASSERT_GT(port, 0);
+  std::thread serving([&] { receiver.listen_after_bind(); });
+
+  options_.alert_webhook = absl::StrCat("http://127.0.0.1:", port, "/hook");
+  options_.alert_initial_backoff_s = 0.01;
+  options_.http_listen = "127.0.0.1:0";
+  StartDaemon();
+  const auto curve = LoadCurve(kDiverging);
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("alerting", v1::AUTO, "vision")));
+  std::optional<v1::Advice> advice;
+  size_t sent = 0;
+  while (sent < curve.size() && !advice) {
+    for (const auto& r : t.SendAndWait(Batch(curve, sent, sent + 10))) {
+      if (r.has_advice() && r.advice().has_action()) advice = r.advice();
+    }
+    sent += 10;
+  }
+  ASSERT_TRUE(advice.has_value());
+  v1::AttachRequest ack;
+  ack.mutable_ack()->set_advice_id(advice->advice_id());
+  ack.mutable_ack()->set_applied(true);
+  ack.mutable_ack()->set_reason("LR x0.1");
+  ASSERT_TRUE(t.Send(ack));
+  ASSERT_TRUE(t.Close().ok());
+  {
+    absl::MutexLock lock(&mu);
+    ASSERT_TRUE(mu.AwaitWithTimeout(
+        absl::Condition(+[](std::vector<std::string>* b) { return b->size() >= 2; },
+                        &bodies),
+        absl::Seconds(30)));
+  }
+  httplib::Client http("127.0.0.1", daemon_->http_port());
+  const std::string metrics = http.Get("/metrics")->body;
+  StopDaemon();
+  receiver.stop();
+  serving.join();
+
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(calls, 3);  // one failed attempt, retried, then the second alert
+  ASSERT_EQ(bodies.size(), 2u);
+  const auto first = nlohmann::json::parse(bodies[0]);
+  EXPECT_EQ(first["event"], "run_unhealthy");
+  EXPECT_EQ(first["run"]["run_id"], "alerting");
+  EXPECT_EQ(first["run"]["project"], "vision");
+  EXPECT_EQ(first["run"]["state"], "unhealthy");
+  EXPECT_EQ(first["diagnosis"]["kind"], "divergence");
+  EXPECT_THAT(first["text"].get<std::string>(), HasSubstr("UNHEALTHY"));
+  const auto second = nlohmann::json::parse(bodies[1]);
+  EXPECT_EQ(second["event"], "action_applied");
+  EXPECT_EQ(second["advice"]["advice_id"], advice->advice_id());
+  EXPECT_THAT(second["advice"]["action"].get<std::string>(), HasSubstr("scale the LR x0.1"));
+  EXPECT_EQ(second["advice"]["ack_reason"], "LR x0.1");
+  // (The second alert's "sent" may be counted just after the receiver saw
+  // it; nothing failed or was dropped either way.)
+  EXPECT_THAT(metrics, ::testing::ContainsRegex("lossguard_alerts_total\\{result=\"sent\"\\} [12]\n"));
+  EXPECT_THAT(metrics, HasSubstr("lossguard_alerts_total{result=\"failed\"} 0\n"));
+  EXPECT_THAT(metrics, HasSubstr("lossguard_alerts_total{result=\"dropped\"} 0\n"));
+}
+
+TEST_F(DaemonTest, BadWebhookUrlIsAStartError) {
+  options_.alert_webhook = "ftp://example.com/hook";
+  auto store = storage::NewMemoryStore();
+  Daemon d(options_, store.get(), &clock_);
+  absl::Status s = d.Start();
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("ftp://example.com/hook"));
 }
 
 TEST_F(DaemonTest, HealthyRunGetsNoActionAndFinishes) {

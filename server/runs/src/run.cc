@@ -174,6 +174,13 @@ absl::Status Run::Recover() {
   summary_.set_steps_stored(std::max<int64_t>(summary_.steps_stored(), replayed));
   summary_.set_has_steps(replayed > 0 || summary_.has_steps());
   UpdateStateLocked();
+  // Alerted before the restart (or would have been): not again.
+  for (const Diagnosis& d : advisor_.analyzer().Active()) {
+    if (d.kind == DiagnosisKind::kDivergence ||
+        d.kind == DiagnosisKind::kOverfitting) {
+      unhealthy_alerted_ = true;
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -428,6 +435,15 @@ absl::Status Run::Ack(uint64_t session, const v1::AdviceAck& ack) {
     pending_.push_back(std::move(p));
   }
   PersistAdviceLocked(*rec);
+  if (ack.applied() && options_->on_alert) {
+    Alert a;
+    a.kind = Alert::Kind::kActionApplied;
+    a.time = clock_->Now();
+    a.summary = SummaryLocked();
+    a.diagnosis = rec->advice().diagnosis();
+    a.advice = *rec;
+    options_->on_alert(a);
+  }
   v1::RunEvent e;
   e.set_step(summary_.last_step());
   e.set_time(clock_->Now());
@@ -528,6 +544,22 @@ void Run::UpdateStateLocked() {
   e.set_time(clock_->Now());
   e.mutable_state()->set_state(state);
   PublishLocked(std::move(e));
+  if (state == v1::HEALTHY || state == v1::AT_RISK) unhealthy_alerted_ = false;
+  if (state == v1::UNHEALTHY && !unhealthy_alerted_ && options_->on_alert) {
+    unhealthy_alerted_ = true;
+    Alert a;
+    a.kind = Alert::Kind::kRunUnhealthy;
+    a.time = clock_->Now();
+    a.summary = SummaryLocked();
+    for (const Diagnosis& d : advisor_.analyzer().Active()) {
+      if (d.kind == DiagnosisKind::kDivergence ||
+          d.kind == DiagnosisKind::kOverfitting) {
+        a.diagnosis = ToProto(d);
+        break;
+      }
+    }
+    options_->on_alert(a);
+  }
 }
 
 void Run::PutRunLocked() {
@@ -568,6 +600,10 @@ std::optional<int64_t> Run::last_step() const {
 
 v1::RunSummary Run::Summary() const {
   absl::MutexLock lock(&mu_);
+  return SummaryLocked();
+}
+
+v1::RunSummary Run::SummaryLocked() const {
   v1::RunSummary s = summary_;
   s.clear_active();
   for (const Diagnosis& d : advisor_.analyzer().Active()) s.add_active(ToProto(d.kind));

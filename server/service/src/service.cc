@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "server/service/src/alerter.h"
 #include "server/service/src/http_frontend.h"
 #include "server/service/src/metrics.h"
 
@@ -801,9 +802,25 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
 
 // ------------------------------------------------------------------ Daemon
 
+namespace {
+
+// `options` with the runs' alert hook pointing at the daemon's alerter.
+ServerOptions WithAlertHook(ServerOptions options, Alerter* const* alerter) {
+  if (!options.alert_webhook.empty()) {
+    options.run.on_alert = [alerter](const runs::Alert& a) {
+      if (*alerter != nullptr) (*alerter)->Enqueue(a);
+    };
+  }
+  return options;
+}
+
+}  // namespace
+
 Daemon::Daemon(const ServerOptions& options, storage::RunStore* store,
                runs::Clock* clock)
-    : options_(options), store_(store), clock_(clock) {
+    : options_(WithAlertHook(options, &alerter_raw_)),
+      store_(store),
+      clock_(clock) {
   registry_ = std::make_unique<runs::RunRegistry>(&options_.run,
                                                   options_.limits, store_,
                                                   clock_);
@@ -818,6 +835,16 @@ Daemon::~Daemon() {
 absl::Status Daemon::Start() {
   absl::Status s = analyzers::ValidateOptions(options_.run.analyzer);
   if (!s.ok()) return s;
+  if (!options_.alert_webhook.empty()) {
+    s = Alerter::ValidateUrl(options_.alert_webhook);
+    if (!s.ok()) return s;
+    AlerterOptions ao;
+    ao.url = options_.alert_webhook;
+    ao.max_attempts = std::max(1, options_.alert_max_attempts);
+    ao.initial_backoff = absl::Seconds(options_.alert_initial_backoff_s);
+    alerter_ = std::make_unique<Alerter>(ao);
+    alerter_raw_ = alerter_.get();
+  }
   s = registry_->Recover();
   if (!s.ok()) return s;
   Log(LogLevel::kInfo, "recovered", {{"runs", registry_->size()}});
@@ -849,7 +876,20 @@ absl::Status Daemon::Start() {
   if (!options_.http_listen.empty()) {
     http_ = std::make_unique<HttpFrontend>(
         server_->InProcessChannel(grpc::ChannelArguments()),
-        [service = service_.get()] { return service->RenderMetrics(); });
+        [service = service_.get(), alerter = alerter_.get()] {
+          std::string m = service->RenderMetrics();
+          if (alerter != nullptr) {
+            absl::StrAppend(
+                &m,
+                "# HELP lossguard_alerts_total Webhook alerts: sent, failed "
+                "(gave up after retries) or dropped (queue full).\n"
+                "# TYPE lossguard_alerts_total counter\n",
+                "lossguard_alerts_total{result=\"sent\"} ", alerter->sent(), "\n",
+                "lossguard_alerts_total{result=\"failed\"} ", alerter->failed(), "\n",
+                "lossguard_alerts_total{result=\"dropped\"} ", alerter->dropped(), "\n");
+          }
+          return m;
+        });
     s = http_->Start(options_.http_listen);
     if (!s.ok()) {
       http_.reset();
@@ -886,6 +926,7 @@ absl::Status Daemon::Shutdown() {
   server_->Wait();
   Log(LogLevel::kDebug, "server_wait_returned", nullptr);
   service_->StopWorkers();
+  if (alerter_ != nullptr) alerter_->Stop();  // sends what is queued
   absl::Status s = store_->Flush();
   Log(LogLevel::kInfo, "stopped",
       {{"store", s.ok() ? "ok" : std::string(s.message())}});

@@ -2,8 +2,9 @@
 #define LOSSGUARD_RUNS_RUN_H_
 
 #include <cstdint>
-#include <limits>
 #include <deque>
+#include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -32,6 +33,19 @@ class Clock {
 // The system clock.
 Clock* SystemClock();
 
+// Something people watching the fleet want to hear about at once (a
+// webhook): a run turned UNHEALTHY, or a trainer applied an action.
+struct Alert {
+  enum class Kind { kRunUnhealthy, kActionApplied };
+  Kind kind = Kind::kRunUnhealthy;
+  double time = 0.0;       // seconds since the Unix epoch
+  v1::RunSummary summary;  // the run as it is now
+  // kRunUnhealthy: the diagnosis that made it so; kActionApplied: the
+  // advice's.
+  v1::Diagnosis diagnosis;
+  v1::AdviceRecord advice;  // kActionApplied: the advice as acked
+};
+
 // Everything a run needs to know about the daemon's configuration.
 struct RunOptions {
   analyzers::AnalyzerOptions analyzer;
@@ -42,6 +56,10 @@ struct RunOptions {
   // Losses remembered for judging an action's outcome (the medians before
   // and after it); at least policy.outcome_steps is useful.
   int outcome_loss_points = 128;
+  // Called on every alert (not while recovering stored runs), with the
+  // run's lock held: must not block (queue it) and must not call back into
+  // the run. Empty: no alerts.
+  std::function<void(const Alert&)> on_alert;
 };
 
 // Receives a run's events as they happen (a WatchRun stream). Called with
@@ -139,6 +157,7 @@ class Run {
 
   v1::RunState ComputeStateLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void UpdateStateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::RunSummary SummaryLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PutRunLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PublishLocked(v1::RunEvent event) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleDiagnosisLocked(const analyzers::Diagnosis& d,
@@ -172,6 +191,9 @@ class Run {
   v1::RunSummary summary_ ABSL_GUARDED_BY(mu_);  // metadata and last values
   v1::RunConfig config_ ABSL_GUARDED_BY(mu_);
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // An UNHEALTHY alert was sent and the run has not been healthy since
+  // (re-attaching or a restart does not repeat it).
+  bool unhealthy_alerted_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t session_ ABSL_GUARDED_BY(mu_) = 0;  // current session, 0: none
   bool attached_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_session_ ABSL_GUARDED_BY(mu_) = 1;

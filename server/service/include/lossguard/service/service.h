@@ -24,6 +24,12 @@ struct ServerOptions {
   // host:port of the HTTP port (dashboard, /api, /metrics, /healthz);
   // empty: none. Port 0 picks a free port (see Daemon::http_port()).
   std::string http_listen;
+  // Webhook for alerts (JSON POST when a run turns UNHEALTHY or a trainer
+  // applies an action): http(s)://host[:port][/path]; empty: none.
+  std::string alert_webhook;
+  // Attempts per alert and the first retry's delay (doubling after).
+  int alert_max_attempts = 5;
+  double alert_initial_backoff_s = 0.5;
   runs::RunOptions run;
   runs::RunLimits limits;
   // Most steps in one StepBatch (RESOURCE_EXHAUSTED above).
@@ -50,6 +56,7 @@ struct ServerOptions {
 
 class LossGuardServiceImpl;
 class HttpFrontend;
+class Alerter;
 
 // lossguardd in a box: the gRPC server with the LossGuard service, the
 // standard health service and reflection, over a run registry and a store.
@@ -80,6 +87,7 @@ class Daemon {
   runs::RunRegistry* registry() { return registry_.get(); }
 
  private:
+  Alerter* alerter_raw_ = nullptr;  // alerter_.get(), for the runs' hook
   const ServerOptions options_;
   storage::RunStore* const store_;
   runs::Clock* const clock_;
@@ -87,6 +95,7 @@ class Daemon {
   std::unique_ptr<LossGuardServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpFrontend> http_;
+  std::unique_ptr<Alerter> alerter_;
   int port_ = 0;
   bool running_ = false;
 };
