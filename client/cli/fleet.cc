@@ -606,24 +606,35 @@ absl::StatusOr<std::string> PlotSvg(v1::LossGuard::StubInterface& stub,
   return RenderSvg(curve, advice, title, options);
 }
 
-absl::StatusOr<ImportReport> ImportCsv(const std::string& file,
-                                       const ImportOptions& options) {
+absl::StatusOr<ImportReport> ImportCurve(const std::string& file,
+                                         const ImportOptions& options) {
   // The whole file is checked before anything is sent: a bad row sends
   // nothing.
+  ImportReport report;
+  const bool tfevents = curvefile::LooksLikeTfEvents(file);
+  report.format = tfevents ? "tfevents" : "csv";
   absl::StatusOr<std::vector<analyzers::StepRecord>> rows =
-      curvefile::ReadCurveCsv(file);
+      tfevents ? curvefile::ReadTfEventsCurve(file, options.tags, &report.tags)
+               : curvefile::ReadCurveCsv(file);
   if (!rows.ok()) return rows.status();
   if (rows->empty()) {
     return absl::InvalidArgumentError(absl::StrCat(file, ": no rows to import"));
   }
-  ImportReport report;
   report.file = file;
   report.rows = static_cast<int64_t>(rows->size());
   report.run_id = options.run_id;
   if (report.run_id.empty()) {
     std::string base = file.substr(file.find_last_of('/') + 1);
-    const size_t dot = base.find_last_of('.');
-    report.run_id = dot == std::string::npos || dot == 0 ? base : base.substr(0, dot);
+    const size_t slash = file.find_last_of('/');
+    if (tfevents && slash != std::string::npos && slash > 0) {
+      // events.out.tfevents.<time>.<host>: the run is its directory.
+      const std::string dir = file.substr(0, slash);
+      base = dir.substr(dir.find_last_of('/') + 1);
+      report.run_id = base;
+    } else {
+      const size_t dot = base.find_last_of('.');
+      report.run_id = dot == std::string::npos || dot == 0 ? base : base.substr(0, dot);
+    }
   }
   ClientOptions co;
   co.server = options.server;
@@ -631,7 +642,7 @@ absl::StatusOr<ImportReport> ImportCsv(const std::string& file,
   co.name = report.run_id;
   co.project = options.project.empty() ? "imported" : options.project;
   co.mode = v1::OBSERVE;
-  co.tags = {{"source", "import"}, {"file", file}};
+  co.tags = {{"source", "import"}, {"file", file}, {"format", report.format}};
   co.max_batch_delay = absl::Milliseconds(5);
   co.attach_timeout = absl::Seconds(5);
   co.close_timeout = absl::ZeroDuration();
@@ -672,12 +683,26 @@ std::string ImportReportText(const ImportReport& r, bool json) {
     j["rows"] = r.rows;
     j["last_step"] = r.last_step;
     j["advice"] = r.advice;
+    j["format"] = r.format;
+    if (r.format == "tfevents") {
+      j["tags"] = {{"loss", r.tags.loss},
+                   {"val_loss", r.tags.val_loss},
+                   {"lr", r.tags.lr},
+                   {"grad_norm", r.tags.grad_norm}};
+    }
     return Dump(j, 2) + "\n";
+  }
+  std::string tags;
+  if (r.format == "tfevents") {
+    auto tag = [](const std::string& t) { return t.empty() ? std::string("-") : t; };
+    tags = absl::StrFormat("tags: loss %s, val_loss %s, lr %s, grad_norm %s\n",
+                           tag(r.tags.loss), tag(r.tags.val_loss), tag(r.tags.lr),
+                           tag(r.tags.grad_norm));
   }
   return absl::StrFormat(
       "imported %d rows of %s as run %s (the daemon holds it up to step %d; "
-      "%d diagnoses with advice, see `lossguard health %s`)\n",
-      r.rows, r.file, r.run_id, r.last_step, r.advice, r.run_id);
+      "%d diagnoses with advice, see `lossguard health %s`)\n%s",
+      r.rows, r.file, r.run_id, r.last_step, r.advice, r.run_id, tags);
 }
 
 }  // namespace lossguard::cli

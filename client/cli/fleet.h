@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "lossguard/curvefile/tfevents.h"
 #include "lossguard/v1/lossguard.grpc.pb.h"
 
 namespace lossguard::cli {
@@ -80,6 +81,9 @@ struct ImportOptions {
   std::string server;
   std::string run_id;   // empty: the file name without its extension
   std::string project;  // empty: "imported"
+  // TensorBoard event files: the scalar tags of the columns (empty: chosen
+  // from the tags present, see curvefile::ChooseTags).
+  curvefile::TagMap tags;
   // How long to wait for the daemon to take every step.
   absl::Duration timeout = absl::Seconds(120);
 };
@@ -90,18 +94,21 @@ struct ImportReport {
   int64_t rows = 0;       // rows read from the file
   int64_t last_step = 0;  // the last step the daemon holds for the run
   int64_t advice = 0;     // advice the daemon sent back (informational)
+  std::string format;     // "csv" or "tfevents"
+  curvefile::TagMap tags;  // tfevents: the tags read
 };
 
 // The report as text ("imported N rows of FILE as run R ...") or JSON.
 std::string ImportReportText(const ImportReport& report, bool json);
 
-// `lossguard import FILE.csv`: streams the curve file into the daemon as a
-// run in OBSERVE mode (diagnosed and plotted, never steered) and marks it
+// `lossguard import FILE`: streams a curve file (CSV, or a TensorBoard
+// event file: see curvefile::LooksLikeTfEvents) into the daemon as a run in
+// OBSERVE mode (diagnosed and plotted, never steered) and marks it
 // finished. Re-importing the same run adds only the steps the daemon lacks.
-// Errors name the file and line (a bad row: nothing of the file is sent) or
-// the server.
-absl::StatusOr<ImportReport> ImportCsv(const std::string& file,
-                                       const ImportOptions& options);
+// Errors name the file and line or record (a bad file: nothing of it is
+// sent) or the server.
+absl::StatusOr<ImportReport> ImportCurve(const std::string& file,
+                                         const ImportOptions& options);
 
 }  // namespace lossguard::cli
 

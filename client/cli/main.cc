@@ -64,8 +64,9 @@ against a running lossguardd (--server ADDR, default $LOSSGUARD_SERVER or
   watch RUN                  the run's events, live, until it finishes
   plot RUN [-o FILE.svg]     loss, validation loss and LR against step, with
                              diagnosis onsets and applied actions marked
-  import FILE.csv            send a curve file to the daemon as a run, to be
-                             diagnosed and plotted (never steered)
+  import FILE                send a curve file (CSV or TensorBoard event
+                             file) to the daemon as a run, to be diagnosed
+                             and plotted (never steered)
 
   help [COMMAND]             show this help, or a command's usage
 
@@ -123,16 +124,28 @@ action by a solid line with what it did. Hover a marker for its evidence.
 )";
 
 constexpr std::string_view kImportUsage =
-    R"(usage: lossguard import FILE.csv [--server ADDR] [--run-id ID] [--project P] [--json]
+    R"(usage: lossguard import FILE [--server ADDR] [--run-id ID] [--project P] [--json]
+                        [--loss-tag T] [--val-tag T] [--lr-tag T] [--grad-norm-tag T]
 
-Sends a curve file (step,lr,loss[,val_loss,grad_norm]) to lossguardd as a
-run in OBSERVE mode: it is diagnosed, stored and plotted like a live run,
-and marked finished. The whole file is checked first; a bad row sends
-nothing. Importing the same run again adds only the steps it lacks.
+Sends a curve file to lossguardd as a run in OBSERVE mode: it is diagnosed,
+stored and plotted like a live run, and marked finished. FILE is a curve
+CSV (step,lr,loss[,val_loss,grad_norm]) or a TensorBoard event file
+(events.out.tfevents.*, as SummaryWriter writes it): its scalars become the
+columns, the tags chosen by name unless given. The whole file is checked
+first; a bad row or record sends nothing. Importing the same run again adds
+only the steps it lacks.
 
-  --run-id ID   the run's id (default: the file name without extension)
-  --project P   its project (default: imported)
-  --json        {"file", "run_id", "rows", "last_step", "advice"}
+  --run-id ID        the run's id (default: the CSV's name without
+                     extension; an event file's directory)
+  --project P        its project (default: imported)
+  --loss-tag T       event files: the training loss's tag (default: a tag
+                     with "loss" not naming val/eval/test)
+  --val-tag T        the validation loss's (default: a loss tag naming
+                     val/valid/eval/test)
+  --lr-tag T         the learning rate's (default: "lr", "learning_rate"...)
+  --grad-norm-tag T  the gradient norm's (default: grad + norm)
+  --json             {"file", "run_id", "rows", "last_step", "advice",
+                     "format", "tags"}
 )";
 
 constexpr std::string_view kAnalyzeUsage =
@@ -309,7 +322,8 @@ int main(int argc, char** argv) {
               {"health", {"--server"}},
               {"watch", {"--server"}},
               {"plot", {"--server", "-o", "--max-points"}},
-              {"import", {"--server", "--run-id", "--project"}},
+              {"import", {"--server", "--run-id", "--project", "--loss-tag",
+                          "--val-tag", "--lr-tag", "--grad-norm-tag"}},
           };
       const auto& allowed = kAllowed.at(command);
       if (std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
@@ -355,8 +369,12 @@ int main(int argc, char** argv) {
     io.server = server;
     io.run_id = opts["--run-id"];
     io.project = opts["--project"];
+    io.tags.loss = opts["--loss-tag"];
+    io.tags.val_loss = opts["--val-tag"];
+    io.tags.lr = opts["--lr-tag"];
+    io.tags.grad_norm = opts["--grad-norm-tag"];
     absl::StatusOr<lossguard::cli::ImportReport> r =
-        lossguard::cli::ImportCsv(positional[0], io);
+        lossguard::cli::ImportCurve(positional[0], io);
     if (!r.ok()) return print(r.status());
     return print(lossguard::cli::ImportReportText(*r, json));
   }

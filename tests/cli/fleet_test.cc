@@ -7,6 +7,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <memory>
@@ -19,7 +20,9 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "lossguard/service/service.h"
+#include "lossguard/curvefile/curve_csv.h"
 #include "lossguard/storage/run_store.h"
+#include "tensorboard_event.pb.h"
 
 namespace lossguard::cli {
 namespace {
@@ -54,7 +57,7 @@ class FleetTest : public ::testing::Test {
     ImportOptions io;
     io.server = server_;
     io.project = project;
-    absl::StatusOr<ImportReport> r = ImportCsv(kExamples + "/" + name + ".csv", io);
+    absl::StatusOr<ImportReport> r = ImportCurve(kExamples + "/" + name + ".csv", io);
     EXPECT_TRUE(r.ok()) << r.status();
     return r.ok() ? *r : ImportReport{};
   }
@@ -89,6 +92,71 @@ TEST_F(FleetTest, ImportStoresTheWholeCurveAsAFinishedObservedRun) {
   EXPECT_THAT(*t, HasSubstr("(1500 steps stored)"));
 }
 
+// A TensorBoard event file (scalars as SummaryWriter.add_scalar writes
+// them) is imported like a CSV: same steps, same diagnosis; the run is
+// named after the file's directory.
+TEST_F(FleetTest, ImportOfATensorBoardEventFile) {
+  auto rows = curvefile::ReadCurveCsv(kExamples + "/" + kDiverging + ".csv");
+  ASSERT_TRUE(rows.ok());
+  std::string bytes;
+  auto record = [&](const tb::Event& e) {
+    const std::string data = e.SerializeAsString();
+    std::string len(8, '\0');
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<char>(uint64_t{data.size()} >> (8 * i));
+    auto le32 = [](uint32_t v) {
+      std::string s(4, '\0');
+      for (int i = 0; i < 4; ++i) s[i] = static_cast<char>(v >> (8 * i));
+      return s;
+    };
+    bytes += len + le32(curvefile::MaskedCrc32c(len)) + data +
+             le32(curvefile::MaskedCrc32c(data));
+  };
+  for (const analyzers::StepRecord& r : *rows) {
+    tb::Event e;
+    e.set_step(r.step);
+    auto add = [&](const char* tag, double v) {
+      auto* val = e.mutable_summary()->add_value();
+      val->set_tag(tag);
+      val->set_simple_value(static_cast<float>(v));
+    };
+    add("Loss/train", r.loss);
+    add("lr", r.lr);
+    if (r.val_loss) add("Loss/val", *r.val_loss);
+    record(e);
+  }
+  const std::string dir = ::testing::TempDir() + "/tb-diverging";
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/events.out.tfevents.1700000000.host.1.0";
+  std::ofstream(path, std::ios::binary) << bytes;
+
+  ImportOptions io;
+  io.server = server_;
+  absl::StatusOr<ImportReport> r = ImportCurve(path, io);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->run_id, "tb-diverging");
+  EXPECT_EQ(r->format, "tfevents");
+  EXPECT_EQ(r->tags.loss, "Loss/train");
+  EXPECT_EQ(r->tags.val_loss, "Loss/val");
+  EXPECT_EQ(r->rows, 1500);
+  EXPECT_THAT(ImportReportText(*r, false), HasSubstr("tags: loss Loss/train, val_loss Loss/val, lr lr"));
+  absl::StatusOr<std::string> h = Health(*stub_, server_, "tb-diverging", false);
+  ASSERT_TRUE(h.ok());
+  EXPECT_THAT(*h, HasSubstr("(1500 steps stored)"));
+  EXPECT_THAT(*h, ContainsRegex("divergence at step"));
+
+  // A corrupted copy is refused whole.
+  bytes[bytes.size() / 2] ^= 0x40;
+  const std::string bad = dir + "/events.out.tfevents.bad";
+  std::ofstream(bad, std::ios::binary) << bytes;
+  io.run_id = "tb-bad";
+  absl::StatusOr<ImportReport> b = ImportCurve(bad, io);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(b.status().message()), HasSubstr("checksum mismatch"));
+  EXPECT_EQ(Health(*stub_, server_, "tb-bad", false).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
 TEST_F(FleetTest, ImportOfABadFileSendsNothingAndNamesTheLine) {
   const std::string path = ::testing::TempDir() + "/fleet_bad.csv";
   {
@@ -97,7 +165,7 @@ TEST_F(FleetTest, ImportOfABadFileSendsNothingAndNamesTheLine) {
   }
   ImportOptions io;
   io.server = server_;
-  absl::StatusOr<ImportReport> r = ImportCsv(path, io);
+  absl::StatusOr<ImportReport> r = ImportCurve(path, io);
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("fleet_bad.csv:4"));
   absl::StatusOr<std::string> runs = Runs(*stub_, server_, {}, true);
@@ -109,7 +177,7 @@ TEST_F(FleetTest, ImportWithNoDaemonFailsNamingTheServer) {
   ImportOptions io;
   io.server = "127.0.0.1:1";  // nothing listens on port 1
   io.timeout = absl::Seconds(2);
-  absl::StatusOr<ImportReport> r = ImportCsv(kExamples + "/" + kHealthy + ".csv", io);
+  absl::StatusOr<ImportReport> r = ImportCurve(kExamples + "/" + kHealthy + ".csv", io);
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("127.0.0.1:1"));
 }
