@@ -40,6 +40,12 @@ nlohmann::ordered_json AdviceToJson(const Advice& a) {
       j["eta_max"] = a.eta_max;
       j["eta_min"] = a.eta_min;
       break;
+    case ActionKind::kRampLr:
+      j["factor_per_step"] = a.ramp_factor;
+      j["steps"] = a.ramp_steps;
+      j["lr_from"] = a.lr_from;
+      j["lr_to"] = a.lr_to;
+      break;
     case ActionKind::kNone:
       j["reason"] = a.reason;
       if (a.blocked_by != policy::GuardRail::kNone) {

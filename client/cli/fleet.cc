@@ -105,6 +105,10 @@ std::string ActionText(const v1::Action& a) {
     case v1::Action::kEarlyStop:
       s = "early stop";
       break;
+    case v1::Action::kRampLr:
+      s = absl::StrFormat("LR ramp x%g/step for %d steps", a.ramp_lr().factor_per_step(),
+                          a.ramp_lr().steps());
+      break;
     case v1::Action::KIND_NOT_SET:
       s = "no action";
       break;

@@ -573,8 +573,66 @@ TEST(AdvicePolicyTest, StuckWithCollapsedGradientsIsDamage) {
                 &starved);
   }
   Advice raise = Decide(d, starved, o);
-  EXPECT_DOUBLE_EQ(raise.lr_factor, 10.0);  // starved: the bolder raise
+  EXPECT_EQ(raise.action, ActionKind::kRampLr);  // starved: an in-run range test
   EXPECT_THAT(raise.explanation, HasSubstr("starved"));
+  o.starved_ramp = false;
+  raise = Decide(d, starved, o);
+  EXPECT_DOUBLE_EQ(raise.lr_factor, 10.0);  // or the bolder plain raise
+}
+
+// A starved run gets a ramp up to starved_ramp_max_factor x its LR, never
+// past max_lr or the LR a blow-up was cut from; its end (a divergence, an
+// oscillation) is acted on at once, not after the cooldown.
+TEST(AdvicePolicyTest, StarvedRunGetsAnLrRampWhoseEndIsNotHeldBack) {
+  PolicyOptions o;
+  RunContext ctx;
+  for (int64_t s = 0; s < 80; ++s) {
+    ObserveStep({.step = s, .lr = 5e-5, .loss = 2.30, .grad_norm = 0.7}, o, &ctx);
+  }
+  Diagnosis stag = Diag(DiagnosisKind::kStagnation, 79);
+  stag.loss_at_onset = 2.30;
+  stag.grad_norm_level = 0.7;
+  Advice ramp = Decide(stag, ctx, o);
+  ASSERT_EQ(ramp.action, ActionKind::kRampLr) << ramp.explanation;
+  EXPECT_DOUBLE_EQ(ramp.ramp_factor, 1.1);
+  // 1.1^72 = 954 <= 1000 < 1.1^73.
+  EXPECT_EQ(ramp.ramp_steps, 72);
+  EXPECT_NEAR(ramp.lr_to, 5e-5 * std::pow(1.1, 72), 1e-12);
+  EXPECT_EQ(ramp.ramp_until, 79 + 72 + 50);
+  EXPECT_THAT(ramp.explanation, HasSubstr("ramp the LR x1.1 per step for 72 steps"));
+  ObserveAdvice(stag, ramp, &ctx);
+  EXPECT_EQ(ctx.ramp_until, 201);
+
+  // The loss blows up near the ramp's end, 60 steps after it was advised:
+  // inside the cooldown, acted on anyway.
+  for (int64_t s = 80; s <= 140; ++s) {
+    ObserveStep({.step = s, .lr = 5e-5 * std::pow(1.1, s - 79), .loss = 2.0}, o, &ctx);
+  }
+  Advice cut = Decide(Diag(DiagnosisKind::kDivergence, 140), ctx, o);
+  EXPECT_EQ(cut.action, ActionKind::kScaleLr) << cut.explanation;
+  EXPECT_DOUBLE_EQ(cut.lr_factor, 0.1);
+  EXPECT_TRUE(cut.restore_checkpoint);
+  ObserveAdvice(Diag(DiagnosisKind::kDivergence, 140), cut, &ctx);
+  EXPECT_EQ(ctx.ramp_until, 0);  // another action ends the ramp
+  // ...and the cooldown holds again after it.
+  ObserveStep({.step = 141, .lr = 1e-4, .loss = 2.0}, o, &ctx);
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kOscillation, 141), ctx, o).blocked_by,
+            GuardRail::kCooldown);
+  // A stagnation during a ramp still waits for the cooldown.
+  RunContext during = ctx;
+  during.ramp_until = 300;
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kStagnation, 141), during, o).blocked_by,
+            GuardRail::kCooldown);
+
+  // Bounded by max_lr (and by the LR a blow-up was cut to).
+  RunContext high;
+  for (int64_t s = 0; s < 80; ++s) {
+    ObserveStep({.step = s, .lr = 0.1, .loss = 2.30, .grad_norm = 0.7}, o, &high);
+  }
+  Advice bounded = Decide(stag, high, o);
+  ASSERT_EQ(bounded.action, ActionKind::kRampLr);
+  EXPECT_LE(bounded.lr_to, o.max_lr);
+  EXPECT_EQ(bounded.ramp_steps, 48);  // 1.1^48 = 97.0 <= 100 < 1.1^49
 }
 
 TEST(AdvicePolicyTest, CooldownDefersAnActionItDoesNotCancelIt) {

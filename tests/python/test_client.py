@@ -211,6 +211,40 @@ class TorchGuardTest(unittest.TestCase):
         self.assertTrue(all(torch.isfinite(p).all() for p in net.parameters()))
         self.assertTrue(all(math.isfinite(v) for v in losses[-50:]), losses[-50:])
 
+    def test_starved_run_is_ramped_and_learns(self):
+        """An LR ~1000x too small: the daemon sends an LR ramp, the guard
+        grows the LR every step (keeping the groups' ratio), the run learns,
+        and the ack says from which step the action counts."""
+        x, y, net, _ = problem()
+        opt = torch.optim.SGD([{"params": net.l1.parameters(), "lr": 1e-4},
+                               {"params": net.l2.parameters(), "lr": 1e-5}], lr=1e-4)
+        client = lossguard.Client(self.daemon.address, "py-ramp", mode="auto",
+                                  max_batch_delay=0.001)
+        guard = lossguard.TorchGuard(opt, client)
+        losses, max_lr = [], 0.0
+        for step in range(300):
+            guard.before_step(step)
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.after_backward(step, loss)
+            opt.step()
+            losses.append(float(loss))
+            max_lr = max(max_lr, opt.param_groups[0]["lr"])
+            if step % 10 == 9:
+                client.flush(WAIT)
+        guard.flush()
+        client.finish(timeout=WAIT)
+        ramps = [(st, a, n) for st, a, applied, n in guard.events
+                 if applied and a.action.WhichOneof("kind") == "ramp_lr"]
+        self.assertTrue(ramps, guard.events)
+        self.assertIn("LR ramp x1.1 per step", ramps[0][2])
+        self.assertGreater(max_lr, 500 * 1e-4)
+        self.assertAlmostEqual(opt.param_groups[1]["lr"] / opt.param_groups[0]["lr"], 0.1)
+        self.assertLess(losses[-1], 0.5 * losses[0])
+        h = self.daemon.health("py-ramp")
+        self.assertEqual(h.advice[0].status, pb.APPLIED)
+
     def test_lightning_style_callback(self):
         x, y, net, opt = problem()
         client = lossguard.Client(self.daemon.address, "py-lightning", mode="auto",

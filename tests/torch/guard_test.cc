@@ -241,6 +241,43 @@ TEST(GuardEmbeddedTest, EmbeddedModeRunsTheAnalyzersInProcess) {
   EXPECT_LT(guard.schedule().correction(), 1.0);
 }
 
+// An LR ~1000x too small: the loss does not move, the gradients are intact,
+// so the run is starved. It gets an LR ramp (an LR range test in the run),
+// the guard grows the LR every step, and the run ends up learning.
+TEST(GuardEmbeddedTest, StarvedRunIsRampedUntilItLearns) {
+  Problem p;
+  auto opt = p.Sgd(1e-4);
+  GuardOptions o;
+  Guard guard(*opt, o);
+  const double lr0 = guard.lr();
+  double first_loss = 0.0, last_loss = 0.0, max_lr = 0.0;
+  bool ramped = false;
+  for (int64_t step = 0; step < 400; ++step) {
+    guard.BeforeStep(step);
+    opt->zero_grad();
+    ::torch::Tensor loss = p.Loss();
+    loss.backward();
+    guard.AfterBackward(step, loss);
+    opt->step();
+    const double l = loss.item<double>();
+    if (step == 0) first_loss = l;
+    last_loss = l;
+    max_lr = std::max(max_lr, guard.lr());
+    ramped |= guard.ramping();
+  }
+  ASSERT_FALSE(guard.events().empty());
+  const GuardEvent& e = guard.events().front();
+  EXPECT_EQ(e.advice.diagnosis().kind(), v1::STAGNATION);
+  ASSERT_TRUE(e.advice.action().has_ramp_lr()) << e.advice.DebugString();
+  EXPECT_TRUE(e.applied);
+  EXPECT_THAT(e.note, ::testing::HasSubstr("LR ramp x1.1 per step"));
+  EXPECT_TRUE(ramped);
+  EXPECT_GT(max_lr, 500 * lr0);
+  // Layer-wise ratios survive the ramp.
+  EXPECT_NEAR(GroupLr(*opt, 1) / GroupLr(*opt, 0), 0.1, 1e-9);
+  EXPECT_LT(last_loss, 0.5 * first_loss);
+}
+
 TEST(GuardEmbeddedTest, AdviseModeAsksAndObserveModeOnlyWatches) {
   for (v1::Mode mode : {v1::ADVISE, v1::OBSERVE}) {
     Problem p;

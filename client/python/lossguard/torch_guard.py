@@ -51,6 +51,7 @@ class TorchGuard:
         self._pending = None      # (step, lr, loss tensor, norm tensor)
         self._pending_val = None
         self._restart = None      # (at_step, t_0, eta_max, eta_min)
+        self._ramp = None         # [factor per step, steps left] (ramp_lr)
         self.model = model
         self.snapshot_every = snapshot_every
         self.snapshots_kept = snapshots_kept
@@ -77,7 +78,13 @@ class TorchGuard:
             group["lr"] = lr0 * ratio
 
     def before_step(self, step):
-        """Sets the LR when a restart_cosine action owns it (else a no-op)."""
+        """Sets the LR when a restart_cosine action owns it, and grows it
+        during an LR ramp (else a no-op)."""
+        if self._ramp is not None:
+            self._scale(self._ramp[0])
+            self._ramp[1] -= 1
+            if self._ramp[1] <= 0:
+                self._ramp = None
         if self._restart is not None:
             at, t0, eta_max, eta_min = self._restart
             t = (step - at) % t0
@@ -166,7 +173,16 @@ class TorchGuard:
             act = advice.action
             kind = act.WhichOneof("kind")
             before = self.lr
-            if kind == "scale_lr":
+            if kind in ("scale_lr", "set_lr", "restart_cosine") or act.restore_checkpoint:
+                self._ramp = None  # another LR action, or a rollback, ends a ramp
+            if kind == "ramp_lr":
+                f, n = act.ramp_lr.factor_per_step, min(act.ramp_lr.steps, 10000)
+                if 1.0 < f <= 10.0 and n > 0:
+                    self._ramp = [f, n]
+                    note = f"LR ramp x{f:g} per step for {n} steps, from {before:.4g} to {before * f ** n:.4g}"
+                else:
+                    note = f"LR ramp x{f:g} for {n} steps ignored"
+            elif kind == "scale_lr":
                 self._scale(act.scale_lr.factor)
                 note = f"LR x{act.scale_lr.factor:g} ({before:.4g} -> {self.lr:.4g})"
             elif kind == "set_lr":

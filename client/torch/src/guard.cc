@@ -105,7 +105,15 @@ void Guard::SetLr(double lr0) {
   }
 }
 
-void Guard::BeforeStep(int64_t step) { SetLr(schedule_.LrAt(step)); }
+void Guard::BeforeStep(int64_t step) {
+  if (ramp_left_ > 0) {
+    // An LR ramp (ramp_lr): one more factor per step, on top of the
+    // schedule.
+    schedule_.Scale(ramp_factor_);
+    --ramp_left_;
+  }
+  SetLr(schedule_.LrAt(step));
+}
 
 void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
   // The previous step goes out first (its values are ready by now).
@@ -293,7 +301,31 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
     const double before = lr();
     // The change takes effect from the next optimizer step.
     const int64_t next = step + 1;
+    // Any other LR action, or a rollback, ends a ramp.
+    if (act.kind_case() == v1::Action::kScaleLr ||
+        act.kind_case() == v1::Action::kSetLr ||
+        act.kind_case() == v1::Action::kRestartCosine ||
+        act.restore_checkpoint()) {
+      ramp_left_ = 0;
+    }
     switch (act.kind_case()) {
+      case v1::Action::kRampLr: {
+        // A factor within (1, 10] per step; more steps than 10,000 would
+        // not be a ramp.
+        const double f = act.ramp_lr().factor_per_step();
+        if (f > 1.0 && f <= 10.0 && act.ramp_lr().steps() > 0) {
+          ramp_factor_ = f;
+          ramp_left_ = std::min<int64_t>(act.ramp_lr().steps(), 10000);
+          event.note = absl::StrFormat(
+              "LR ramp x%g per step for %d steps, from %.4g to %.4g", f,
+              ramp_left_, before,
+              before * std::pow(f, static_cast<double>(ramp_left_)));
+        } else {
+          event.note = absl::StrFormat("LR ramp x%g for %d steps ignored",
+                                       f, act.ramp_lr().steps());
+        }
+        break;
+      }
       case v1::Action::kScaleLr:
         schedule_.Scale(act.scale_lr().factor());
         event.note = absl::StrFormat("LR x%g (%.4g -> %.4g)",

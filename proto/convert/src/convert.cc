@@ -85,6 +85,11 @@ v1::Advice ToProto(const policy::Advice& a, const Diagnosis& d,
       action = p.mutable_action();
       action->mutable_early_stop();
       break;
+    case ActionKind::kRampLr:
+      action = p.mutable_action();
+      action->mutable_ramp_lr()->set_factor_per_step(a.ramp_factor);
+      action->mutable_ramp_lr()->set_steps(a.ramp_steps);
+      break;
   }
   if (action != nullptr && a.action != ActionKind::kEnableGradClip &&
       a.clip_max_norm > 0.0) {

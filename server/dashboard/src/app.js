@@ -132,6 +132,7 @@ function actionText(a) {
   else if (a.restart_cosine) s = "cosine restart to " + fmt(num(a.restart_cosine.eta_max));
   else if (a.enable_grad_clip) s = "clip at " + fmt(num(a.enable_grad_clip.max_norm));
   else if (a.early_stop) s = "early stop";
+  else if (a.ramp_lr) s = `LR ramp x${fmt(num(a.ramp_lr.factor_per_step))}/step for ${a.ramp_lr.steps} steps`;
   if (num(a.grad_clip_max_norm) > 0 && !a.enable_grad_clip) s += " + clip";
   if (a.restore_checkpoint) s += " + restore";
   return s;

@@ -109,6 +109,13 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
     case ActionKind::kEarlyStop:
       s = "stop early and keep the best checkpoint";
       break;
+    case ActionKind::kRampLr:
+      s = absl::StrFormat(
+          "ramp the LR x%g per step for %d steps, from %g up to %g (an LR "
+          "range test in the run; where the loss blows up the LR is cut "
+          "back below the edge)",
+          a.ramp_factor, a.ramp_steps, a.lr_from, a.lr_to);
+      break;
     case ActionKind::kNone:
       s = absl::StrCat("no action, because ", a.reason);
       break;
@@ -200,6 +207,32 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
           const bool starved = stuck_at_start && !blew_up &&
                                ctx.initial_grad_norm > 0.0 && level > 0.0 &&
                                !grads_collapsed && ctx.lr_ceiling <= 0.0;
+          if (starved && o.starved_ramp && o.starved_ramp_factor > 1.0) {
+            // Up to the bound a raise would stop at, found by MoveLr.
+            MoveLr(o.starved_ramp_max_factor, ctx, o, a);
+            if (a->action != ActionKind::kNone) {
+              const double total = a->lr_to / ctx.lr;
+              a->ramp_steps = std::max<int64_t>(
+                  1, static_cast<int64_t>(std::floor(
+                         std::log(total) / std::log(o.starved_ramp_factor))));
+              a->ramp_factor = o.starved_ramp_factor;
+              a->lr_to = ctx.lr * std::pow(a->ramp_factor,
+                                           static_cast<double>(a->ramp_steps));
+              a->lr_factor = 1.0;
+              a->action = ActionKind::kRampLr;
+              // Its end is judged for another half cooldown (saturating).
+              const double until = static_cast<double>(d.step) +
+                                   static_cast<double>(a->ramp_steps) +
+                                   0.5 * static_cast<double>(o.cooldown_steps);
+              a->ramp_until = RoundToInt64(until);
+            }
+            return absl::StrFormat(
+                "the loss has not moved from its initial level %.4g while "
+                "the gradient norm stayed at %.3g (%.2fx its first): the LR "
+                "%g is starved, by how much the curve cannot say, so ",
+                ctx.initial_loss, level, level / ctx.initial_grad_norm,
+                ctx.lr);
+          }
           MoveLr(starved ? o.stagnation_starved_lr_factor
                          : o.stagnation_lr_factor,
                  ctx, o, a);
@@ -284,6 +317,8 @@ std::string_view ActionName(ActionKind action) {
       return "enable_grad_clip";
     case ActionKind::kEarlyStop:
       return "early_stop";
+    case ActionKind::kRampLr:
+      return "ramp_lr";
   }
   return "unknown";
 }
@@ -340,7 +375,11 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
                           ctx.actions_taken, options.max_actions),
           &a);
   } else if (ctx.last_action_step.has_value() &&
-             since_action < options.cooldown_steps && !d.nonfinite) {
+             since_action < options.cooldown_steps && !d.nonfinite &&
+             !(ctx.step <= ctx.ramp_until &&
+               (d.kind == DiagnosisKind::kDivergence ||
+                d.kind == DiagnosisKind::kOscillation ||
+                d.kind == DiagnosisKind::kGradientExplosion))) {
     // (A run that blew up again after an action cannot wait: the action
     // was not enough.)
     Block(
@@ -404,6 +443,9 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   }
   ctx->last_action_step = advice.at_step;
   ++ctx->actions_taken;
+  // A ramp is on until its steps are done and its end judged; any other
+  // action ends it (the guard stops ramping on an LR action).
+  ctx->ramp_until = advice.action == ActionKind::kRampLr ? advice.ramp_until : 0;
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;
 }
 

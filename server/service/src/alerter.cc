@@ -42,6 +42,9 @@ std::string ActionText(const v1::Action& a) {
       return absl::StrFormat("clip gradients at %g", a.enable_grad_clip().max_norm());
     case v1::Action::kEarlyStop:
       return "stop early";
+    case v1::Action::kRampLr:
+      return absl::StrFormat("ramp the LR x%g per step for %d steps",
+                             a.ramp_lr().factor_per_step(), a.ramp_lr().steps());
     case v1::Action::KIND_NOT_SET:
       break;
   }

@@ -120,6 +120,7 @@ class Guard {
   void Flush();
 
   bool should_stop() const { return stop_; }
+  bool ramping() const { return ramp_left_ > 0; }
   double lr() const;  // LR of param group 0 now
   std::optional<double> clip_max_norm() const { return clip_; }
   const std::vector<GuardEvent>& events() const { return events_; }
@@ -144,6 +145,9 @@ class Guard {
   std::vector<double> ratios_;  // lr of group i / lr of group 0
   std::optional<double> clip_;
   bool stop_ = false;
+  // An LR ramp in progress (ramp_lr): factor per step, steps left.
+  double ramp_factor_ = 1.0;
+  int64_t ramp_left_ = 0;
   int64_t step_ = 0;  // last step seen
   double peak_loss_ = -1.0;  // highest finite loss reported, and its step
   int64_t peak_step_ = 0;

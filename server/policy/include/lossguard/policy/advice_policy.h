@@ -19,10 +19,11 @@ enum class ActionKind {
   kRestartCosine,   // restart a cosine cycle: t_0, eta_max, eta_min
   kEnableGradClip,  // clip the global grad norm at Advice::clip_max_norm
   kEarlyStop,       // stop training (keep the best checkpoint)
+  kRampLr,          // grow the LR x ramp_factor per step for ramp_steps
 };
 
 // "none", "scale_lr", "set_lr", "restart_cosine", "enable_grad_clip",
-// "early_stop".
+// "early_stop", "ramp_lr".
 std::string_view ActionName(ActionKind action);
 
 // The guard rail that blocked an action, if any.
@@ -98,8 +99,18 @@ struct PolicyOptions {
   // not moved, keeps its initial gradient norm).
   double damaged_grad_collapse = 2.0;
   // A constant-LR run stuck at its initial loss with its gradients intact
-  // (no blow-up, norm not collapsed) is starved by an order of magnitude:
-  // it gets this raise instead of stagnation_lr_factor.
+  // (no blow-up, norm not collapsed) is starved by an order of magnitude or
+  // more, by how much nothing in the curve says: it gets an LR range test
+  // in the run, a ramp of the LR by `starved_ramp_factor` per step up to
+  // `starved_ramp_max_factor` x its LR (and max_lr). Where the loss blows
+  // up on the way, the divergence remedy (x0.1 from the LR that did it,
+  // with a rollback) lands the LR below the edge, as the range test's rule
+  // does; during the ramp and `cooldown_steps` / 2 after it, divergence,
+  // oscillation and gradient explosion are not held back by the cooldown.
+  // false: a plain raise by `stagnation_starved_lr_factor` instead.
+  bool starved_ramp = true;
+  double starved_ramp_factor = 1.1;
+  double starved_ramp_max_factor = 1000.0;
   double stagnation_starved_lr_factor = 10.0;
 
   // --- judging an applied action afterwards ---
@@ -140,6 +151,9 @@ struct RunContext {
   // After an LR cut for a blow-up (restore_checkpoint), the LR it set: no
   // later raise or cosine restart goes above it (0: no ceiling).
   double lr_ceiling = 0.0;
+  // Until this step an LR ramp is on (or its end being judged): the
+  // diagnoses that end it are not held back by the cooldown (0: none).
+  int64_t ramp_until = 0;
   ScheduleHint schedule = ScheduleHint::kUnknown;
 };
 
@@ -162,6 +176,9 @@ struct Advice {
   int64_t t_0 = 0;             // kRestartCosine: cycle length in steps
   double eta_max = 0.0;        // kRestartCosine: LR at the cycle's start
   double eta_min = 0.0;        // kRestartCosine: LR at the cycle's end
+  double ramp_factor = 1.0;    // kRampLr: LR factor per step
+  int64_t ramp_steps = 0;      // kRampLr: steps of the ramp
+  int64_t ramp_until = 0;      // kRampLr: RunContext::ramp_until it sets
   GuardRail blocked_by = GuardRail::kNone;  // set when a guard rail blocked
   std::string reason;                       // kNone: why no action
   std::string explanation;                  // one sentence, with the numbers
