@@ -32,6 +32,23 @@ void OscillationDetector::OnPoint(const StepRecord& rec,
   // kMaxSwing x L0 (or 1 before L0 is known).
   const double cap = kMaxSwing * (track.has_l0() ? track.l0() : 1.0);
   const double loss = std::min(rec.loss, cap);
+  // An abrupt LR cut (the remedy applied, a step decay) starts the
+  // judgement afresh: swings at the larger LR say nothing about the smaller
+  // one. (A raise keeps them: it can only make swings likelier.)
+  const double lr = track.lr();
+  if (points_ > 0 && std::isfinite(lr) && std::isfinite(window_lr_) &&
+      window_lr_ > 0 && lr > 0 && window_lr_ / lr >= options_.restart_lr_jump) {
+    log_fit_.Reset();
+    rel_fit_.Reset();
+    points_ = 0;
+    history_ = 0;
+    streak_ = false;
+    ema_ = loss;
+    if (findings->IsActive(DiagnosisKind::kOscillation)) {
+      findings->Clear(DiagnosisKind::kOscillation);
+    }
+  }
+  window_lr_ = lr;
   ema_ = std::isnan(ema_) ? loss : ema_ + alpha * (loss - ema_);
   if (!track.has_l0()) return;
   if (points_ == 0) window_start_ = rec.step;

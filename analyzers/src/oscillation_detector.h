@@ -35,6 +35,7 @@ class OscillationDetector {
   WindowFit log_fit_;
   WindowFit rel_fit_;
   int points_ = 0;
+  double window_lr_ = kNaN;  // LR at the current window's last point
   int64_t window_start_ = 0;
   uint32_t history_ = 0;         // bit i: window i back swung
   bool streak_ = false;

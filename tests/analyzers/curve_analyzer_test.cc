@@ -569,6 +569,46 @@ TEST(CurveAnalyzerTest, OscillationClearsWhenSwingsStop) {
       << Describe(a.Active());
 }
 
+// The LR is halved (the remedy applied) at step 1060, one window into the
+// swings, and they stop: swings at the old LR are not evidence about the
+// new one, so the one swinging window before the cut never combines with
+// later ones into a report; and a reported oscillation clears at the cut.
+TEST(CurveAnalyzerTest, LrCutStartsOscillationJudgementAfresh) {
+  {
+    CurveSpec spec = SwingingSpec(2000, 1000, 1060);
+    spec.lr = [](int64_t i) { return i < 1060 ? 0.1 : 0.05; };
+    CurveAnalyzer a;
+    const std::vector<Diagnosis> ds = FeedAll(a, Generate(spec));
+    EXPECT_FALSE(Has(ds, DiagnosisKind::kOscillation)) << Describe(ds);
+  }
+  {
+    CurveSpec spec = SwingingSpec(3000, 1000, 3000);  // swings to the end
+    spec.lr = [](int64_t i) { return i < 1400 ? 0.1 : 0.05; };
+    CurveAnalyzer a;
+    std::vector<Diagnosis> ds;
+    synthetic::CurveStream stream(spec);
+    std::vector<Diagnosis> out;
+    bool active_before_cut = false;
+    while (!stream.Done()) {
+      const StepRecord r = stream.Next();
+      out.clear();
+      ASSERT_TRUE(a.Feed(r, &out).ok());
+      for (Diagnosis& d : out) ds.push_back(d);
+      if (r.step == 1399) {
+        active_before_cut = !OfKind(a.Active(), DiagnosisKind::kOscillation).empty();
+      }
+      if (r.step == 1400) {
+        EXPECT_TRUE(OfKind(a.Active(), DiagnosisKind::kOscillation).empty());
+      }
+    }
+    EXPECT_TRUE(active_before_cut);
+    // Still swinging at the halved LR: judged on new windows, reported again.
+    const std::vector<Diagnosis> osc = OfKind(ds, DiagnosisKind::kOscillation);
+    ASSERT_EQ(osc.size(), 2u) << Describe(ds);
+    EXPECT_GE(osc[1].onset, 1400) << Describe(osc);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Stagnation.
 
