@@ -116,9 +116,13 @@ std::string ActionText(const Advice& a) {
                              act.enable_grad_clip().max_norm());
     case v1::Action::kEarlyStop:
       return "early stop";
-    default:
-      return "action";
+    case v1::Action::kRampLr:
+      return absl::StrFormat("ramp LR x%g/step for %d steps",
+                             act.ramp_lr().factor_per_step(), act.ramp_lr().steps());
+    case v1::Action::KIND_NOT_SET:
+      break;
   }
+  return "no action";
 }
 
 // absl flags are spelled with underscores; accept --metrics-out for
