@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -96,8 +97,10 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
                           a.lr_from, a.lr_to);
       break;
     case ActionKind::kSetLr:
-      s = absl::StrFormat("set the LR from %g to %g, the %s bound", a.lr_from,
-                          a.lr_to, a.lr_bound);
+      s = absl::StartsWith(a.lr_bound, "LR range test")
+              ? absl::StrFormat("set the LR from %g to %g", a.lr_from, a.lr_to)
+              : absl::StrFormat("set the LR from %g to %g, the %s bound",
+                                a.lr_from, a.lr_to, a.lr_bound);
       break;
     case ActionKind::kRestartCosine:
       s = absl::StrFormat(
@@ -138,6 +141,17 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       d.grad_norm_level > 0.0 ? d.grad_norm_level : ctx.grad_norm_level;
   switch (d.kind) {
     case DiagnosisKind::kDivergence: {
+      if (ctx.ramp_suggested_lr > 0.0 && std::isfinite(ctx.lr) &&
+          ctx.ramp_suggested_lr < ctx.lr) {
+        // The ramp blew up: its range test says where to land.
+        MoveLr(ctx.ramp_suggested_lr / ctx.lr, ctx, o, a);
+        if (a->action == ActionKind::kScaleLr) {
+          a->action = ActionKind::kSetLr;
+          a->lr_bound = "LR range test over the ramp";
+        }
+        a->restore_checkpoint = a->action == ActionKind::kSetLr;
+        return absl::StrFormat("the LR ramp blew up; %s, so ", ctx.ramp_evidence);
+      }
       MoveLr(o.divergence_lr_factor, ctx, o, a);
       a->restore_checkpoint = a->action == ActionKind::kScaleLr ||
                               a->action == ActionKind::kSetLr;
@@ -153,9 +167,29 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       return why;
     }
     case DiagnosisKind::kOscillation:
+      if (ctx.ramp_suggested_lr > 0.0 && std::isfinite(ctx.lr) &&
+          ctx.ramp_suggested_lr < ctx.lr * o.oscillation_lr_factor) {
+        MoveLr(ctx.ramp_suggested_lr / ctx.lr, ctx, o, a);
+        if (a->action == ActionKind::kScaleLr) {
+          a->action = ActionKind::kSetLr;
+          a->lr_bound = "LR range test over the ramp";
+        }
+        return absl::StrFormat("the LR ramp reached swings; %s, so ",
+                               ctx.ramp_evidence);
+      }
       MoveLr(o.oscillation_lr_factor, ctx, o, a);
       return "";
     case DiagnosisKind::kStagnation: {
+      if (ctx.ramp_suggested_lr > 0.0 && std::isfinite(ctx.lr) &&
+          ctx.ramp_suggested_lr < ctx.lr) {
+        // The ramp ran its course: land on the range test's LR.
+        MoveLr(ctx.ramp_suggested_lr / ctx.lr, ctx, o, a);
+        if (a->action == ActionKind::kScaleLr) {
+          a->action = ActionKind::kSetLr;
+          a->lr_bound = "LR range test over the ramp";
+        }
+        return absl::StrFormat("the LR ramp is over; %s, so ", ctx.ramp_evidence);
+      }
       const bool stuck_at_start =
           ctx.initial_loss > 0.0 &&
           d.loss_at_onset >= o.damaged_progress_ratio * ctx.initial_loss;
@@ -379,7 +413,9 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
              !(ctx.step <= ctx.ramp_until &&
                (d.kind == DiagnosisKind::kDivergence ||
                 d.kind == DiagnosisKind::kOscillation ||
-                d.kind == DiagnosisKind::kGradientExplosion))) {
+                d.kind == DiagnosisKind::kGradientExplosion ||
+                (d.kind == DiagnosisKind::kStagnation &&
+                 ctx.ramp_suggested_lr > 0.0)))) {
     // (A run that blew up again after an action cannot wait: the action
     // was not enough.)
     Block(
@@ -446,6 +482,7 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   // A ramp is on until its steps are done and its end judged; any other
   // action ends it (the guard stops ramping on an LR action).
   ctx->ramp_until = advice.action == ActionKind::kRampLr ? advice.ramp_until : 0;
+  ctx->ramp_suggested_lr = 0.0;
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;
 }
 

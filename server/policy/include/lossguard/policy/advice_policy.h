@@ -154,6 +154,12 @@ struct RunContext {
   // Until this step an LR ramp is on (or its end being judged): the
   // diagnoses that end it are not held back by the cooldown (0: none).
   int64_t ramp_until = 0;
+  // The LR the range test over the ramp's points suggests (the middle of
+  // its steepest descent; see policy::Advisor), once the ramp has ended or
+  // blown up; 0: none. The next divergence, oscillation or stagnation
+  // advice sets the LR to it; any action clears it.
+  double ramp_suggested_lr = 0.0;
+  std::string ramp_evidence;  // the range test's evidence
   ScheduleHint schedule = ScheduleHint::kUnknown;
 };
 

@@ -1,6 +1,7 @@
 #ifndef LOSSGUARD_POLICY_ADVISOR_H_
 #define LOSSGUARD_POLICY_ADVISOR_H_
 
+#include <cstdint>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -36,10 +37,9 @@ class Advisor {
   Advice Decide(const analyzers::Diagnosis& d) const {
     return policy::Decide(d, ctx_, options_);
   }
-  // The advice given for `d` (ObserveAdvice).
-  void Record(const analyzers::Diagnosis& d, const Advice& advice) {
-    ObserveAdvice(d, advice, &ctx_);
-  }
+  // The advice given for `d` (ObserveAdvice). An LR ramp starts the
+  // collection of its points for the range test that ends it.
+  void Record(const analyzers::Diagnosis& d, const Advice& advice);
 
   const analyzers::CurveAnalyzer& analyzer() const { return analyzer_; }
   const RunContext& context() const { return ctx_; }
@@ -48,9 +48,26 @@ class Advisor {
   const PolicyOptions& options() const { return options_; }
 
  private:
+  // The range test over an LR ramp's points: sets ctx_.ramp_suggested_lr
+  // when it finds a steepest descent.
+  void SuggestFromRamp();
+
   const PolicyOptions options_;
   analyzers::CurveAnalyzer analyzer_;
   RunContext ctx_;
+
+  // An LR ramp being watched: the points where the LR grew (at most the
+  // ramp's steps), and whether it has been concluded.
+  struct Ramp {
+    bool on = false;
+    int64_t advised_step = 0;
+    int64_t steps = 0;
+    double last_lr = 0.0;
+    int flat = 0;  // steps since the LR last grew
+    std::vector<double> lrs;
+    std::vector<double> losses;
+  };
+  Ramp ramp_;
 };
 
 }  // namespace lossguard::policy
