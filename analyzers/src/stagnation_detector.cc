@@ -97,13 +97,18 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   const double progress = std::min(head, track.log_l0()) - tail;
   if (findings->IsActive(DiagnosisKind::kStagnation)) {
     const double lr_now = track.lr();
-    const bool raised = std::isfinite(reported_lr_) && std::isfinite(lr_now) &&
-                        lr_now >= reported_lr_ * options_.stagnation_rearm_lr_rise;
+    // The LR moved by the rearm factor either way since the report: the
+    // remedy was applied (a raise for a starved run, a cut for a damaged
+    // one).
+    const bool moved =
+        std::isfinite(reported_lr_) && std::isfinite(lr_now) && lr_now > 0 &&
+        (lr_now >= reported_lr_ * options_.stagnation_rearm_lr_rise ||
+         lr_now * options_.stagnation_rearm_lr_rise <= reported_lr_);
     if (tail < reported_level_ + std::log1p(-options_.stagnation_clear_fall) ||
-        raised) {
-      // Progress, or the LR was raised since the report (the remedy was
-      // applied): judged afresh, so a run still stagnant at the raised LR
-      // is reported again once the evidence holds at that LR.
+        moved) {
+      // Progress, or the remedy was applied: judged afresh, so a run still
+      // stagnant at the new LR is reported again once the evidence holds
+      // at that LR.
       findings->Clear(DiagnosisKind::kStagnation);
       candidate_since_ = -1;
     }

@@ -248,12 +248,12 @@ TEST(CurveAnalyzerTest, StagnationIsJudgedAfreshAfterAnLrRaise) {
   // Flat at its initial loss at LR 1e-5; the LR is raised x10 at step 400
   // and the run is still flat: a second report (a second raise can follow).
   // Without the raise, one report.
-  auto run = [](bool raise) {
+  auto run = [](bool raise, double factor = 10.0) {
     std::vector<StepRecord> recs;
     for (int64_t s = 0; s < 2000; ++s) {
       const double noise = 0.01 * std::sin(0.7 * static_cast<double>(s));
       recs.push_back({.step = s,
-                      .lr = raise && s >= 400 ? 1e-4 : 1e-5,
+                      .lr = raise && s >= 400 ? 1e-5 * factor : 1e-5,
                       .loss = 2.3 + noise});
     }
     CurveAnalyzer a;
@@ -268,6 +268,11 @@ TEST(CurveAnalyzerTest, StagnationIsJudgedAfreshAfterAnLrRaise) {
   EXPECT_LT(raised[0], 400);
   EXPECT_GT(raised[1], 400);
   EXPECT_EQ(run(false).size(), 1u);
+  // A cut (the remedy for a run damaged by too large an LR) too: a run
+  // still stuck at the cut LR is reported again, for a second cut.
+  const std::vector<int64_t> cut = run(true, 0.1);
+  ASSERT_EQ(cut.size(), 2u);
+  EXPECT_GT(cut[1], 400);
 }
 
 TEST(CurveAnalyzerTest, NanLrMeansNotLogged) {

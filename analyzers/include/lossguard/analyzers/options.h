@@ -123,10 +123,11 @@ struct AnalyzerOptions {
   // An active stagnation clears once the smoothed loss has fallen this
   // fraction below its level when reported...
   double stagnation_clear_fall = 0.1;
-  // ...or once the LR has risen this factor above the LR when reported
-  // (the remedy was applied): the run is then judged afresh at its new LR
-  // and reported again if it still stagnates, so a starved run can get a
-  // second raise. 2 ignores schedule wobble.
+  // ...or once the LR has moved this factor above or below the LR when
+  // reported (the remedy was applied: a raise for a starved run, a cut for
+  // one damaged by too large an LR): the run is then judged afresh at its
+  // new LR and reported again if it still stagnates, so it can get a
+  // second remedy. 2 ignores schedule wobble.
   double stagnation_rearm_lr_rise = 2.0;
   // Far from converged, case 1: the loss is still above this fraction of
   // its initial level.
