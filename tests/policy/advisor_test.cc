@@ -30,7 +30,9 @@ double RampLoss(double lr, double centre, int i) {
 // points lands the LR in its steepest descent, below the top of the ramp,
 // at once (no cooldown).
 TEST(AdvisorTest, RampEndsWithTheRangeTestsLr) {
-  Advisor advisor{analyzers::AnalyzerOptions(), PolicyOptions()};
+  PolicyOptions options;
+  options.ramp_range_test = true;
+  Advisor advisor{analyzers::AnalyzerOptions(), options};
   std::vector<Diagnosis> decided;
   double lr = 1e-5;
   int64_t step = 0;

@@ -27,7 +27,7 @@ absl::Status Advisor::Feed(const analyzers::StepRecord& rec,
   absl::Status s = analyzer_.Feed(rec, decided);
   if (!s.ok()) return s;
   ObserveStep(rec, options_, &ctx_);
-  if (!ramp_.on) return absl::OkStatus();
+  if (!ramp_.on || !options_.ramp_range_test) return absl::OkStatus();
 
   // Watching an LR ramp: collect its points while the LR grows.
   const double lr = rec.lr;
