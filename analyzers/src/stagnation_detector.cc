@@ -174,7 +174,7 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
           ? absl::StrFormat("at its rate it would take %.0f more points "
                             "(%.1fx the run so far) to halve",
                             halving_points, halving_ratio)
-          : head > track.log_l0()
+          : head - track.log_l0() >= std::log(options_.divergence_rise_factor)
               ? std::string(
                     "it only fell back towards the initial loss after "
                     "blowing up, which is no progress")
