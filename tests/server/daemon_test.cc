@@ -199,6 +199,20 @@ class Trainer {
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
+// Streams `curve` from `*sent` in batches of 10, as a live trainer would,
+// until the first advice with an action arrives (or the curve ends).
+std::optional<v1::Advice> StreamUntilAction(
+    Trainer& t, const std::vector<analyzers::StepRecord>& curve, size_t* sent) {
+  std::optional<v1::Advice> advice;
+  while (*sent < curve.size() && !advice) {
+    for (const auto& r : t.SendAndWait(Batch(curve, *sent, *sent + 10))) {
+      if (r.has_advice() && r.advice().has_action()) advice = r.advice();
+    }
+    *sent += 10;
+  }
+  return advice;
+}
+
 class DaemonTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -298,14 +312,8 @@ TEST_F(DaemonTest, AutoModeCutsTheLrOfADivergingRunBeforeItsLossTurnsNaN) {
   EXPECT_FALSE(first[0].accepted().resumed());
 
   // Stream until the first action arrives, as a live trainer would.
-  std::optional<v1::Advice> advice;
   size_t sent = 0;
-  while (sent < curve.size() && !advice) {
-    for (const auto& r : t.SendAndWait(Batch(curve, sent, sent + 10))) {
-      if (r.has_advice() && r.advice().has_action()) advice = r.advice();
-    }
-    sent += 10;
-  }
+  std::optional<v1::Advice> advice = StreamUntilAction(t, curve, &sent);
   ASSERT_TRUE(advice.has_value());
   EXPECT_EQ(advice->diagnosis().kind(), v1::DIVERGENCE);
   ASSERT_TRUE(advice->action().has_scale_lr()) << advice->DebugString();
@@ -399,14 +407,8 @@ TEST_F(DaemonTest, HttpPortServesMetricsApiAndDashboard) {
   const auto curve = LoadCurve(kDiverging);
   Trainer t(stub_.get());
   ASSERT_TRUE(t.Send(StartRequest("metered", v1::AUTO)));
-  std::optional<v1::Advice> advice;
   size_t sent = 0;
-  while (sent < curve.size() && !advice) {
-    for (const auto& r : t.SendAndWait(Batch(curve, sent, sent + 10))) {
-      if (r.has_advice() && r.advice().has_action()) advice = r.advice();
-    }
-    sent += 10;
-  }
+  std::optional<v1::Advice> advice = StreamUntilAction(t, curve, &sent);
   ASSERT_TRUE(advice.has_value());
   v1::AttachRequest ack;
   ack.mutable_ack()->set_advice_id(advice->advice_id());
@@ -492,14 +494,8 @@ TEST_F(DaemonTest, WebhookGetsUnhealthyAndActionAppliedAlertsWithRetry) {
   const auto curve = LoadCurve(kDiverging);
   Trainer t(stub_.get());
   ASSERT_TRUE(t.Send(StartRequest("alerting", v1::AUTO, "vision")));
-  std::optional<v1::Advice> advice;
   size_t sent = 0;
-  while (sent < curve.size() && !advice) {
-    for (const auto& r : t.SendAndWait(Batch(curve, sent, sent + 10))) {
-      if (r.has_advice() && r.advice().has_action()) advice = r.advice();
-    }
-    sent += 10;
-  }
+  std::optional<v1::Advice> advice = StreamUntilAction(t, curve, &sent);
   ASSERT_TRUE(advice.has_value());
   v1::AttachRequest ack;
   ack.mutable_ack()->set_advice_id(advice->advice_id());

@@ -133,6 +133,22 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
   return s;
 }
 
+// When the range test over an LR ramp suggested an LR below `below` x the
+// LR now, makes `a` set it (within the bounds) and returns true.
+bool LandOnRampTest(double below, const RunContext& ctx, const PolicyOptions& o,
+                    Advice* a) {
+  if (!(ctx.ramp_suggested_lr > 0.0) || !std::isfinite(ctx.lr) ||
+      ctx.ramp_suggested_lr >= ctx.lr * below) {
+    return false;
+  }
+  MoveLr(ctx.ramp_suggested_lr / ctx.lr, ctx, o, a);
+  if (a->action == ActionKind::kScaleLr) {
+    a->action = ActionKind::kSetLr;
+    a->lr_bound = "LR range test over the ramp";
+  }
+  return true;
+}
+
 // Fills the action of `a` for `d`; returns the rationale that precedes the
 // action in the explanation ("" if none).
 std::string Remedy(const Diagnosis& d, const RunContext& ctx,
@@ -141,14 +157,8 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       d.grad_norm_level > 0.0 ? d.grad_norm_level : ctx.grad_norm_level;
   switch (d.kind) {
     case DiagnosisKind::kDivergence: {
-      if (ctx.ramp_suggested_lr > 0.0 && std::isfinite(ctx.lr) &&
-          ctx.ramp_suggested_lr < ctx.lr) {
+      if (LandOnRampTest(1.0, ctx, o, a)) {
         // The ramp blew up: its range test says where to land.
-        MoveLr(ctx.ramp_suggested_lr / ctx.lr, ctx, o, a);
-        if (a->action == ActionKind::kScaleLr) {
-          a->action = ActionKind::kSetLr;
-          a->lr_bound = "LR range test over the ramp";
-        }
         a->restore_checkpoint = a->action == ActionKind::kSetLr;
         return absl::StrFormat("the LR ramp blew up; %s, so ", ctx.ramp_evidence);
       }
@@ -167,27 +177,15 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       return why;
     }
     case DiagnosisKind::kOscillation:
-      if (ctx.ramp_suggested_lr > 0.0 && std::isfinite(ctx.lr) &&
-          ctx.ramp_suggested_lr < ctx.lr * o.oscillation_lr_factor) {
-        MoveLr(ctx.ramp_suggested_lr / ctx.lr, ctx, o, a);
-        if (a->action == ActionKind::kScaleLr) {
-          a->action = ActionKind::kSetLr;
-          a->lr_bound = "LR range test over the ramp";
-        }
+      if (LandOnRampTest(o.oscillation_lr_factor, ctx, o, a)) {
         return absl::StrFormat("the LR ramp reached swings; %s, so ",
                                ctx.ramp_evidence);
       }
       MoveLr(o.oscillation_lr_factor, ctx, o, a);
       return "";
     case DiagnosisKind::kStagnation: {
-      if (ctx.ramp_suggested_lr > 0.0 && std::isfinite(ctx.lr) &&
-          ctx.ramp_suggested_lr < ctx.lr) {
+      if (LandOnRampTest(1.0, ctx, o, a)) {
         // The ramp ran its course: land on the range test's LR.
-        MoveLr(ctx.ramp_suggested_lr / ctx.lr, ctx, o, a);
-        if (a->action == ActionKind::kScaleLr) {
-          a->action = ActionKind::kSetLr;
-          a->lr_bound = "LR range test over the ramp";
-        }
         return absl::StrFormat("the LR ramp is over; %s, so ", ctx.ramp_evidence);
       }
       const bool stuck_at_start =
