@@ -603,9 +603,20 @@ TEST(AdvicePolicyTest, StarvedRunGetsAnLrRampWhoseEndIsNotHeldBack) {
   ObserveAdvice(stag, ramp, &ctx);
   EXPECT_EQ(ctx.ramp_until, 201);
 
-  // The loss blows up near the ramp's end, 60 steps after it was advised:
-  // inside the cooldown, acted on anyway.
-  for (int64_t s = 80; s <= 140; ++s) {
+  // The gradient norm explodes on the way: clipping, which does not end the
+  // ramp (the guard keeps ramping)...
+  for (int64_t s = 80; s <= 130; ++s) {
+    ObserveStep({.step = s, .lr = 5e-5 * std::pow(1.1, s - 79), .loss = 2.0}, o, &ctx);
+  }
+  Diagnosis explosion = Diag(DiagnosisKind::kGradientExplosion, 130);
+  explosion.grad_norm_level = 0.7;
+  Advice clip = Decide(explosion, ctx, o);
+  ASSERT_EQ(clip.action, ActionKind::kEnableGradClip) << clip.explanation;
+  ObserveAdvice(explosion, clip, &ctx);
+  EXPECT_EQ(ctx.ramp_until, 201);
+  // ...and the loss blows up near the ramp's end, 60 steps after it was
+  // advised: inside the cooldown (of both actions), acted on anyway.
+  for (int64_t s = 131; s <= 140; ++s) {
     ObserveStep({.step = s, .lr = 5e-5 * std::pow(1.1, s - 79), .loss = 2.0}, o, &ctx);
   }
   Advice cut = Decide(Diag(DiagnosisKind::kDivergence, 140), ctx, o);

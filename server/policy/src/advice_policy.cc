@@ -335,6 +335,11 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
 
 }  // namespace
 
+bool EndsRamp(const Advice& a) {
+  return a.action == ActionKind::kScaleLr || a.action == ActionKind::kSetLr ||
+         a.action == ActionKind::kRestartCosine || a.restore_checkpoint;
+}
+
 std::string_view ActionName(ActionKind action) {
   switch (action) {
     case ActionKind::kNone:
@@ -477,9 +482,14 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   }
   ctx->last_action_step = advice.at_step;
   ++ctx->actions_taken;
-  // A ramp is on until its steps are done and its end judged; any other
-  // action ends it (the guard stops ramping on an LR action).
-  ctx->ramp_until = advice.action == ActionKind::kRampLr ? advice.ramp_until : 0;
+  // A ramp is on until its steps are done and its end judged; another LR
+  // action or a rollback ends it (as the guard stops ramping then), while
+  // clipping on the way does not.
+  if (advice.action == ActionKind::kRampLr) {
+    ctx->ramp_until = advice.ramp_until;
+  } else if (EndsRamp(advice)) {
+    ctx->ramp_until = 0;
+  }
   ctx->ramp_suggested_lr = 0.0;
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;
 }

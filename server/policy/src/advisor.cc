@@ -101,7 +101,7 @@ void Advisor::Record(const analyzers::Diagnosis& d, const Advice& advice) {
     ramp_.advised_step = advice.at_step;
     ramp_.steps = advice.ramp_steps;
     ramp_.last_lr = ctx_.lr;
-  } else if (advice.action != ActionKind::kNone) {
+  } else if (EndsRamp(advice)) {
     ramp_.on = false;
   }
 }

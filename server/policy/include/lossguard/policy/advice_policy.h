@@ -225,6 +225,10 @@ Advice Decide(const analyzers::Diagnosis& d, const RunContext& ctx,
 ScheduleHint InferSchedule(double max_lr_seen, double current_lr,
                            double tolerance);
 
+// Whether `advice` ends an LR ramp in progress: another LR action or a
+// rollback does (the guards stop ramping then); clipping does not.
+bool EndsRamp(const Advice& advice);
+
 // Brings `ctx` up to date with one more step fed to the analyzer.
 void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
                  RunContext* ctx);
