@@ -7,14 +7,24 @@
 #include "absl/strings/str_format.h"
 
 namespace lossguard::analyzers {
+namespace {
+
+// "nan", "inf" or "-inf" (printf gives "-nan" for a NaN with its sign bit
+// set, which is what a blown-up loss often is).
+std::string NonFiniteName(double v) {
+  if (std::isnan(v)) return "nan";
+  return v > 0 ? "inf" : "-inf";
+}
+
+}  // namespace
 
 void DivergenceDetector::OnNonFinite(const StepRecord& rec, const char* what,
                                      double value, const LossTrack& track,
                                      double grad_norm_level,
                                      Findings* findings) {
   ReportNonFinite(rec, rec.step, /*confidence=*/1.0, value,
-                  absl::StrFormat("%s is %g at step %d (non-finite)", what,
-                                  value, rec.step),
+                  absl::StrFormat("%s is %s at step %d (non-finite)", what,
+                                  NonFiniteName(value), rec.step),
                   track, grad_norm_level, findings);
 }
 
@@ -26,10 +36,10 @@ void DivergenceDetector::OnNonFiniteGradNorm(const StepRecord& rec,
   ReportNonFinite(
       rec, first_step, count > 1 ? 0.95 : 1.0, rec.loss,
       absl::StrFormat(
-          "gradient norm is %g at step %d and has been non-finite on %d "
+          "gradient norm is %s at step %d and has been non-finite on %d "
           "consecutive reports since step %d (mixed-precision loss scaling "
           "skips only a few); loss %.4g",
-          *rec.grad_norm, rec.step, count, first_step, rec.loss),
+          NonFiniteName(*rec.grad_norm), rec.step, count, first_step, rec.loss),
       track, grad_norm_level, findings);
 }
 
