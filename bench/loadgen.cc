@@ -43,7 +43,9 @@ ABSL_FLAG(std::string, target, "both",
           "daemon (in-process lossguardd, SQLite), sink (bare gRPC sink), "
           "both (sink first, then daemon, same load), or ignored with --server");
 ABSL_FLAG(std::string, server, "", "an external lossguardd to load instead");
-ABSL_FLAG(std::string, db, "", "SQLite file of the in-process daemon (default: a temp file)");
+ABSL_FLAG(std::string, db, "",
+          "SQLite file of the in-process daemon (default: a temp file); "
+          ":memory: for the memory store (no persistence: isolates its cost)");
 ABSL_FLAG(int, streams, 10, "concurrent Attach streams (simulated trainers)");
 ABSL_FLAG(int, batch, 1000, "steps per batch");
 ABSL_FLAG(int, window, 4, "batches in flight per stream");
@@ -405,6 +407,17 @@ int main(int argc, char** argv) {
   if (target == "daemon" || target == "both") {
     std::string db = absl::GetFlag(FLAGS_db);
     std::filesystem::path tmp;
+    if (db == ":memory:") {
+      auto store = lossguard::storage::NewMemoryStore();
+      lossguard::service::ServerOptions o;
+      o.listen = "127.0.0.1:0";
+      lossguard::service::Daemon d(o, store.get());
+      if (!d.Start().ok()) return 1;
+      auto j = Load("daemon-mem", absl::StrCat("127.0.0.1:", d.port()), curves);
+      Print(j);
+      (void)d.Shutdown();
+      return 0;
+    }
     if (db.empty()) {
       tmp = std::filesystem::temp_directory_path() /
             absl::StrCat("lossguard-loadgen-", ::getpid());
