@@ -539,12 +539,28 @@ TEST_F(DaemonTest, WebhookGetsUnhealthyAndActionAppliedAlertsWithRetry) {
 }
 
 TEST_F(DaemonTest, BadWebhookUrlIsAStartError) {
-  options_.alert_webhook = "ftp://example.com/hook";
-  auto store = storage::NewMemoryStore();
-  Daemon d(options_, store.get(), &clock_);
-  absl::Status s = d.Start();
-  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
-  EXPECT_THAT(std::string(s.message()), HasSubstr("ftp://example.com/hook"));
+  for (const char* url : {"ftp://example.com/hook", "http://example.com:99999999999/hook",
+                          "http://example.com:0/", "http://user:pw@example.com/hook",
+                          "http://example.com:abc/", "example.com/hook"}) {
+    options_.alert_webhook = url;
+    auto store = storage::NewMemoryStore();
+    Daemon d(options_, store.get(), &clock_);
+    absl::Status s = d.Start();
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << url << ": " << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(url));
+  }
+}
+
+// Shutdown right after Start never hangs on the HTTP port (its library's
+// stop() is a no-op until its listen loop runs).
+TEST_F(DaemonTest, HttpPortStartAndImmediateShutdown) {
+  options_.http_listen = "127.0.0.1:0";
+  for (int i = 0; i < 20; ++i) {
+    auto store = storage::NewMemoryStore();
+    Daemon d(options_, store.get(), &clock_);
+    ASSERT_TRUE(d.Start().ok());
+    EXPECT_TRUE(d.Shutdown().ok());
+  }
 }
 
 TEST_F(DaemonTest, HealthyRunGetsNoActionAndFinishes) {

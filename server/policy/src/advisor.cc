@@ -40,9 +40,10 @@ absl::Status Advisor::Feed(const analyzers::StepRecord& rec,
     ramp_.flat = 0;
   } else if (std::isfinite(lr) && lr < ramp_.last_lr / 1.5) {
     ramp_.on = false;  // cut: an action landed, the ramp is over
+    ctx_.ramp_until = 0;
     return absl::OkStatus();
-  } else if (!ramp_.lrs.empty()) {
-    ++ramp_.flat;
+  } else if (std::isfinite(lr) && !ramp_.lrs.empty()) {
+    ++ramp_.flat;  // (a step that does not log its LR says nothing)
   }
   bool trouble = false;
   for (size_t i = before; i < decided->size(); ++i) {

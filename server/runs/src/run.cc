@@ -146,6 +146,19 @@ absl::Status Run::Recover() {
       if (a.has_action()) {
         ctx->last_action_step = a.at_step();
         ++ctx->actions_taken;
+        // An LR ramp in progress keeps its cooldown exemption (see
+        // policy::RunContext::ramp_until); another LR action ends it.
+        const v1::Action& act = a.action();
+        if (act.has_ramp_lr()) {
+          const int64_t span = std::clamp<int64_t>(act.ramp_lr().steps(), 0, 1 << 20) +
+                               options_->policy.cooldown_steps / 2;
+          ctx->ramp_until = a.at_step() > std::numeric_limits<int64_t>::max() - span
+                                ? std::numeric_limits<int64_t>::max()
+                                : a.at_step() + span;
+        } else if (act.has_scale_lr() || act.has_set_lr() ||
+                   act.has_restart_cosine() || act.restore_checkpoint()) {
+          ctx->ramp_until = 0;
+        }
         if (a.diagnosis().kind() == v1::OVERFITTING) {
           ctx->overfitting_advised = true;
         }

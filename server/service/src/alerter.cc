@@ -18,12 +18,19 @@ namespace lossguard::service {
 namespace {
 
 // scheme://host[:port], path (default "/").
+// The host is a name or an IPv4 address (no user info), the port, when
+// given, 1 to 65535.
 bool SplitUrl(const std::string& url, std::string* base, std::string* path) {
-  static const std::regex kUrl(R"(^(https?://[^/\s?#]+)(/[^\s#]*)?$)");
+  static const std::regex kUrl(
+      R"(^(https?://[A-Za-z0-9.-]+(:([0-9]{1,5}))?)(/[^\s#]*)?$)");
   std::smatch m;
   if (!std::regex_match(url, m, kUrl)) return false;
+  if (m[3].matched) {
+    const int port = std::stoi(m[3].str());  // at most 5 digits
+    if (port < 1 || port > 65535) return false;
+  }
   *base = m[1].str();
-  *path = m[2].matched ? m[2].str() : "/";
+  *path = m[4].matched ? m[4].str() : "/";
   return true;
 }
 
@@ -147,6 +154,15 @@ void Alerter::Stop(absl::Duration grace) {
 bool Alerter::Post(const std::string& body, bool* retry) {
   *retry = false;
   if (scheme_host_port_.empty()) return false;
+  try {
+    return PostOnce(body, retry);
+  } catch (const std::exception& e) {  // a library error must not end the daemon
+    Log(LogLevel::kWarning, "alert_failed", {{"url", options_.url}, {"error", e.what()}});
+    return false;
+  }
+}
+
+bool Alerter::PostOnce(const std::string& body, bool* retry) {
   httplib::Client client(scheme_host_port_);
   const int64_t us = absl::ToInt64Microseconds(options_.timeout);
   client.set_connection_timeout(us / 1000000, us % 1000000);
@@ -177,7 +193,13 @@ void Alerter::Loop() {
             return a->stopping_ || !a->queue_.empty();
           },
           this));
-      if (queue_.empty() || (stopping_ && absl::Now() >= drain_deadline_)) return;
+      if (queue_.empty()) return;
+      if (stopping_ && absl::Now() >= drain_deadline_) {
+        // Out of time: what is left is dropped, and counted.
+        dropped_.fetch_add(static_cast<int64_t>(queue_.size()));
+        queue_.clear();
+        return;
+      }
       body = std::move(queue_.front());
       queue_.pop_front();
     }

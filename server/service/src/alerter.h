@@ -68,6 +68,7 @@ class Alerter {
   void Loop();
   // One POST; true when delivered, `*retry` when it is worth another try.
   bool Post(const std::string& body, bool* retry);
+  bool PostOnce(const std::string& body, bool* retry);
 
   const AlerterOptions options_;
   std::string scheme_host_port_;

@@ -253,6 +253,11 @@ absl::Status HttpFrontend::Start(const std::string& listen) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", listen, " (HTTP)"));
   }
   thread_ = std::thread([this] { server_->listen_after_bind(); });
+  // httplib's stop() does nothing before the listen loop runs: wait for it,
+  // so a Stop() right after Start() cannot leave the loop running forever.
+  for (int i = 0; i < 5000 && !server_->is_running(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   return absl::OkStatus();
 }
 

@@ -14,7 +14,30 @@ namespace {
 
 constexpr const char* kActionNames[] = {"none",           "scale_lr",
                                         "set_lr",         "restart_cosine",
-                                        "enable_grad_clip", "early_stop"};
+                                        "enable_grad_clip", "early_stop",
+                                        "ramp_lr"};
+
+// The action's index in kActionNames (0: none).
+int ActionIndex(const v1::Advice& a) {
+  if (!a.has_action()) return 0;
+  switch (a.action().kind_case()) {
+    case v1::Action::kScaleLr:
+      return 1;
+    case v1::Action::kSetLr:
+      return 2;
+    case v1::Action::kRestartCosine:
+      return 3;
+    case v1::Action::kEnableGradClip:
+      return 4;
+    case v1::Action::kEarlyStop:
+      return 5;
+    case v1::Action::kRampLr:
+      return 6;
+    case v1::Action::KIND_NOT_SET:
+      break;
+  }
+  return 0;
+}
 
 int64_t Load(const std::atomic<int64_t>& a) {
   return a.load(std::memory_order_relaxed);
@@ -48,8 +71,7 @@ void Metrics::BatchIngested(int64_t steps, int64_t duplicates, double seconds) {
 
 void Metrics::AdviceSent(const v1::Advice& a) {
   const int kind = std::clamp<int>(a.diagnosis().kind(), 0, kKinds - 1);
-  const int action =
-      a.has_action() ? std::clamp<int>(a.action().kind_case(), 0, kActions - 1) : 0;
+  const int action = ActionIndex(a);
   diagnoses_[kind].fetch_add(1, std::memory_order_relaxed);
   advice_[kind][action].fetch_add(1, std::memory_order_relaxed);
 }

@@ -39,7 +39,7 @@ class Metrics {
 
  private:
   static constexpr int kKinds = 7;    // v1::DiagnosisKind values
-  static constexpr int kActions = 6;  // none + the Action oneof's 5 kinds
+  static constexpr int kActions = 7;  // none + the Action oneof's 6 kinds
 
   std::atomic<int64_t> steps_{0};
   std::atomic<int64_t> duplicates_{0};

@@ -298,9 +298,13 @@ class AttachReactor final
   }
 
   grpc::Status OnSteps(const v1::StepBatch& batch) {
-    if (run_ == nullptr) return NotStarted("steps");
+    if (run_ == nullptr) {
+      service_->metrics().BatchRejected();
+      return NotStarted("steps");
+    }
     const int limit = service_->options().max_batch_steps;
     if (batch.steps_size() > limit) {
+      service_->metrics().BatchRejected();
       return grpc::Status(
           grpc::StatusCode::RESOURCE_EXHAUSTED,
           absl::StrFormat("a batch of %d steps; at most %d per batch",
@@ -874,8 +878,10 @@ absl::Status Daemon::Start() {
         absl::StrCat("cannot listen on ", options_.listen));
   }
   if (!options_.http_listen.empty()) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(options_.max_message_bytes);
     http_ = std::make_unique<HttpFrontend>(
-        server_->InProcessChannel(grpc::ChannelArguments()),
+        server_->InProcessChannel(args),
         [service = service_.get(), alerter = alerter_.get()] {
           std::string m = service->RenderMetrics();
           if (alerter != nullptr) {
@@ -893,7 +899,11 @@ absl::Status Daemon::Start() {
     s = http_->Start(options_.http_listen);
     if (!s.ok()) {
       http_.reset();
-      server_->Shutdown();
+      // Trainers may have attached already: end their streams, then stop.
+      service_->BeginShutdown();
+      server_->Shutdown(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(
+                            options_.shutdown_grace_s * 1000)));
       server_->Wait();
       service_->StopWorkers();
       server_.reset();
