@@ -464,6 +464,10 @@ TEST_F(DaemonTest, HttpPortServesMetricsApiAndDashboard) {
   EXPECT_EQ(uplot->status, 200);
   EXPECT_GT(uplot->body.size(), 10000u);
   EXPECT_EQ(http.Get("/assets/nope.js")->status, 404);
+  // Not UTF-8 (a proto3 string must be): 400, not 500.
+  EXPECT_EQ(http.Get("/api/runs/%FF%FE")->status, 400);
+  EXPECT_EQ(http.Get("/api/runs?project=%C0%AF")->status, 400);  // overlong '/'
+  EXPECT_EQ(http.Get("/api/runs/%E2%82%AC")->status, 404);  // a valid euro sign
   EXPECT_EQ(http.Get("/healthz")->body, "ok\n");
 }
 

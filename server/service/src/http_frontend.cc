@@ -71,6 +71,46 @@ std::string JsonEscape(std::string_view s) {
   return out;
 }
 
+// Whether `s` is well-formed UTF-8 (proto3 strings must be; httplib decodes
+// %FF in a path or query into a raw byte).
+bool ValidUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    int n;  // continuation bytes
+    uint32_t cp;
+    if ((c & 0xE0) == 0xC0) {
+      n = 1;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      n = 2;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      n = 3;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + static_cast<size_t>(n) >= s.size()) return false;
+    for (int k = 1; k <= n; ++k) {
+      const auto cc = static_cast<unsigned char>(s[i + static_cast<size_t>(k)]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    if ((n == 1 && cp < 0x80) ||
+        (n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+        (n == 3 && (cp < 0x10000 || cp > 0x10FFFF))) {
+      return false;  // overlong, a surrogate, or past U+10FFFF
+    }
+    i += static_cast<size_t>(n) + 1;
+  }
+  return true;
+}
+
 void Error(int status, std::string_view message, httplib::Response& res) {
   res.status = status;
   res.set_content(absl::StrCat("{\"error\": \"", JsonEscape(message), "\"}\n"),
@@ -123,6 +163,15 @@ class HttpFrontend::Impl {
       : stub_(v1::LossGuard::NewStub(std::move(channel))), metrics_(std::move(metrics)) {}
 
   void Routes(httplib::Server& s) {
+    // Every path and parameter reaches a proto3 string: refuse what is not
+    // UTF-8 with a 400 (not a 500 and an error line per request).
+    s.set_pre_routing_handler([](const httplib::Request& req, httplib::Response& res) {
+      bool ok = ValidUtf8(req.path);
+      for (const auto& [k, v] : req.params) ok = ok && ValidUtf8(k) && ValidUtf8(v);
+      if (ok) return httplib::Server::HandlerResponse::Unhandled;
+      Error(400, "the path or a parameter is not valid UTF-8", res);
+      return httplib::Server::HandlerResponse::Handled;
+    });
     s.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
       res.set_content("ok\n", "text/plain");
     });
