@@ -33,6 +33,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "lossguard/curvefile/curve_csv.h"
+#include "lossguard/wire/convert.h"
 #include "lossguard/service/log.h"
 #include "lossguard/service/service.h"
 #include "lossguard/storage/run_store.h"
@@ -248,11 +249,8 @@ class Trainer final : public grpc::ClientBidiReactor<v1::AttachRequest, v1::Atta
     for (int i = 0; i < batch; ++i, ++pos_) {
       const auto& r = (*curve_)[pos_ % n];
       v1::Step* s = b->add_steps();
+      *s = lossguard::wire::ToProto(r);
       s->set_step(r.step + (pos_ / n) * (curve_->back().step + 1));
-      s->set_lr(std::isnan(r.lr) ? 0.1 : r.lr);
-      s->set_loss(r.loss);
-      if (r.val_loss) s->set_val_loss(*r.val_loss);
-      if (r.grad_norm) s->set_grad_norm(*r.grad_norm);
     }
     sent_steps_ += batch;
     {

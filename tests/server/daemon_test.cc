@@ -30,6 +30,7 @@
 #include "lossguard/service/service.h"
 #include "lossguard/storage/run_store.h"
 #include "lossguard/v1/lossguard.grpc.pb.h"
+#include "lossguard/wire/convert.h"
 
 namespace lossguard::service {
 namespace {
@@ -59,16 +60,6 @@ std::vector<analyzers::StepRecord> LoadCurve(const std::string& name) {
   return records.ok() ? *records : std::vector<analyzers::StepRecord>{};
 }
 
-v1::Step ToStep(const analyzers::StepRecord& r) {
-  v1::Step s;
-  s.set_step(r.step);
-  s.set_lr(r.lr);
-  s.set_loss(r.loss);
-  if (r.val_loss) s.set_val_loss(*r.val_loss);
-  if (r.grad_norm) s.set_grad_norm(*r.grad_norm);
-  return s;
-}
-
 int64_t FirstNonFiniteStep(const std::vector<analyzers::StepRecord>& curve) {
   for (const auto& r : curve) {
     if (!std::isfinite(r.loss)) return r.step;
@@ -94,7 +85,7 @@ v1::AttachRequest Batch(const std::vector<analyzers::StepRecord>& curve,
                         size_t begin, size_t end) {
   v1::AttachRequest req;
   for (size_t i = begin; i < end && i < curve.size(); ++i) {
-    *req.mutable_steps()->add_steps() = ToStep(curve[i]);
+    *req.mutable_steps()->add_steps() = wire::ToProto(curve[i]);
   }
   return req;
 }
@@ -967,7 +958,7 @@ TEST_F(DaemonTest, AnalyzeCurveMatchesTheLiveDiagnosis) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
   v1::AnalyzeCurveRequest req;
-  for (const auto& r : curve) *req.add_steps() = ToStep(r);
+  for (const auto& r : curve) *req.add_steps() = wire::ToProto(r);
   req.set_mode(v1::AUTO);
   v1::AnalyzeCurveResponse resp;
   ASSERT_TRUE(stub_->AnalyzeCurve(&ctx, req, &resp).ok());
@@ -986,8 +977,8 @@ TEST_F(DaemonTest, AnalyzeCurveMatchesTheLiveDiagnosis) {
   // Steps that do not increase are the caller's error.
   grpc::ClientContext ctx2;
   v1::AnalyzeCurveRequest bad;
-  *bad.add_steps() = ToStep(curve[5]);
-  *bad.add_steps() = ToStep(curve[2]);
+  *bad.add_steps() = wire::ToProto(curve[5]);
+  *bad.add_steps() = wire::ToProto(curve[2]);
   EXPECT_EQ(stub_->AnalyzeCurve(&ctx2, bad, &resp).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
 }

@@ -111,4 +111,14 @@ analyzers::StepRecord FromProto(const v1::Step& s) {
   return r;
 }
 
+v1::Step ToProto(const analyzers::StepRecord& r) {
+  v1::Step s;
+  s.set_step(r.step);
+  s.set_lr(r.lr);
+  s.set_loss(r.loss);
+  if (r.val_loss) s.set_val_loss(*r.val_loss);
+  if (r.grad_norm) s.set_grad_norm(*r.grad_norm);
+  return s;
+}
+
 }  // namespace lossguard::wire

@@ -239,6 +239,14 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
           const bool starved = stuck_at_start && !blew_up &&
                                ctx.initial_grad_norm > 0.0 && level > 0.0 &&
                                !grads_collapsed && ctx.lr_ceiling <= 0.0;
+          const std::string starved_why =
+              starved ? absl::StrFormat(
+                            "the loss has not moved from its initial level "
+                            "%.4g while the gradient norm stayed at %.3g "
+                            "(%.2fx its first): the LR %g is starved",
+                            ctx.initial_loss, level,
+                            level / ctx.initial_grad_norm, ctx.lr)
+                      : std::string();
           if (starved && o.starved_ramp && o.starved_ramp_factor > 1.0) {
             // Up to the bound a raise would stop at, found by MoveLr.
             MoveLr(o.starved_ramp_max_factor, ctx, o, a);
@@ -252,30 +260,14 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
                                            static_cast<double>(a->ramp_steps));
               a->lr_factor = 1.0;
               a->action = ActionKind::kRampLr;
-              // Its end is judged for another half cooldown (saturating).
-              const double until = static_cast<double>(d.step) +
-                                   static_cast<double>(a->ramp_steps) +
-                                   0.5 * static_cast<double>(o.cooldown_steps);
-              a->ramp_until = RoundToInt64(until);
+              a->ramp_until = RampUntil(d.step, a->ramp_steps, o);
             }
-            return absl::StrFormat(
-                "the loss has not moved from its initial level %.4g while "
-                "the gradient norm stayed at %.3g (%.2fx its first): the LR "
-                "%g is starved, by how much the curve cannot say, so ",
-                ctx.initial_loss, level, level / ctx.initial_grad_norm,
-                ctx.lr);
+            return absl::StrCat(starved_why, ", by how much the curve cannot say, so ");
           }
           MoveLr(starved ? o.stagnation_starved_lr_factor
                          : o.stagnation_lr_factor,
                  ctx, o, a);
-          if (starved) {
-            return absl::StrFormat(
-                "the loss has not moved from its initial level %.4g while "
-                "the gradient norm stayed at %.3g (%.2fx its first): the LR "
-                "%g is starved, so ",
-                ctx.initial_loss, level, level / ctx.initial_grad_norm,
-                ctx.lr);
-          }
+          if (starved) return absl::StrCat(starved_why, ", so ");
           return ctx.schedule == ScheduleHint::kConstant
                      ? absl::StrFormat("the LR is constant at %g, so ", ctx.lr)
                      : "";
@@ -334,6 +326,11 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
 }
 
 }  // namespace
+
+int64_t RampUntil(int64_t at_step, int64_t steps, const PolicyOptions& options) {
+  return RoundToInt64(static_cast<double>(at_step) + static_cast<double>(steps) +
+                      0.5 * static_cast<double>(options.cooldown_steps));
+}
 
 bool EndsRamp(const Advice& a) {
   return a.action == ActionKind::kScaleLr || a.action == ActionKind::kSetLr ||

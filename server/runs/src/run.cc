@@ -150,11 +150,8 @@ absl::Status Run::Recover() {
         // policy::RunContext::ramp_until); another LR action ends it.
         const v1::Action& act = a.action();
         if (act.has_ramp_lr()) {
-          const int64_t span = std::clamp<int64_t>(act.ramp_lr().steps(), 0, 1 << 20) +
-                               options_->policy.cooldown_steps / 2;
-          ctx->ramp_until = a.at_step() > std::numeric_limits<int64_t>::max() - span
-                                ? std::numeric_limits<int64_t>::max()
-                                : a.at_step() + span;
+          ctx->ramp_until = policy::RampUntil(a.at_step(), act.ramp_lr().steps(),
+                                              options_->policy);
         } else if (act.has_scale_lr() || act.has_set_lr() ||
                    act.has_restart_cosine() || act.restore_checkpoint()) {
           ctx->ramp_until = 0;

@@ -50,6 +50,13 @@ void Family(std::string* out, const char* name, const char* type,
                   type, "\n");
 }
 
+// A family holding one unlabelled sample.
+void Sample(std::string* out, const char* name, const char* type, const char* help,
+            int64_t value) {
+  Family(out, name, type, help);
+  absl::StrAppend(out, name, " ", value, "\n");
+}
+
 std::string KindLabel(int kind) {
   return absl::AsciiStrToLower(
       v1::DiagnosisKind_Name(static_cast<v1::DiagnosisKind>(kind)));
@@ -90,7 +97,7 @@ std::string Metrics::Render(const runs::RunRegistry& registry,
     by_state[static_cast<v1::RunState>(s)] = 0;
   }
   for (const std::shared_ptr<runs::Run>& run : registry.All()) {
-    ++by_state[run->Summary().state()];
+    ++by_state[run->state()];
   }
   Family(&out, "lossguard_runs", "gauge", "Runs the daemon holds, by state.");
   for (const auto& [state, n] : by_state) {
@@ -98,19 +105,21 @@ std::string Metrics::Render(const runs::RunRegistry& registry,
                     absl::AsciiStrToLower(v1::RunState_Name(state)), "\"} ", n,
                     "\n");
   }
-  Family(&out, "lossguard_attach_streams", "gauge", "Open Attach streams (attached trainers).");
-  absl::StrAppend(&out, "lossguard_attach_streams ", attach_streams, "\n");
-  Family(&out, "lossguard_watch_streams", "gauge", "Open WatchRun streams.");
-  absl::StrAppend(&out, "lossguard_watch_streams ", watch_streams, "\n");
-  Family(&out, "lossguard_steps_ingested_total", "counter",
-         "Steps accepted from trainers (duplicates not counted).");
-  absl::StrAppend(&out, "lossguard_steps_ingested_total ", Load(steps_), "\n");
-  Family(&out, "lossguard_steps_duplicate_total", "counter",
-         "Steps resent after a reconnect and skipped as already held.");
-  absl::StrAppend(&out, "lossguard_steps_duplicate_total ", Load(duplicates_), "\n");
-  Family(&out, "lossguard_batches_rejected_total", "counter",
-         "Step batches refused (bad input, over the limits).");
-  absl::StrAppend(&out, "lossguard_batches_rejected_total ", Load(batches_rejected_), "\n");
+  Sample(&out, "lossguard_attach_streams", "gauge",
+         "Open Attach streams (attached trainers).",
+         attach_streams);
+  Sample(&out, "lossguard_watch_streams", "gauge",
+         "Open WatchRun streams.",
+         watch_streams);
+  Sample(&out, "lossguard_steps_ingested_total", "counter",
+         "Steps accepted from trainers (duplicates not counted).",
+         Load(steps_));
+  Sample(&out, "lossguard_steps_duplicate_total", "counter",
+         "Steps resent after a reconnect and skipped as already held.",
+         Load(duplicates_));
+  Sample(&out, "lossguard_batches_rejected_total", "counter",
+         "Step batches refused (bad input, over the limits).",
+         Load(batches_rejected_));
 
   Family(&out, "lossguard_ingest_latency_seconds", "histogram",
          "Time to analyse a step batch and queue it for the store.");
@@ -156,25 +165,25 @@ std::string Metrics::Render(const runs::RunRegistry& registry,
                   Load(acks_rejected_), "\n");
 
   const storage::StoreStats st = store.Stats();
-  Family(&out, "lossguard_store_queued_ops", "gauge",
-         "Store writes accepted and not yet committed.");
-  absl::StrAppend(&out, "lossguard_store_queued_ops ", st.queued_ops, "\n");
-  Family(&out, "lossguard_store_queued_steps", "gauge",
-         "Steps among the queued store writes.");
-  absl::StrAppend(&out, "lossguard_store_queued_steps ", st.queued_steps, "\n");
-  Family(&out, "lossguard_store_committed_steps_total", "counter",
-         "Steps committed to the store since it opened.");
-  absl::StrAppend(&out, "lossguard_store_committed_steps_total ", st.committed_steps, "\n");
-  Family(&out, "lossguard_store_transactions_total", "counter",
-         "Store transactions committed since it opened.");
-  absl::StrAppend(&out, "lossguard_store_transactions_total ", st.transactions, "\n");
+  Sample(&out, "lossguard_store_queued_ops", "gauge",
+         "Store writes accepted and not yet committed.",
+         st.queued_ops);
+  Sample(&out, "lossguard_store_queued_steps", "gauge",
+         "Steps among the queued store writes.",
+         st.queued_steps);
+  Sample(&out, "lossguard_store_committed_steps_total", "counter",
+         "Steps committed to the store since it opened.",
+         st.committed_steps);
+  Sample(&out, "lossguard_store_transactions_total", "counter",
+         "Store transactions committed since it opened.",
+         st.transactions);
   Family(&out, "lossguard_store_write_lag_seconds", "gauge",
          "Age of the oldest store write not yet committed (0: none queued).");
   absl::StrAppendFormat(&out, "lossguard_store_write_lag_seconds %.6f\n",
                         st.oldest_queued_age_s);
-  Family(&out, "lossguard_store_write_errors", "gauge",
-         "1 when the store's last write failed, else 0.");
-  absl::StrAppend(&out, "lossguard_store_write_errors ", st.last_error.empty() ? 0 : 1, "\n");
+  Sample(&out, "lossguard_store_write_errors", "gauge",
+         "1 when the store's last write failed, else 0.",
+         st.last_error.empty() ? 0 : 1);
   return out;
 }
 

@@ -22,6 +22,8 @@ v1::Diagnosis ToProto(const analyzers::Diagnosis& d);
 v1::Advice ToProto(const policy::Advice& a, const analyzers::Diagnosis& d,
                    uint64_t advice_id);
 analyzers::StepRecord FromProto(const v1::Step& s);
+// The inverse (no wall time).
+v1::Step ToProto(const analyzers::StepRecord& r);
 
 }  // namespace lossguard::wire
 

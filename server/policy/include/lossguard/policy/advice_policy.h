@@ -225,6 +225,11 @@ Advice Decide(const analyzers::Diagnosis& d, const RunContext& ctx,
 ScheduleHint InferSchedule(double max_lr_seen, double current_lr,
                            double tolerance);
 
+// The step until which an LR ramp of `steps` steps advised at `at_step`
+// keeps its cooldown exemption (RunContext::ramp_until): its steps, plus
+// half a cooldown for its end to show. Saturates.
+int64_t RampUntil(int64_t at_step, int64_t steps, const PolicyOptions& options);
+
 // Whether `advice` ends an LR ramp in progress: another LR action or a
 // rollback does (the guards stop ramping then); clipping does not.
 bool EndsRamp(const Advice& advice);
