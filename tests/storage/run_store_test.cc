@@ -374,6 +374,69 @@ TEST_P(RunStoreTest, ResentStepsAreStoredOnce) {
   EXPECT_EQ(store_->Stats().committed_steps, 15);
 }
 
+TEST_P(RunStoreTest, StepsAtOrBelowTheLastStoredStepAreIgnored) {
+  store_->AppendSteps("r", MakeSteps(10, 19));
+  store_->AppendSteps("r", MakeSteps(0, 4));    // below: a stale resend
+  store_->AppendSteps("r", MakeSteps(15, 22));  // 20..22 are new
+  std::vector<StepRow> unordered = MakeSteps(30, 30);
+  unordered.push_back(MakeStep(25));  // out of order within one append
+  unordered.push_back(MakeStep(31));
+  store_->AppendSteps("r", unordered);
+  ASSERT_TRUE(store_->Flush().ok());
+  std::vector<int64_t> want;
+  for (int64_t s = 10; s <= 22; ++s) want.push_back(s);
+  want.push_back(30);
+  want.push_back(31);
+  EXPECT_EQ(StepNumbers(ReadSteps(*store_, "r")), want);
+  std::vector<RunRow> runs = LoadRuns(*store_);
+  ASSERT_EQ(runs.size(), 1u);
+  EXPECT_EQ(runs[0].steps_stored, 15);
+  EXPECT_EQ(runs[0].last_step, 31);
+  EXPECT_EQ(store_->Stats().committed_steps, 15);
+}
+
+// Many small appends (one chunk each in the SQLite store) and one long one
+// (split into several): every range reads exactly its steps.
+TEST_P(RunStoreTest, ReadStepsAcrossManyAppendsAndLongOnes) {
+  std::vector<StepRow> all;
+  int64_t step = -50;
+  for (int batch = 0; batch < 200; ++batch) {
+    std::vector<StepRow> steps;
+    for (int i = 0; i < 1 + batch % 7; ++i) {
+      steps.push_back(MakeStep(step));
+      step += 1 + batch % 3;  // gaps of 0 to 2 steps
+    }
+    all.insert(all.end(), steps.begin(), steps.end());
+    store_->AppendSteps("r", std::move(steps));
+  }
+  std::vector<StepRow> long_append;
+  for (int i = 0; i < 10000; ++i) long_append.push_back(MakeStep(step++));
+  all.insert(all.end(), long_append.begin(), long_append.end());
+  store_->AppendSteps("r", std::move(long_append));
+  ASSERT_TRUE(store_->Flush().ok());
+
+  ExpectSameSteps(ReadSteps(*store_, "r"), all);
+  const int64_t first = all.front().step;
+  const int64_t last = all.back().step;
+  const int64_t ranges[][2] = {{first, first},     {first - 10, first + 3},
+                               {0, 0},             {100, 137},
+                               {101, 101},         {4000, 4200},
+                               {last - 5000, last}, {last, last + 10},
+                               {last + 1, kAllSteps}, {-1000, -60}};
+  for (const auto& [from, to] : ranges) {
+    SCOPED_TRACE(absl::StrCat("range ", from, "..", to));
+    std::vector<StepRow> want;
+    for (const StepRow& row : all) {
+      if (row.step >= from && row.step <= to) want.push_back(row);
+    }
+    ExpectSameSteps(ReadSteps(*store_, "r", from, to), want);
+  }
+  std::vector<RunRow> runs = LoadRuns(*store_);
+  ASSERT_EQ(runs.size(), 1u);
+  EXPECT_EQ(runs[0].steps_stored, static_cast<int64_t>(all.size()));
+  EXPECT_EQ(runs[0].last_step, last);
+}
+
 TEST_P(RunStoreTest, EventsUpsertByKeyAndReadInTypeIdOrder) {
   using Type = EventRow::Type;
   const uint64_t huge = (uint64_t{1} << 63) + 5;  // past int64's range
@@ -669,16 +732,112 @@ TEST_F(SqliteStoreTest, DatabaseIsIntactAndUsesTheDocumentedEncoding) {
   EXPECT_EQ(db.Query("PRAGMA foreign_key_check"),
             std::vector<std::vector<std::string>>{});
   EXPECT_EQ(db.Query("PRAGMA user_version"),
-            std::vector<std::vector<std::string>>{{"1"}});
+            std::vector<std::vector<std::string>>{{"2"}});
   EXPECT_EQ(db.Query("PRAGMA journal_mode"),
             std::vector<std::vector<std::string>>{{"wal"}});
-  // NaN: NULL with its nan_mask bit (loss 2, grad_norm 8); absent: NULL
-  // with the bit clear (val_loss of step 0, grad_norm of step 1).
-  EXPECT_EQ(db.Query("SELECT step, typeof(loss), val_loss, typeof(grad_norm), "
-                     "nan_mask FROM steps ORDER BY step"),
+  // One chunk: a version byte, then per step a varint step delta, a flags
+  // byte and 8 bytes per present double. Step 0: lr, loss, grad_norm (NaN
+  // is a value), wall_time; step 1: lr, loss, val_loss, wall_time.
+  EXPECT_EQ(db.Query("SELECT first_step, last_step, n_steps, length(data), "
+                     "hex(substr(data, 1, 3)), hex(substr(data, 36, 2)) "
+                     "FROM step_chunks"),
             (std::vector<std::vector<std::string>>{
-                {"0", "null", "NULL", "null", "10"},
-                {"1", "real", "2.0", "null", "0"}}));
+                {"0", "1", "2", "69", "010002", "0201"}}));
+  EXPECT_EQ(db.Query("SELECT run_id, step_count, last_step FROM runs"),
+            (std::vector<std::vector<std::string>>{{"r", "2", "1"}}));
+}
+
+// A database written by the version 1 schema (a row per step, NaN as NULL
+// with a nan_mask bit) is converted on open; everything reads back.
+TEST_F(SqliteStoreTest, OpenConvertsAVersion1Database) {
+  {
+    RawDb db(DbPath(), SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    db.Exec(R"sql(
+      PRAGMA journal_mode=WAL;
+      CREATE TABLE runs (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL DEFAULT '', project TEXT NOT NULL DEFAULT '',
+        tags_json TEXT NOT NULL DEFAULT '', config BLOB NOT NULL DEFAULT x'',
+        mode INTEGER NOT NULL DEFAULT 0, state INTEGER NOT NULL DEFAULT 0,
+        created_time REAL DEFAULT 0, updated_time REAL DEFAULT 0);
+      CREATE TABLE steps (run INTEGER NOT NULL REFERENCES runs(id)
+        ON DELETE CASCADE, step INTEGER NOT NULL,
+        lr, loss, val_loss, grad_norm, wall_time,
+        nan_mask INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, step))
+        WITHOUT ROWID;
+      CREATE TABLE events (run INTEGER NOT NULL REFERENCES runs(id)
+        ON DELETE CASCADE, type INTEGER NOT NULL, id INTEGER NOT NULL,
+        step INTEGER NOT NULL, payload BLOB NOT NULL,
+        PRIMARY KEY (run, type, id)) WITHOUT ROWID;
+      INSERT INTO runs (id, run_id, name, state) VALUES
+        (1, 'a', 'run a', 2), (2, 'b', 'run b', 3), (3, 'empty', '', 1);
+      INSERT INTO steps VALUES
+        (1, 0, 0.1, 2.5, NULL, 1.5, 100.0, 0),
+        (1, 1, 0.1, NULL, 2.0, NULL, 101.0, 2),
+        (1, 2, 0.1, 1e308, NULL, NULL, 102.0, 8),
+        (2, 7, 0.2, 1.25, 1.5, 0.5, 200.0, 0);
+      INSERT INTO events VALUES (1, 2, 1, 1, x'0102');
+      PRAGMA user_version = 1;
+    )sql");
+  }
+  {
+    std::unique_ptr<RunStore> store = OpenOrFail(DbPath());
+    ASSERT_NE(store, nullptr);
+    std::vector<RunRow> runs = LoadRuns(*store);
+    ASSERT_EQ(runs.size(), 3u);
+    EXPECT_EQ(runs[0].name, "run a");
+    EXPECT_EQ(runs[0].steps_stored, 3);
+    EXPECT_EQ(runs[0].last_step, 2);
+    EXPECT_EQ(runs[1].steps_stored, 1);
+    EXPECT_EQ(runs[1].last_step, 7);
+    EXPECT_FALSE(runs[2].has_steps);
+    EXPECT_EQ(runs[2].steps_stored, 0);
+    ExpectSameSteps(ReadSteps(*store, "a"),
+                    {{.step = 0, .lr = 0.1, .loss = 2.5, .val_loss = std::nullopt,
+                      .grad_norm = 1.5, .wall_time = 100.0},
+                     {.step = 1, .lr = 0.1, .loss = kNaN, .val_loss = 2.0,
+                      .grad_norm = std::nullopt, .wall_time = 101.0},
+                     {.step = 2, .lr = 0.1, .loss = 1e308,
+                      .val_loss = std::nullopt, .grad_norm = kNaN,
+                      .wall_time = 102.0}});
+    EXPECT_THAT(StepNumbers(ReadSteps(*store, "b")), ElementsAre(7));
+    ASSERT_EQ(ReadEvents(*store, "a").size(), 1u);
+    // New steps follow the converted ones; a resend is still ignored.
+    store->AppendSteps("a", MakeSteps(1, 4));
+    ASSERT_TRUE(store->Flush().ok());
+    EXPECT_THAT(StepNumbers(ReadSteps(*store, "a")), ElementsAre(0, 1, 2, 3, 4));
+  }
+  RawDb db(DbPath());
+  EXPECT_EQ(db.Query("PRAGMA user_version"),
+            std::vector<std::vector<std::string>>{{"2"}});
+  EXPECT_EQ(db.Query("SELECT count(*) FROM sqlite_schema WHERE name = 'steps'"),
+            std::vector<std::vector<std::string>>{{"0"}});
+  EXPECT_EQ(db.Query("PRAGMA integrity_check"),
+            std::vector<std::vector<std::string>>{{"ok"}});
+}
+
+// A chunk damaged on disk is a DataLoss naming the database and the run;
+// the steps before the damage were delivered, the store stays usable.
+TEST_F(SqliteStoreTest, DamagedChunkReadsAsDataLoss) {
+  std::unique_ptr<RunStore> store = OpenOrFail(DbPath());
+  ASSERT_NE(store, nullptr);
+  store->AppendSteps("r", MakeSteps(0, 9));
+  store->AppendSteps("other", MakeSteps(0, 9));
+  ASSERT_TRUE(store->Flush().ok());
+  {
+    RawDb db(DbPath());
+    db.Exec("UPDATE step_chunks SET data = substr(data, 1, 100) "
+            "WHERE run = (SELECT id FROM runs WHERE run_id = 'r')");
+  }
+  std::vector<int64_t> seen;
+  absl::Status s = store->ReadSteps("r", 0, kAllSteps, [&](const StepRow& row) {
+    seen.push_back(row.step);
+    return true;
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(s.message(), HasSubstr(DbPath()));
+  EXPECT_THAT(s.message(), HasSubstr("run r"));
+  EXPECT_THAT(seen, ElementsAre(0, 1));
+  EXPECT_EQ(ReadSteps(*store, "other").size(), 10u);
 }
 
 TEST_F(SqliteStoreTest, OpenInMissingDirectoryFailsNamingThePath) {
@@ -714,13 +873,13 @@ TEST_F(SqliteStoreTest, OpenFileThatIsNotADatabaseFails) {
 TEST_F(SqliteStoreTest, OpenRefusesANewerSchemaVersion) {
   {
     RawDb db(DbPath(), SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
-    db.Exec("CREATE TABLE future (x); PRAGMA user_version = 2;");
+    db.Exec("CREATE TABLE future (x); PRAGMA user_version = 3;");
   }
   absl::StatusOr<std::unique_ptr<RunStore>> store = OpenSqliteStore(DbPath());
   ASSERT_FALSE(store.ok());
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(store.status().message(), HasSubstr(DbPath()));
-  EXPECT_THAT(store.status().message(), HasSubstr("schema version 2"));
+  EXPECT_THAT(store.status().message(), HasSubstr("schema version 3"));
 }
 
 TEST_F(SqliteStoreTest, StatsCountTransactionsAndCommittedSteps) {

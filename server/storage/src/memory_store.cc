@@ -1,6 +1,7 @@
 // The in-memory RunStore: every write applies at once under one mutex, with
-// the SQLite store's semantics (steps deduplicated by step, events upserted
-// by (type, id), a write for an unknown run creates it, reads in order).
+// the SQLite store's semantics (steps kept above the last stored one,
+// events upserted by (type, id), a write for an unknown run creates it,
+// reads in order).
 
 #include <cstdint>
 #include <functional>
@@ -45,12 +46,15 @@ class MemoryStore final : public RunStore {
     if (steps.empty()) return;
     absl::MutexLock lock(&mu_);
     RunData& data = FindOrCreate(run_id);
+    // Only steps above the last stored one, as the SQLite store keeps them:
+    // a resend duplicates nothing.
     for (StepRow& step : steps) {
-      const int64_t key = step.step;
-      // try_emplace keeps the stored step: a resend duplicates nothing.
-      if (data.steps.try_emplace(key, std::move(step)).second) {
-        ++committed_steps_;
+      if (!data.steps.empty() && step.step <= data.steps.rbegin()->first) {
+        continue;
       }
+      const int64_t key = step.step;
+      data.steps.emplace_hint(data.steps.end(), key, std::move(step));
+      ++committed_steps_;
     }
     ++transactions_;
   }

@@ -72,9 +72,9 @@ struct StoreStats {
 // Writes (PutRun, AppendSteps, PutEvent) never block on I/O: they are queued
 // and applied in order by one writer thread in batched transactions, so they
 // may be called from gRPC callback threads. Writes of one run are applied in
-// the order they were made. AppendSteps ignores steps the store already
-// holds for that run (same run_id and step), so resending after a reconnect
-// duplicates nothing. A write that fails (disk full, I/O error) is reported
+// the order they were made. AppendSteps keeps only the steps above the
+// run's last stored step (a run's steps are appended in increasing order),
+// so resending after a reconnect duplicates nothing. A write that fails (disk full, I/O error) is reported
 // by Flush() and Stats(); what was committed before stays intact.
 //
 // Reads are synchronous and may block on I/O: call them at startup, from a
@@ -86,7 +86,8 @@ class RunStore {
   virtual ~RunStore() = default;
 
   virtual void PutRun(const RunRow& run) = 0;
-  // Steps of one run, in increasing step order.
+  // Steps of one run, in increasing step order; those at or below the
+  // run's last stored step are ignored.
   virtual void AppendSteps(const std::string& run_id,
                            std::vector<StepRow> steps) = 0;
   virtual void PutEvent(const EventRow& event) = 0;
