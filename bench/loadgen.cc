@@ -28,6 +28,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
@@ -56,6 +57,8 @@ ABSL_FLAG(double, warmup, 2, "seconds before measuring");
 ABSL_FLAG(std::string, curves, "../shared/curves/dev",
           "folder of curve CSVs to replay (falls back to examples/curves)");
 ABSL_FLAG(bool, json, false, "print one JSON object per target");
+ABSL_FLAG(bool, mutex_deadlock_detection, false,
+          "leave abseil's Mutex deadlock detection on (as the tests run)");
 
 namespace {
 
@@ -378,7 +381,16 @@ void Print(const nlohmann::ordered_json& j) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "lossguard-loadgen --target=both --streams=100 --seconds=10 (see --helpfull)");
   absl::ParseCommandLine(argc, argv);
+  // Debian builds abseil without NDEBUG, which leaves Mutex deadlock
+  // detection on: a global graph updated under a global lock on every
+  // Lock(). The tests keep it; the binaries turn it off.
+  absl::SetMutexDeadlockDetectionMode(
+      absl::GetFlag(FLAGS_mutex_deadlock_detection)
+          ? absl::OnDeadlockCycle::kAbort
+          : absl::OnDeadlockCycle::kIgnore);
   lossguard::service::SetLogLevel(lossguard::service::LogLevel::kWarning);
   const auto curves = LoadCurves();
   if (curves.empty()) {

@@ -16,6 +16,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/synchronization/mutex.h"
 #include "lossguard/service/log.h"
 #include "lossguard/service/service.h"
 #include "lossguard/storage/run_store.h"
@@ -58,6 +59,10 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "lossguardd --listen 127.0.0.1:7077 --db ./lossguard.db");
   absl::ParseCommandLine(argc, argv);
+  // Debian builds abseil without NDEBUG, which leaves Mutex deadlock
+  // detection on: a global graph updated under a global lock on every
+  // Lock(). The tests keep it; the binaries turn it off.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
   const std::string level = absl::GetFlag(FLAGS_log_level);
   if (level == "debug") {

@@ -24,6 +24,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "lossguard/analyzers/lr_range_test.h"
 #include "lossguard/client/client.h"
@@ -159,6 +160,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> arg_storage;
   std::vector<char*> args = DashesToUnderscores(argc, argv, &arg_storage);
   absl::ParseCommandLine(argc, args.data());
+  // Debian builds abseil without NDEBUG, which leaves Mutex deadlock
+  // detection on: a global graph updated under a global lock on every
+  // Lock(). The tests keep it; the binaries turn it off.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const bool quiet = absl::GetFlag(FLAGS_quiet);
 
   torch::manual_seed(absl::GetFlag(FLAGS_seed));

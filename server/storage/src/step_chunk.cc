@@ -3,6 +3,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <span>
@@ -20,22 +21,30 @@ constexpr uint8_t kVersion = 1;
 constexpr uint8_t kHasValLoss = 1 << 0;
 constexpr uint8_t kHasGradNorm = 1 << 1;
 
-void PutVarint(uint64_t v, std::string* out) {
+// The most bytes one step takes: a 10-byte varint, flags, 5 doubles.
+constexpr size_t kMaxStepBytes = 10 + 1 + 5 * 8;
+
+char* PutVarint(uint64_t v, char* at) {
   while (v >= 0x80) {
-    out->push_back(static_cast<char>((v & 0x7f) | 0x80));
+    *at++ = static_cast<char>((v & 0x7f) | 0x80);
     v >>= 7;
   }
-  out->push_back(static_cast<char>(v));
+  *at++ = static_cast<char>(v);
+  return at;
 }
 
-void PutDouble(double d, std::string* out) {
+// Writes the 8 bytes of `d`'s bits, least significant first, at `at`.
+char* PutDouble(double d, char* at) {
   uint64_t bits = std::bit_cast<uint64_t>(d);
-  char bytes[8];
-  for (char& b : bytes) {
-    b = static_cast<char>(bits & 0xff);
-    bits >>= 8;
+  if constexpr (std::endian::native == std::endian::little) {
+    std::memcpy(at, &bits, sizeof(bits));
+  } else {
+    for (int i = 0; i < 8; ++i) {
+      at[i] = static_cast<char>(bits & 0xff);
+      bits >>= 8;
+    }
   }
-  out->append(bytes, sizeof(bytes));
+  return at + 8;
 }
 
 // Reads from a chunk, remembering where it is for error messages.
@@ -71,8 +80,12 @@ class Reader {
   bool Double(double* d) {
     if (data_.size() - pos_ < 8) return false;
     uint64_t bits = 0;
-    for (int i = 7; i >= 0; --i) {
-      bits = (bits << 8) | static_cast<uint8_t>(data_[pos_ + i]);
+    if constexpr (std::endian::native == std::endian::little) {
+      std::memcpy(&bits, data_.data() + pos_, sizeof(bits));
+    } else {
+      for (int i = 7; i >= 0; --i) {
+        bits = (bits << 8) | static_cast<uint8_t>(data_[pos_ + i]);
+      }
     }
     pos_ += 8;
     *d = std::bit_cast<double>(bits);
@@ -87,9 +100,11 @@ class Reader {
 }  // namespace
 
 std::string EncodeStepChunk(std::span<const StepRow> steps) {
-  std::string out;
-  out.reserve(1 + steps.size() * 43);
-  out.push_back(static_cast<char>(kVersion));
+  // Written through a pointer into a buffer sized for the worst case, then
+  // cut to what was used.
+  std::string out(1 + steps.size() * kMaxStepBytes, '\0');
+  char* p = out.data();
+  *p++ = static_cast<char>(kVersion);
   uint64_t previous = 0;
   for (const StepRow& s : steps) {
     // Unsigned arithmetic: any two int64 steps have a delta that wraps
@@ -97,17 +112,18 @@ std::string EncodeStepChunk(std::span<const StepRow> steps) {
     const uint64_t delta = static_cast<uint64_t>(s.step) - previous;
     previous = static_cast<uint64_t>(s.step);
     const int64_t signed_delta = static_cast<int64_t>(delta);
-    PutVarint((delta << 1) ^ static_cast<uint64_t>(signed_delta >> 63), &out);
+    p = PutVarint((delta << 1) ^ static_cast<uint64_t>(signed_delta >> 63), p);
     uint8_t flags = 0;
     if (s.val_loss.has_value()) flags |= kHasValLoss;
     if (s.grad_norm.has_value()) flags |= kHasGradNorm;
-    out.push_back(static_cast<char>(flags));
-    PutDouble(s.lr, &out);
-    PutDouble(s.loss, &out);
-    if (s.val_loss.has_value()) PutDouble(*s.val_loss, &out);
-    if (s.grad_norm.has_value()) PutDouble(*s.grad_norm, &out);
-    PutDouble(s.wall_time, &out);
+    *p++ = static_cast<char>(flags);
+    p = PutDouble(s.lr, p);
+    p = PutDouble(s.loss, p);
+    if (s.val_loss.has_value()) p = PutDouble(*s.val_loss, p);
+    if (s.grad_norm.has_value()) p = PutDouble(*s.grad_norm, p);
+    p = PutDouble(s.wall_time, p);
   }
+  out.resize(static_cast<size_t>(p - out.data()));
   return out;
 }
 

@@ -127,6 +127,10 @@ struct SqliteOptions {
   // daemon; the last transactions may be lost in a power cut, never the
   // database's integrity. FULL syncs every commit.
   bool synchronous_full = false;
+  // Page cache of the writer's connection (KiB). It holds the pages that
+  // every transaction touches: a leaf page per run written, and the
+  // B-trees' inner pages.
+  int writer_cache_kib = 65536;
   // How long a reader waits for a lock before SQLITE_BUSY.
   int busy_timeout_ms = 5000;
 };
