@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -57,6 +58,9 @@ ABSL_FLAG(double, warmup, 2, "seconds before measuring");
 ABSL_FLAG(std::string, curves, "../shared/curves/dev",
           "folder of curve CSVs to replay (falls back to examples/curves)");
 ABSL_FLAG(bool, json, false, "print one JSON object per target");
+ABSL_FLAG(int, rss_pid, 0,
+          "a process (an external lossguardd) whose resident memory is read "
+          "before the streams attach and at the end: memory per stream");
 ABSL_FLAG(bool, mutex_deadlock_detection, false,
           "leave abseil's Mutex deadlock detection on (as the tests run)");
 
@@ -304,9 +308,24 @@ std::vector<std::vector<lossguard::analyzers::StepRecord>> LoadCurves() {
   return curves;
 }
 
+// VmRSS of process `pid` in KiB (-1 if unreadable).
+int64_t RssKib(int pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::atoll(line.c_str() + 6);
+  }
+  return -1;
+}
+
 // Loads `address` with the configured streams; returns the JSON result.
+// `store`, when given (the in-process daemon's), is sampled every 100 ms
+// while measuring: the largest write lag and backlog.
 nlohmann::ordered_json Load(const std::string& name, const std::string& address,
-                            const std::vector<std::vector<lossguard::analyzers::StepRecord>>& curves) {
+                            const std::vector<std::vector<lossguard::analyzers::StepRecord>>& curves,
+                            lossguard::storage::RunStore* store = nullptr) {
+  const int rss_pid = absl::GetFlag(FLAGS_rss_pid);
+  const int64_t rss_before = rss_pid > 0 ? RssKib(rss_pid) : -1;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
   args.SetMaxSendMessageSize(64 << 20);
@@ -339,9 +358,24 @@ nlohmann::ordered_json Load(const std::string& name, const std::string& address,
   std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_warmup)));
   shared.measuring = true;
   const auto t0 = Clock::now();
-  std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds)));
+  const auto t_end = t0 + std::chrono::duration_cast<Clock::duration>(
+                              std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds)));
+  double max_lag_s = 0;
+  int64_t max_queued_steps = 0;
+  const int64_t committed_before = store != nullptr ? store->Stats().committed_steps : 0;
+  while (Clock::now() < t_end) {
+    std::this_thread::sleep_until(std::min(t_end, Clock::now() + std::chrono::milliseconds(100)));
+    if (store != nullptr) {
+      const auto st = store->Stats();
+      max_lag_s = std::max(max_lag_s, st.oldest_queued_age_s);
+      max_queued_steps = std::max(max_queued_steps, st.queued_steps);
+    }
+  }
   shared.measuring = false;
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  const int64_t committed_during =
+      store != nullptr ? store->Stats().committed_steps - committed_before : 0;
+  const int64_t rss_end = rss_pid > 0 ? RssKib(rss_pid) : -1;
   shared.stop = true;
   if (pacer.joinable()) pacer.join();
   for (auto& t : trainers) t->Cancel();
@@ -359,6 +393,16 @@ nlohmann::ordered_json Load(const std::string& name, const std::string& address,
   j["advice_latency_ms_p50"] = Percentile(shared.advice_latency_ms, 0.5);
   j["advice_latency_ms_p99"] = Percentile(shared.advice_latency_ms, 0.99);
   j["stream_errors"] = shared.errors.load();
+  if (store != nullptr) {
+    j["store_committed_steps_per_s"] = static_cast<double>(committed_during) / secs;
+    j["store_write_lag_s_max"] = max_lag_s;
+    j["store_queued_steps_max"] = max_queued_steps;
+  }
+  if (rss_pid > 0) {
+    j["rss_kib_before"] = rss_before;
+    j["rss_kib_end"] = rss_end;
+    j["rss_kib_per_stream"] = static_cast<double>(rss_end - rss_before) / streams;
+  }
   if (!shared.first_error.empty()) j["first_error"] = shared.first_error;
   return j;
 }
@@ -367,13 +411,26 @@ void Print(const nlohmann::ordered_json& j) {
   if (absl::GetFlag(FLAGS_json)) {
     std::printf("%s\n", j.dump().c_str());
   } else {
+    std::string extra;
+    if (j.contains("store_write_lag_s_max")) {
+      absl::StrAppendFormat(&extra, "  store %.0f steps/s, lag max %.3f s, backlog max %d",
+                            j["store_committed_steps_per_s"].get<double>(),
+                            j["store_write_lag_s_max"].get<double>(),
+                            j["store_queued_steps_max"].get<int64_t>());
+    }
+    if (j.contains("rss_kib_per_stream")) {
+      absl::StrAppendFormat(&extra, "  rss %d -> %d KiB, %.1f KiB/stream",
+                            j["rss_kib_before"].get<int64_t>(), j["rss_kib_end"].get<int64_t>(),
+                            j["rss_kib_per_stream"].get<double>());
+    }
+    if (j["stream_errors"].get<int64_t>() > 0) {
+      absl::StrAppend(&extra, "  errors ", j["stream_errors"].get<int64_t>());
+    }
     std::printf("%-7s %5d streams  %10.0f steps/s  advice %5d  latency p50 %7.2f ms  p99 %7.2f ms%s\n",
                 j["target"].get<std::string>().c_str(), j["streams"].get<int>(),
                 j["steps_per_s"].get<double>(), j["advice"].get<int>(),
                 j["advice_latency_ms_p50"].get<double>(), j["advice_latency_ms_p99"].get<double>(),
-                j["stream_errors"].get<int64_t>() > 0
-                    ? absl::StrCat("  errors ", j["stream_errors"].get<int64_t>()).c_str()
-                    : "");
+                extra.c_str());
   }
   std::fflush(stdout);
 }
@@ -443,11 +500,7 @@ int main(int argc, char** argv) {
     o.listen = "127.0.0.1:0";
     lossguard::service::Daemon d(o, store->get());
     if (!d.Start().ok()) return 1;
-    auto j = Load("daemon", absl::StrCat("127.0.0.1:", d.port()), curves);
-    const auto st = (*store)->Stats();
-    j["store_committed_steps"] = st.committed_steps;
-    j["store_queued_steps_at_end"] = st.queued_steps;
-    j["store_write_lag_s_at_end"] = st.oldest_queued_age_s;
+    auto j = Load("daemon", absl::StrCat("127.0.0.1:", d.port()), curves, store->get());
     Print(j);
     (void)d.Shutdown();
     if (!tmp.empty()) std::filesystem::remove_all(tmp);
