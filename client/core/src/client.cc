@@ -4,10 +4,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <random>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
@@ -38,6 +41,29 @@ grpc::ChannelArguments ChannelArgs(const ClientOptions& o) {
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   return args;
 }
+
+// One reported step as the buffer keeps it until the daemon confirms it:
+// plain data, so Report() builds no message and the sender copies a batch
+// out quickly, building the messages after it lets go of the lock.
+struct BufferedStep {
+  int64_t step = 0;
+  double lr = 0;
+  double loss = 0;
+  double val_loss = 0;
+  double grad_norm = 0;
+  double wall_time = 0;
+  bool has_val_loss = false;
+  bool has_grad_norm = false;
+
+  void ToProto(v1::Step* s) const {
+    s->set_step(step);
+    s->set_lr(lr);
+    s->set_loss(loss);
+    if (has_val_loss) s->set_val_loss(val_loss);
+    if (has_grad_norm) s->set_grad_norm(grad_norm);
+    s->set_wall_time(wall_time);
+  }
+};
 
 }  // namespace
 
@@ -72,15 +98,16 @@ class Client::Impl {
       return false;
     }
     last_reported_ = step;
-    v1::Step s;
-    s.set_step(step);
-    s.set_lr(lr);
-    s.set_loss(loss);
-    if (val_loss) s.set_val_loss(*val_loss);
-    if (grad_norm) s.set_grad_norm(*grad_norm);
-    s.set_wall_time(absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch()));
-    if (sent_ == buffer_.size()) oldest_unsent_ = absl::Now();
-    buffer_.push_back(std::move(s));
+    const absl::Time now = absl::Now();
+    if (sent_ == buffer_.size()) oldest_unsent_ = now;
+    buffer_.push_back({.step = step,
+                       .lr = lr,
+                       .loss = loss,
+                       .val_loss = val_loss.value_or(0.0),
+                       .grad_norm = grad_norm.value_or(0.0),
+                       .wall_time = absl::ToDoubleSeconds(now - absl::UnixEpoch()),
+                       .has_val_loss = val_loss.has_value(),
+                       .has_grad_norm = grad_norm.has_value()});
     ++stats_.reported_steps;
     while (static_cast<int64_t>(buffer_.size()) > options_.max_buffered_steps) {
       buffer_.pop_front();
@@ -216,25 +243,28 @@ class Client::Impl {
   // finished and everything is sent, sends `finish`, half-closes and waits
   // for the daemon to end the stream. Returns whether `finish` was sent.
   bool SendLoop(Stream* stream) {
+    std::vector<BufferedStep> batch_steps;
     for (;;) {
       v1::AttachRequest req;
       bool finish = false;
+      batch_steps.clear();
       {
         absl::MutexLock lock(&mu_);
-        auto work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          if (stop_ || broken_ || !acks_.empty()) return true;
-          const size_t unsent = buffer_.size() - sent_;
-          if (unsent >= static_cast<size_t>(options_.max_batch_steps)) {
-            return true;
-          }
-          if (unsent > 0 &&
-              absl::Now() - oldest_unsent_ >= options_.max_batch_delay) {
-            return true;
-          }
-          return finish_requested_ && unsent == 0;
+        // Work that cannot wait: the sender is woken for it.
+        auto urgent = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stop_ || broken_ || !acks_.empty() || finish_requested_ ||
+                 buffer_.size() - sent_ >=
+                     static_cast<size_t>(options_.max_batch_steps);
         };
-        // Wake when there is work, when the oldest unsent step is due, or
-        // when new steps arrive (the due time is then recomputed).
+        auto work = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          if (urgent()) return true;
+          return buffer_.size() > sent_ &&
+                 absl::Now() - oldest_unsent_ >= options_.max_batch_delay;
+        };
+        // Sleep until there is urgent work, until the oldest unsent step is
+        // due, or until the first step arrives in an empty buffer (then the
+        // due time is computed). Not woken by every Report: the training
+        // thread's unlock evaluates the condition and wakes no one.
         while (!work()) {
           const size_t unsent = buffer_.size() - sent_;
           absl::Duration wait = absl::Seconds(1);
@@ -244,7 +274,7 @@ class Client::Impl {
                                 absl::Now());
           }
           auto changed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-            return work() || buffer_.size() - sent_ != unsent;
+            return urgent() || (unsent == 0 && buffer_.size() > sent_);
           };
           mu_.AwaitWithTimeout(absl::Condition(&changed), wait);
         }
@@ -255,14 +285,21 @@ class Client::Impl {
         } else if (buffer_.size() > sent_) {
           const size_t n = std::min(buffer_.size() - sent_,
                                     static_cast<size_t>(options_.max_batch_steps));
-          v1::StepBatch* batch = req.mutable_steps();
-          for (size_t i = 0; i < n; ++i) *batch->add_steps() = buffer_[sent_ + i];
+          const auto first = buffer_.begin() + static_cast<ptrdiff_t>(sent_);
+          batch_steps.assign(first, first + static_cast<ptrdiff_t>(n));
           sent_ += n;
           oldest_unsent_ = absl::Now();
-        } else {
+        } else if (finish_requested_) {
           req.mutable_finish()->set_reason(finish_reason_);
           finish = true;
+        } else {
+          continue;  // woken with nothing to send
         }
+      }
+      if (!batch_steps.empty()) {
+        v1::StepBatch* batch = req.mutable_steps();
+        batch->mutable_steps()->Reserve(static_cast<int>(batch_steps.size()));
+        for (const BufferedStep& b : batch_steps) b.ToProto(batch->add_steps());
       }
       if (!stream->Write(req)) {
         absl::MutexLock lock(&mu_);
@@ -320,7 +357,7 @@ class Client::Impl {
   void ConfirmLocked(int64_t last) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     confirmed_ = last;
     size_t popped = 0;
-    while (!buffer_.empty() && buffer_.front().step() <= last) {
+    while (!buffer_.empty() && buffer_.front().step <= last) {
       buffer_.pop_front();
       ++popped;
     }
@@ -357,7 +394,7 @@ class Client::Impl {
   std::thread sender_;
 
   mutable absl::Mutex mu_;
-  std::deque<v1::Step> buffer_ ABSL_GUARDED_BY(mu_);  // unconfirmed steps
+  std::deque<BufferedStep> buffer_ ABSL_GUARDED_BY(mu_);  // unconfirmed
   size_t sent_ ABSL_GUARDED_BY(mu_) = 0;  // of buffer_, sent on this stream
   absl::Time oldest_unsent_ ABSL_GUARDED_BY(mu_);
   std::optional<int64_t> last_reported_ ABSL_GUARDED_BY(mu_);
