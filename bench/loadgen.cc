@@ -57,6 +57,8 @@ ABSL_FLAG(double, seconds, 10, "measured seconds");
 ABSL_FLAG(double, warmup, 2, "seconds before measuring");
 ABSL_FLAG(std::string, curves, "../shared/curves/dev",
           "folder of curve CSVs to replay (falls back to examples/curves)");
+ABSL_FLAG(std::string, curve_filter, "",
+          "replay only the curve files whose name contains this");
 ABSL_FLAG(bool, json, false, "print one JSON object per target");
 ABSL_FLAG(int, rss_pid, 0,
           "a process (an external lossguardd) whose resident memory is read "
@@ -297,7 +299,10 @@ std::vector<std::vector<lossguard::analyzers::StepRecord>> LoadCurves() {
   if (!std::filesystem::is_directory(dir)) dir = "examples/curves";
   std::vector<std::string> files;
   for (const auto& e : std::filesystem::directory_iterator(dir)) {
-    if (e.path().extension() == ".csv") files.push_back(e.path().string());
+    if (e.path().extension() == ".csv" &&
+        e.path().filename().string().find(absl::GetFlag(FLAGS_curve_filter)) != std::string::npos) {
+      files.push_back(e.path().string());
+    }
   }
   std::sort(files.begin(), files.end());
   std::vector<std::vector<lossguard::analyzers::StepRecord>> curves;

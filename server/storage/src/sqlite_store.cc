@@ -32,6 +32,8 @@
 // Stats(), and the writer goes on with the next writes.
 
 #include <sqlite3.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -762,6 +764,12 @@ absl::StatusOr<std::unique_ptr<RunStore>> SqliteStore::Open(
 }
 
 void SqliteStore::WriterLoop() {
+  if (options_.writer_nice > 0) {
+    // Linux applies a nice value to one thread when given its id. Failing
+    // (a sandbox without the right) leaves the default priority.
+    setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()),
+                std::min(19, options_.writer_nice));
+  }
   const int64_t max_ops = std::max(1, options_.max_ops_per_transaction);
   std::vector<WriteOp> batch;
   std::vector<BacklogWaiter> ready;

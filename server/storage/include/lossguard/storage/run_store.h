@@ -131,6 +131,11 @@ struct SqliteOptions {
   // every transaction touches: a leaf page per run written, and the
   // B-trees' inner pages.
   int writer_cache_kib = 65536;
+  // Nice value of the writer thread (0: the process's). Persisting is
+  // background work: when the CPU is saturated, the threads that ingest
+  // steps and send advice go first; the writer catches up when there is
+  // room, and ingest stops reading when its backlog grows too long.
+  int writer_nice = 10;
   // How long a reader waits for a lock before SQLITE_BUSY.
   int busy_timeout_ms = 5000;
 };
