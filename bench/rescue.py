@@ -4,6 +4,7 @@ near the well-tuned reference, unattended, with torch's ReduceLROnPlateau,
 and attached to lossguard in AUTO mode.
 
     bench/rescue.py [--steps 400] [--seeds 1 2] [--out rescue.json]
+    bench/rescue.py --optimizers sgd --factors 30 100 --methods lossguard   # a slice
 
 Grid: LRs 10x, 30x, 100x and 300x too high and 100x, 300x and 1000x too low
 (relative to the reference LR) x SGD with momentum and Adam x seeds, on
@@ -34,6 +35,9 @@ def main():
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--optimizers", nargs="+", default=["sgd", "adam"])
+    ap.add_argument("--factors", type=float, nargs="+", default=FACTORS,
+                    help="LR factors against the reference (default: the whole grid)")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--out", default="rescue.json")
     args = ap.parse_args()
 
@@ -69,12 +73,12 @@ def main():
                 print(f"reference {opt} lr {REFERENCE_LR[opt]:g} seed {seed}: "
                       f"{m['val_accuracy']:.4f}", flush=True)
         for opt in args.optimizers:
-            for factor in FACTORS:
+            for factor in args.factors:
                 lr = REFERENCE_LR[opt] * factor
                 for seed in args.seeds:
                     row = {"optimizer": opt, "factor": factor, "lr": lr, "seed": seed,
                            "reference": reference[(opt, seed)]}
-                    for method in METHODS:
+                    for method in args.methods:
                         m = train(opt, lr, seed, method)
                         row[method] = m["val_accuracy"]
                         row[method + "_rescued"] = (
@@ -86,21 +90,21 @@ def main():
                     results.append(row)
                     print(f"{opt} lr {lr:.3g} ({factor:g}x) seed {seed}: " +
                           "  ".join(f"{k} {row[k]:.3f}{'*' if row[k + '_rescued'] else ''}"
-                                    for k in METHODS) +
-                          f"  [{', '.join(row['advice'])}]", flush=True)
+                                    for k in args.methods) +
+                          f"  [{', '.join(row.get('advice', []))}]", flush=True)
     finally:
         daemon.terminate()
         daemon.wait()
-    summary = {k: sum(r[k + "_rescued"] for r in results) for k in METHODS}
+    summary = {k: sum(r[k + "_rescued"] for r in results) for k in args.methods}
     n = len(results)
     print(f"\nrescued within 2 points of the reference ({n} runs, {args.steps} steps, "
           f"{time.time() - start:.0f} s):")
-    for k in METHODS:
+    for k in args.methods:
         print(f"  {k:12s} {summary[k]:3d}/{n} = {summary[k] / n:.0%}")
     for side, pick in (("too high", lambda f: f > 1), ("too low", lambda f: f < 1)):
         rows = [r for r in results if pick(r["factor"])]
         print(f"  LR {side}: " + ", ".join(
-            f"{k} {sum(r[k + '_rescued'] for r in rows)}/{len(rows)}" for k in METHODS))
+            f"{k} {sum(r[k + '_rescued'] for r in rows)}/{len(rows)}" for k in args.methods))
     json.dump({"steps": args.steps, "seeds": args.seeds,
                "reference": {f"{o}/{s}": v for (o, s), v in reference.items()},
                "runs": results, "summary": summary}, open(args.out, "w"), indent=1)

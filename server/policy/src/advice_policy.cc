@@ -151,6 +151,32 @@ bool LandOnRampTest(double below, const RunContext& ctx, const PolicyOptions& o,
 
 // Fills the action of `a` for `d`; returns the rationale that precedes the
 // action in the explanation ("" if none).
+// What a stagnation diagnosis says about the model's state.
+struct StagnationState {
+  bool stuck_at_start = false;   // the loss has not left its initial level
+  bool blew_up = false;          // it once rose far above it
+  bool grads_collapsed = false;  // the gradient norm collapsed
+  double grad_norm_level = 0.0;  // the typical gradient norm now (0: unknown)
+  // Stuck at the start after a blow-up or with collapsed gradients: too
+  // large an LR damaged the model.
+  bool damaged() const { return stuck_at_start && (blew_up || grads_collapsed); }
+};
+
+StagnationState ReadStagnation(const Diagnosis& d, const RunContext& ctx,
+                               const PolicyOptions& o) {
+  StagnationState st;
+  st.stuck_at_start =
+      ctx.initial_loss > 0.0 &&
+      d.loss_at_onset >= o.damaged_progress_ratio * ctx.initial_loss;
+  st.blew_up = ctx.peak_loss >= o.damaged_peak_ratio * ctx.initial_loss;
+  st.grad_norm_level =
+      d.grad_norm_level > 0.0 ? d.grad_norm_level : ctx.grad_norm_level;
+  st.grads_collapsed =
+      ctx.initial_grad_norm > 0.0 && st.grad_norm_level > 0.0 &&
+      st.grad_norm_level * o.damaged_grad_collapse <= ctx.initial_grad_norm;
+  return st;
+}
+
 std::string Remedy(const Diagnosis& d, const RunContext& ctx,
                    const PolicyOptions& o, Advice* a) {
   const double grad_level =
@@ -188,18 +214,12 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
         // The ramp ran its course: land on the range test's LR.
         return absl::StrFormat("the LR ramp is over; %s, so ", ctx.ramp_evidence);
       }
-      const bool stuck_at_start =
-          ctx.initial_loss > 0.0 &&
-          d.loss_at_onset >= o.damaged_progress_ratio * ctx.initial_loss;
-      const bool blew_up =
-          ctx.peak_loss >= o.damaged_peak_ratio * ctx.initial_loss;
-      const double level = d.grad_norm_level > 0.0 ? d.grad_norm_level
-                                                    : ctx.grad_norm_level;
-      const bool grads_collapsed =
-          ctx.initial_grad_norm > 0.0 && level > 0.0 &&
-          level * o.damaged_grad_collapse <= ctx.initial_grad_norm;
-      if (stuck_at_start && (blew_up || grads_collapsed) &&
-          std::isfinite(ctx.lr)) {
+      const StagnationState st = ReadStagnation(d, ctx, o);
+      const bool stuck_at_start = st.stuck_at_start;
+      const bool blew_up = st.blew_up;
+      const double level = st.grad_norm_level;
+      const bool grads_collapsed = st.grads_collapsed;
+      if (st.damaged() && std::isfinite(ctx.lr)) {
         MoveLr(o.divergence_lr_factor, ctx, o, a);
         a->restore_checkpoint = a->action == ActionKind::kScaleLr ||
                                 a->action == ActionKind::kSetLr;
@@ -394,6 +414,19 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
       ctx.last_action_step.has_value()
           ? analyzers::StepsBetween(*ctx.last_action_step, ctx.step)
           : 0;
+  // An LR cut for a blow-up (the LR is still at or below the ceiling it
+  // set) after which the run diverges again or stays stuck at its initial
+  // loss, damaged: the cut was not enough, and waiting out the cooldown
+  // would spend the run's budget at an LR known to be too large. The cut's
+  // effect is given min_steps_seen steps to show.
+  const bool cut_not_enough =
+      ctx.last_action_step.has_value() && ctx.lr_ceiling > 0.0 &&
+      std::isfinite(ctx.lr) &&
+      ctx.lr <= ctx.lr_ceiling * (1.0 + options.lr_tolerance) &&
+      since_action >= options.min_steps_seen &&
+      (d.kind == DiagnosisKind::kDivergence ||
+       (d.kind == DiagnosisKind::kStagnation &&
+        ReadStagnation(d, ctx, options).damaged()));
   std::string why;
   if (d.kind == DiagnosisKind::kLossSpike) {
     why = Remedy(d, ctx, options, &a);
@@ -410,6 +443,7 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
           &a);
   } else if (ctx.last_action_step.has_value() &&
              since_action < options.cooldown_steps && !d.nonfinite &&
+             !cut_not_enough &&
              !(ctx.step <= ctx.ramp_until &&
                (d.kind == DiagnosisKind::kDivergence ||
                 d.kind == DiagnosisKind::kOscillation ||
@@ -417,7 +451,8 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
                 (d.kind == DiagnosisKind::kStagnation &&
                  ctx.ramp_suggested_lr > 0.0)))) {
     // (A run that blew up again after an action cannot wait: the action
-    // was not enough.)
+    // was not enough. Nor can one still diverging or damaged after a cut:
+    // cut_not_enough.)
     Block(
         GuardRail::kCooldown,
         absl::StrFormat("the last action was %d steps ago (cooldown_steps %d)",

@@ -56,7 +56,10 @@ struct PolicyOptions {
   // No action sets the LR above this.
   double max_lr = 10.0;
   // Steps after an action during which no other action is taken (except on
-  // a divergence decided on a non-finite value: it did not work).
+  // a divergence decided on a non-finite value: it did not work; and, from
+  // min_steps_seen steps after an LR cut for a blow-up, on a divergence or
+  // a damaged stagnation while the LR is still at the cut's level: the cut
+  // was not enough).
   int64_t cooldown_steps = 100;
   // Actions per run at most.
   int max_actions = 5;
