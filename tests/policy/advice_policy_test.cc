@@ -549,6 +549,57 @@ TEST(AdvicePolicyTest, StuckAtInitialLossAfterABlowUpIsDamageNotStarvation) {
   EXPECT_THAT(c.reason, HasSubstr("after the blow-up"));
 }
 
+// A cut for a blow-up that was not enough: the run is still stuck at its
+// initial loss, or diverges again, at the LR the cut set. The second cut
+// does not wait out the cooldown, only min_steps_seen steps.
+TEST(AdvicePolicyTest, SecondCutAfterABlowUpDoesNotWaitForTheCooldown) {
+  PolicyOptions o;
+  RunContext ctx;
+  for (int64_t s = 0; s < 82; ++s) {
+    ObserveStep({.step = s, .lr = 15.0, .loss = s == 8 ? 34.5 : 2.30}, o,
+                &ctx);
+  }
+  Diagnosis first = Diag(DiagnosisKind::kStagnation, 81);
+  first.loss_at_onset = 2.30;
+  Advice cut = Decide(first, ctx, o);
+  ASSERT_EQ(cut.action, ActionKind::kScaleLr);
+  ASSERT_TRUE(cut.restore_checkpoint);
+  ObserveAdvice(first, cut, &ctx);
+  ctx.actions_taken = 1;
+  ctx.last_action_step = 81;
+  for (int64_t s = 82; s < 108; ++s) {
+    ObserveStep({.step = s, .lr = 1.5, .loss = 2.30}, o, &ctx);
+  }
+  ASSERT_DOUBLE_EQ(ctx.lr_ceiling, 1.5);
+
+  Diagnosis again = Diag(DiagnosisKind::kStagnation, 107);
+  again.loss_at_onset = 2.30;
+  Advice second = Decide(again, ctx, o);
+  EXPECT_EQ(second.action, ActionKind::kScaleLr);
+  EXPECT_NEAR(second.lr_to, 0.15, 1e-12);
+  EXPECT_TRUE(second.restore_checkpoint);
+  // A finite divergence at the cut's LR too.
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kDivergence, 107), ctx, o).action,
+            ActionKind::kScaleLr);
+
+  // Not before min_steps_seen steps have shown the cut's effect...
+  RunContext early = ctx;
+  early.step = 95;
+  again.step = 95;
+  EXPECT_EQ(Decide(again, early, o).blocked_by, GuardRail::kCooldown);
+  again.step = 107;
+  // ...nor for a run that made progress (not damaged) or oscillates...
+  Diagnosis progress = again;
+  progress.loss_at_onset = 1.2;
+  EXPECT_EQ(Decide(progress, ctx, o).blocked_by, GuardRail::kCooldown);
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kOscillation, 107), ctx, o).blocked_by,
+            GuardRail::kCooldown);
+  // ...nor once the LR has moved above the cut's level (a raise since).
+  RunContext raised = ctx;
+  raised.lr = 3.0;
+  EXPECT_EQ(Decide(again, raised, o).blocked_by, GuardRail::kCooldown);
+}
+
 TEST(AdvicePolicyTest, StuckWithCollapsedGradientsIsDamage) {
   PolicyOptions o;
   RunContext ctx;
