@@ -21,8 +21,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "lossguard/v1/lossguard.grpc.pb.h"
-
-extern char** environ;
+#include "tests/server/daemon_process.h"
 
 namespace {
 
@@ -31,72 +30,7 @@ using ::testing::HasSubstr;
 
 constexpr auto kDeadline = std::chrono::seconds(60);
 
-// A lossguardd child process; stdout is read for the port line.
-class DaemonProcess {
- public:
-  explicit DaemonProcess(const std::string& db) {
-    int out[2];
-    if (pipe(out) != 0) return;
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addclose(&actions, out[0]);
-    std::string bin = LOSSGUARDD_BIN;
-    std::string listen = "--listen=127.0.0.1:0";
-    std::string dbflag = absl::StrCat("--db=", db);
-    std::string level = "--log_level=warning";
-    std::string http = "--http=127.0.0.1:0";
-    char* argv[] = {bin.data(), listen.data(), dbflag.data(), level.data(),
-                    http.data(), nullptr};
-    if (posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv, environ) !=
-        0) {
-      pid_ = -1;
-    }
-    posix_spawn_file_actions_destroy(&actions);
-    close(out[1]);
-    stdout_ = fdopen(out[0], "r");
-    char line[256];
-    // "lossguardd listening on port N"
-    if (stdout_ != nullptr && fgets(line, sizeof line, stdout_) != nullptr) {
-      std::string s(line);
-      const size_t at = s.rfind(' ');
-      int port = 0;
-      if (at != std::string::npos &&
-          absl::SimpleAtoi(s.substr(at + 1, s.size() - at - 2), &port)) {
-        port_ = port;
-      }
-    }
-  }
-  ~DaemonProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (stdout_ != nullptr) fclose(stdout_);
-  }
-
-  int port() const { return port_; }
-
-  void SendSigterm() { kill(pid_, SIGTERM); }
-
-  // SIGTERM, then the exit status.
-  int Terminate() {
-    SendSigterm();
-    return Wait();
-  }
-
-  int Wait() {
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-
- private:
-  pid_t pid_ = -1;
-  FILE* stdout_ = nullptr;
-  int port_ = 0;
-};
+using lossguard::testing::DaemonProcess;
 
 TEST(LossguarddTest, ServesShutsDownOnSigtermAndRestarts) {
   const std::filesystem::path dir =

@@ -21,7 +21,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 
 namespace lossguard::storage {
 namespace {
@@ -435,6 +437,33 @@ TEST_P(RunStoreTest, ReadStepsAcrossManyAppendsAndLongOnes) {
   ASSERT_EQ(runs.size(), 1u);
   EXPECT_EQ(runs[0].steps_stored, static_cast<int64_t>(all.size()));
   EXPECT_EQ(runs[0].last_step, last);
+}
+
+// Commit callbacks run once the steps are durable, in the order the writes
+// were made; an empty append with a callback marks the point after every
+// earlier write.
+TEST_P(RunStoreTest, CommitCallbacksRunInOrderOnceDurable) {
+  std::vector<std::string> calls;
+  absl::Mutex mu;
+  auto record = [&](std::string what) {
+    return [&, what](const absl::Status& s) {
+      absl::MutexLock lock(&mu);
+      calls.push_back(absl::StrCat(what, s.ok() ? "" : " failed"));
+    };
+  };
+  store_->AppendSteps("a", MakeSteps(0, 9), record("a 0-9"));
+  store_->AppendSteps("b", MakeSteps(0, 4), record("b 0-4"));
+  store_->AppendSteps("a", MakeSteps(5, 9), record("a resend"));
+  store_->AppendSteps("a", {}, record("a marker"));
+  ASSERT_TRUE(store_->Flush().ok());  // and the callbacks have run
+  {
+    absl::MutexLock lock(&mu);
+    EXPECT_THAT(calls, ElementsAre("a 0-9", "b 0-4", "a resend", "a marker"));
+  }
+  // A marker stores nothing and creates no run.
+  store_->AppendSteps("ghost", {}, [](const absl::Status&) {});
+  ASSERT_TRUE(store_->Flush().ok());
+  EXPECT_EQ(LoadRuns(*store_).size(), 2u);
 }
 
 TEST_P(RunStoreTest, EventsUpsertByKeyAndReadInTypeIdOrder) {
@@ -946,11 +975,14 @@ TEST_F(SqliteStoreTest, BacklogQueuesWhileLockedThenCommitsInOneBatch) {
   EXPECT_EQ(ReadSteps(*store, "r").size(), static_cast<size_t>(kOps * 10));
 }
 
-// A write that fails (here: the database stays locked) is rolled back and
-// reported; the store stays usable and later writes commit.
-TEST_F(SqliteStoreTest, FailedWriteIsReportedAndLaterWritesCommit) {
+// A write that fails for a reason that may pass (here: another connection
+// holds the database locked) is rolled back, reported, and retried until
+// it commits: nothing accepted is lost, and its callback fires only then.
+TEST_F(SqliteStoreTest, FailingWriteIsReportedAndRetriedUntilItCommits) {
   SqliteOptions options;
   options.busy_timeout_ms = 0;  // fail at once on a locked database
+  options.retry_initial_backoff_s = 0.001;
+  options.retry_max_backoff_s = 0.01;
   std::unique_ptr<RunStore> store = OpenOrFail(DbPath(), options);
   ASSERT_NE(store, nullptr);
   store->AppendSteps("r", MakeSteps(0, 4));
@@ -958,34 +990,63 @@ TEST_F(SqliteStoreTest, FailedWriteIsReportedAndLaterWritesCommit) {
 
   auto blocker = std::make_unique<RawDb>(DbPath());
   blocker->Exec("BEGIN IMMEDIATE");
-  store->AppendSteps("r", MakeSteps(5, 9));
-  store->PutEvent(MakeEvent("r", EventRow::Type::kAdvice, 1, 7, "lost"));
+  absl::Notification durable;
+  absl::Status durable_status = absl::UnknownError("not called");
+  store->AppendSteps("r", MakeSteps(5, 9), [&](const absl::Status& s) {
+    durable_status = s;
+    durable.Notify();
+  });
+  store->PutEvent(MakeEvent("r", EventRow::Type::kAdvice, 1, 7, "kept"));
+  // Flush does not wait for a failing write: it says why at once.
   const absl::Status error = store->Flush();
   EXPECT_EQ(error.code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(error.message(), HasSubstr(DbPath()));
   EXPECT_THAT(error.message(), HasSubstr("locked"));
   StoreStats stats = store->Stats();
   EXPECT_THAT(stats.last_error, HasSubstr(DbPath()));
-  EXPECT_EQ(stats.queued_ops, 0);
-  EXPECT_EQ(stats.queued_steps, 0);
+  EXPECT_EQ(stats.queued_steps, 5);  // kept, not dropped
   EXPECT_EQ(stats.committed_steps, 5);
+  EXPECT_FALSE(durable.HasBeenNotified());
   // Reads still work while another connection writes.
   EXPECT_THAT(StepNumbers(ReadSteps(*store, "r")), ElementsAre(0, 1, 2, 3, 4));
 
   blocker->Exec("ROLLBACK");
   blocker.reset();
+  ASSERT_TRUE(durable.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  EXPECT_TRUE(durable_status.ok()) << durable_status;
   store->AppendSteps("r", MakeSteps(10, 14));
   // Flush reports the first error since open, even after later successes.
   EXPECT_EQ(store->Flush().code(), absl::StatusCode::kUnavailable);
-  EXPECT_EQ(store->Stats().committed_steps, 10);
-  EXPECT_THAT(StepNumbers(ReadSteps(*store, "r")),
-              ElementsAre(0, 1, 2, 3, 4, 10, 11, 12, 13, 14));
-  EXPECT_TRUE(ReadEvents(*store, "r").empty());
+  stats = store->Stats();
+  EXPECT_EQ(stats.committed_steps, 15);
+  EXPECT_EQ(stats.queued_ops, 0);
+  EXPECT_EQ(ReadSteps(*store, "r").size(), 15u);
+  ASSERT_EQ(ReadEvents(*store, "r").size(), 1u);
 
   store.reset();
   RawDb db(DbPath());
   EXPECT_EQ(db.Query("PRAGMA integrity_check"),
             std::vector<std::vector<std::string>>{{"ok"}});
+}
+
+// Still failing when the store closes: tried once more, then given up,
+// and the callback says so.
+TEST_F(SqliteStoreTest, WriteStillFailingAtCloseIsGivenUpAndReported) {
+  SqliteOptions options;
+  options.busy_timeout_ms = 0;
+  options.retry_initial_backoff_s = 0.001;
+  options.retry_max_backoff_s = 0.01;
+  std::unique_ptr<RunStore> store = OpenOrFail(DbPath(), options);
+  ASSERT_NE(store, nullptr);
+  RawDb blocker(DbPath());
+  blocker.Exec("BEGIN IMMEDIATE");
+  absl::Status durable_status = absl::UnknownError("not called");
+  store->AppendSteps("r", MakeSteps(0, 4),
+                     [&](const absl::Status& s) { durable_status = s; });
+  EXPECT_EQ(store->Flush().code(), absl::StatusCode::kUnavailable);
+  store.reset();
+  EXPECT_EQ(durable_status.code(), absl::StatusCode::kUnavailable);
+  blocker.Exec("ROLLBACK");
 }
 
 TEST_F(SqliteStoreTest, SynchronousFullStoresAndReopens) {

@@ -105,6 +105,7 @@ Run::Run(const storage::RunRow& row, const v1::RunConfig& config,
   summary_.set_has_steps(row.has_steps);
   summary_.set_last_step(row.last_step);
   summary_.set_steps_stored(row.steps_stored);
+  if (row.has_steps) durable_step_.store(row.last_step);
 }
 
 Run::~Run() = default;
@@ -213,8 +214,11 @@ uint64_t Run::Attach(const v1::RunStart& start, v1::AttachAccepted* accepted) {
   summary_.set_mode(start.mode() == v1::MODE_UNSPECIFIED ? v1::OBSERVE
                                                           : start.mode());
   accepted->set_run_id(run_id_);
-  accepted->set_has_steps(summary_.has_steps());
-  accepted->set_last_step(summary_.last_step());
+  // What is durable, not what is held: the trainer keeps (and resends) the
+  // steps still queued for the store, so a crash loses none of them.
+  const std::optional<int64_t> durable = durable_step();
+  accepted->set_has_steps(durable.has_value());
+  accepted->set_last_step(durable.value_or(0));
   PutRunLocked();
   UpdateStateLocked();
   return session;
@@ -234,7 +238,7 @@ bool Run::IsCurrent(uint64_t session) const {
 
 absl::Status Run::Ingest(uint64_t session, const v1::StepBatch& batch,
                          std::vector<v1::Advice>* to_send,
-                         int64_t* duplicates) {
+                         int64_t* duplicates, DurableCallback on_durable) {
   absl::MutexLock lock(&mu_);
   if (session != session_) {
     return absl::AbortedError(
@@ -271,10 +275,30 @@ absl::Status Run::Ingest(uint64_t session, const v1::StepBatch& batch,
     FeedLocked(s, to_send, /*replaying=*/false);
     rows_.push_back(ToRow(s));
   }
-  if (!rows_.empty()) {
-    store_->AppendSteps(run_id_, std::move(rows_));
+  const bool fed = !rows_.empty();
+  if (fed || on_durable) {
+    // Appended under the lock, so the store sees the run's steps in order.
+    // With no new steps and a callback, an empty append marks the point
+    // after the steps already queued.
+    storage::RunStore::CommitCallback on_commit;
+    if (on_durable || fed) {
+      const std::optional<int64_t> last =
+          summary_.has_steps() ? std::optional<int64_t>(summary_.last_step())
+                               : std::nullopt;
+      on_commit = [weak = weak_from_this(), last,
+                   on_durable = std::move(on_durable)](const absl::Status& s) {
+        if (s.ok() && last.has_value()) {
+          if (std::shared_ptr<Run> run = weak.lock()) {
+            // Commits of one run come in order: the step only grows.
+            run->durable_step_.store(*last);
+          }
+        }
+        if (on_durable) on_durable(s, last);
+      };
+    }
+    store_->AppendSteps(run_id_, std::move(rows_), std::move(on_commit));
     rows_.clear();
-    summary_.set_updated_time(clock_->Now());
+    if (fed) summary_.set_updated_time(clock_->Now());
   }
   UpdateStateLocked();
   return absl::OkStatus();
@@ -600,6 +624,12 @@ v1::RunState Run::state() const {
 double Run::created_time() const {
   absl::MutexLock lock(&mu_);
   return summary_.created_time();
+}
+
+std::optional<int64_t> Run::durable_step() const {
+  const int64_t step = durable_step_.load();
+  if (step == kNoStep) return std::nullopt;
+  return step;
 }
 
 std::optional<int64_t> Run::last_step() const {

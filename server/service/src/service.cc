@@ -164,6 +164,10 @@ class AttachReactor final
   AttachReactor(LossGuardServiceImpl* service,
                 grpc::CallbackServerContext* context)
       : service_(service), peer_(context->peer()) {
+    {
+      absl::MutexLock lock(&mailbox_->mu);
+      mailbox_->reactor = this;
+    }
     if (!service_->Register(this)) {
       Abort(ShuttingDown());
       return;
@@ -212,6 +216,11 @@ class AttachReactor final
   }
 
   void OnDone() override {
+    {
+      // Commit callbacks that come later find no reactor.
+      absl::MutexLock lock(&mailbox_->mu);
+      mailbox_->reactor = nullptr;
+    }
     service_->Unregister(this);
     grpc::StatusCode code;
     {
@@ -311,10 +320,35 @@ class AttachReactor final
                           batch.steps_size(), limit));
     }
     advice_.clear();
-    int64_t dups = 0;
+    // Written by Ingest before the store can call back.
+    auto dups_out = std::make_shared<int64_t>(0);
+    const int batch_steps = batch.steps_size();
+    {
+      absl::MutexLock lock(&mu_);
+      ++undurable_batches_;
+      in_ingest_ = true;
+    }
     const auto started = std::chrono::steady_clock::now();
-    absl::Status s = run_->Ingest(session_, batch, &advice_, &dups);
+    // The batch is confirmed (BatchReceived) once the store has made it
+    // durable, so the trainer keeps its steps until then; advice goes out
+    // at once.
+    absl::Status s = run_->Ingest(
+        session_, batch, &advice_, dups_out.get(),
+        [mailbox = mailbox_, dups_out, batch_steps](
+            const absl::Status& status, std::optional<int64_t> last) {
+          absl::MutexLock lock(&mailbox->mu);
+          if (mailbox->reactor != nullptr) {
+            mailbox->reactor->OnDurable(status, last,
+                                        batch_steps - *dups_out, *dups_out);
+          }
+        });
+    const int64_t dups = *dups_out;
     if (!s.ok()) {
+      {
+        absl::MutexLock lock(&mu_);
+        --undurable_batches_;  // nothing was queued: no callback comes
+        in_ingest_ = false;
+      }
       service_->metrics().BatchRejected();
       Log(LogLevel::kWarning, "bad_batch",
           {{"run_id", run_->run_id()}, {"error", std::string(s.message())}});
@@ -326,6 +360,7 @@ class AttachReactor final
             .count());
     steps_ += batch.steps_size() - dups;
     duplicates_ += dups;
+    grpc::Status st = grpc::Status::OK;
     for (v1::Advice& a : advice_) {
       Log(LogLevel::kInfo, "advice",
           {{"run_id", run_->run_id()},
@@ -341,17 +376,69 @@ class AttachReactor final
       service_->metrics().AdviceSent(a);
       v1::AttachResponse resp;
       *resp.mutable_advice() = std::move(a);
-      grpc::Status st = Enqueue(std::move(resp));
-      if (!st.ok()) return st;
+      if (st.ok()) st = Enqueue(std::move(resp));
     }
+    // A confirmation the store gave while Ingest ran (a store that applies
+    // at once) goes out after the batch's advice.
+    std::deque<v1::AttachResponse> early;
+    std::optional<grpc::Status> early_error;
+    {
+      absl::MutexLock lock(&mu_);
+      in_ingest_ = false;
+      early.swap(deferred_);
+      early_error.swap(deferred_error_);
+    }
+    if (early_error) return *early_error;
+    for (v1::AttachResponse& resp : early) {
+      if (st.ok()) st = Enqueue(std::move(resp));
+    }
+    Pump();
+    return st;
+  }
+
+  // The store made a batch durable (or gave up on it): confirm it, so the
+  // trainer may drop its steps; or end the stream, so it resends them.
+  void OnDurable(const absl::Status& status, std::optional<int64_t> last,
+                 int64_t accepted, int64_t duplicates) {
+    std::optional<grpc::Status> error;
     v1::AttachResponse received;
-    v1::BatchReceived* r = received.mutable_received();
-    const std::optional<int64_t> last = run_->last_step();
-    r->set_has_steps(last.has_value());
-    r->set_last_step(last.value_or(0));
-    r->set_accepted(batch.steps_size() - static_cast<int>(dups));
-    r->set_duplicates(static_cast<int>(dups));
-    return Enqueue(std::move(received));
+    if (status.ok()) {
+      v1::BatchReceived* r = received.mutable_received();
+      r->set_has_steps(last.has_value());
+      r->set_last_step(last.value_or(0));
+      r->set_accepted(static_cast<int32_t>(accepted));
+      r->set_duplicates(static_cast<int32_t>(duplicates));
+    } else {
+      error = grpc::Status(
+          grpc::StatusCode::UNAVAILABLE,
+          absl::StrCat("the store could not make the steps durable (",
+                       status.message(), "); reconnect and resend them"));
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      --undurable_batches_;
+      if (in_ingest_) {
+        // Inside Ingest, under the run's lock: Pump (which may detach the
+        // run) must wait for OnSteps.
+        if (error) {
+          deferred_error_ = error;
+        } else {
+          deferred_.push_back(std::move(received));
+        }
+        return;
+      }
+      // While the stream drains (the trainer half-closed) confirmations
+      // still go out: they are what it waits for. (Enqueue drops anything
+      // once the stream is ending.)
+      if (!error && (!end_status_ || end_status_->ok())) {
+        pending_.push_back(std::move(received));
+      }
+    }
+    if (error) {
+      End(*error, /*drain=*/false);
+      return;
+    }
+    Pump();  // sends it, or finishes a drained stream once nothing is owed
   }
 
   grpc::Status OnAck(const v1::AdviceAck& ack) {
@@ -443,6 +530,9 @@ class AttachReactor final
         return;
       }
       if (!end_status_ || read_parked_) return;
+      // Ending cleanly (the trainer half-closed): its last confirmations
+      // come when the store has made the last batches durable.
+      if (end_status_->ok() && undurable_batches_ > 0) return;
       finished_ = true;
       final_code_ = end_status_->error_code();
       finish = *end_status_;
@@ -477,6 +567,22 @@ class AttachReactor final
   std::shared_ptr<runs::Run> attached_run_ ABSL_GUARDED_BY(mu_);
   uint64_t attached_session_ ABSL_GUARDED_BY(mu_) = 0;
   grpc::StatusCode final_code_ ABSL_GUARDED_BY(mu_) = grpc::StatusCode::OK;
+  // Batches ingested whose durability the store has not reported yet.
+  int64_t undurable_batches_ ABSL_GUARDED_BY(mu_) = 0;
+  // OnSteps is inside Run::Ingest: a store callback that comes now leaves
+  // its confirmation (or error) here for OnSteps.
+  bool in_ingest_ ABSL_GUARDED_BY(mu_) = false;
+  std::deque<v1::AttachResponse> deferred_ ABSL_GUARDED_BY(mu_);
+  std::optional<grpc::Status> deferred_error_ ABSL_GUARDED_BY(mu_);
+
+  // Where the store's commit callbacks find the reactor; cleared in OnDone,
+  // so one that comes after the stream ended does nothing. Lock order:
+  // mailbox mu, then mu_.
+  struct Mailbox {
+    absl::Mutex mu;
+    AttachReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
+  };
+  const std::shared_ptr<Mailbox> mailbox_ = std::make_shared<Mailbox>();
 };
 
 grpc::ServerBidiReactor<v1::AttachRequest, v1::AttachResponse>*

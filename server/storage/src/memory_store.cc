@@ -41,22 +41,26 @@ class MemoryStore final : public RunStore {
     ++transactions_;
   }
 
-  void AppendSteps(const std::string& run_id,
-                   std::vector<StepRow> steps) override {
-    if (steps.empty()) return;
-    absl::MutexLock lock(&mu_);
-    RunData& data = FindOrCreate(run_id);
-    // Only steps above the last stored one, as the SQLite store keeps them:
-    // a resend duplicates nothing.
-    for (StepRow& step : steps) {
-      if (!data.steps.empty() && step.step <= data.steps.rbegin()->first) {
-        continue;
+  using RunStore::AppendSteps;
+  void AppendSteps(const std::string& run_id, std::vector<StepRow> steps,
+                   CommitCallback on_commit) override {
+    if (!steps.empty()) {
+      absl::MutexLock lock(&mu_);
+      RunData& data = FindOrCreate(run_id);
+      // Only steps above the last stored one, as the SQLite store keeps
+      // them: a resend duplicates nothing.
+      for (StepRow& step : steps) {
+        if (!data.steps.empty() && step.step <= data.steps.rbegin()->first) {
+          continue;
+        }
+        const int64_t key = step.step;
+        data.steps.emplace_hint(data.steps.end(), key, std::move(step));
+        ++committed_steps_;
       }
-      const int64_t key = step.step;
-      data.steps.emplace_hint(data.steps.end(), key, std::move(step));
-      ++committed_steps_;
+      ++transactions_;
     }
-    ++transactions_;
+    // Applied at once: as durable as this store gets.
+    if (on_commit) on_commit(absl::OkStatus());
   }
 
   void PutEvent(const EventRow& event) override {

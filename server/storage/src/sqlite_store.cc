@@ -27,9 +27,13 @@
 // Metadata doubles: SQLite stores a bound NaN as NULL, which reads back as
 // NaN.
 //
-// Errors: a failed transaction is rolled back and its writes are dropped;
-// the error (naming the path and SQLite's message) is kept for Flush() and
-// Stats(), and the writer goes on with the next writes.
+// Errors: a failed transaction is rolled back. If the error may pass
+// (SQLITE_BUSY/LOCKED, FULL, IOERR, NOMEM, CANTOPEN, READONLY: Retryable)
+// the writer keeps the batch and retries it with backoff until it commits,
+// or once more when the store closes; otherwise (CORRUPT, NOTADB,
+// CONSTRAINT, TOOBIG) the batch is dropped. Either way the error (naming
+// the path and SQLite's message) is kept for Flush() and Stats(), and the
+// batch's commit callbacks learn how it ended.
 
 #include <sqlite3.h>
 #include <sys/resource.h>
@@ -58,6 +62,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "lossguard/storage/run_store.h"
 #include "server/storage/src/step_chunk.h"
 
@@ -155,6 +160,19 @@ absl::StatusCode CodeOf(int rc) {
 
 void BindInt(sqlite3_stmt* stmt, int index, int64_t value, int* rc) {
   if (*rc == SQLITE_OK) *rc = sqlite3_bind_int64(stmt, index, value);
+}
+
+// Whether a failed transaction may succeed later (the writer retries it).
+bool Retryable(const absl::Status& s) {
+  switch (s.code()) {
+    case absl::StatusCode::kUnavailable:         // BUSY, LOCKED
+    case absl::StatusCode::kResourceExhausted:   // FULL, NOMEM
+    case absl::StatusCode::kInternal:            // IOERR and the rest
+    case absl::StatusCode::kFailedPrecondition:  // CANTOPEN, READONLY, PERM
+      return true;
+    default:  // DataLoss (CORRUPT, NOTADB), InvalidArgument (CONSTRAINT...)
+      return false;
+  }
 }
 
 // Binds `value` without copying: it must outlive the statement's reset.
@@ -370,6 +388,7 @@ struct StepsWrite {
 struct WriteOp {
   std::variant<RunRow, StepsWrite, EventRow> write;
   Clock::time_point queued_at;
+  RunStore::CommitCallback on_commit;  // may be empty
 
   // Steps count one op each toward max_ops_per_transaction.
   int64_t Steps() const {
@@ -404,21 +423,25 @@ class SqliteStore final : public RunStore {
     writer_.join();
   }
 
-  void PutRun(const RunRow& run) override { Enqueue(run, 0); }
+  void PutRun(const RunRow& run) override { Enqueue(run, 0, nullptr); }
 
-  void AppendSteps(const std::string& run_id,
-                   std::vector<StepRow> steps) override {
-    if (steps.empty()) return;
+  using RunStore::AppendSteps;
+  void AppendSteps(const std::string& run_id, std::vector<StepRow> steps,
+                   CommitCallback on_commit) override {
+    if (steps.empty() && !on_commit) return;
     const int64_t n = static_cast<int64_t>(steps.size());
-    Enqueue(StepsWrite{run_id, std::move(steps)}, n);
+    Enqueue(StepsWrite{run_id, std::move(steps)}, n, std::move(on_commit));
   }
 
-  void PutEvent(const EventRow& event) override { Enqueue(event, 0); }
+  void PutEvent(const EventRow& event) override {
+    Enqueue(event, 0, nullptr);
+  }
 
   absl::Status Flush() override {
     absl::MutexLock lock(&mu_);
     const int64_t target = ops_queued_;
-    while (ops_done_ < target) done_cv_.Wait(&mu_);
+    while (ops_done_ < target && failing_.ok()) done_cv_.Wait(&mu_);
+    if (!failing_.ok()) return failing_;
     return first_error_;
   }
 
@@ -492,6 +515,9 @@ class SqliteStore final : public RunStore {
     int64_t key = 0;
     std::string run_id;
     std::vector<StepRow> steps;
+    // The op whose steps were moved into `steps` (given back if the
+    // transaction fails; a retry filters them again by last step).
+    size_t source_op = 0;
   };
 
   // Returns a reader to the pool when the read ends.
@@ -522,21 +548,22 @@ class SqliteStore final : public RunStore {
                                            const SqliteOptions& options);
 
   void Enqueue(std::variant<RunRow, StepsWrite, EventRow> write,
-               int64_t steps) {
+               int64_t steps, CommitCallback on_commit) {
     absl::MutexLock lock(&mu_);
-    queue_.push_back({std::move(write), Clock::now()});
+    queue_.push_back({std::move(write), Clock::now(), std::move(on_commit)});
     ++ops_queued_;
     queued_steps_ += steps;
     work_cv_.Signal();
   }
 
   void WriterLoop();
-  // Applies `batch` (moving its steps out) in one transaction; rolls back
-  // on error. Sets `*inserted_steps` to the steps it added (steps at or
-  // below a run's last stored step are not).
+  // Applies `batch` in one transaction; rolls back on error, leaving the
+  // batch as it was (to retry). Sets `*inserted_steps` to the steps it
+  // added (steps at or below a run's last stored step are not).
   absl::Status Commit(std::vector<WriteOp>& batch, int64_t* inserted_steps);
-  // Writes a run or an event; collects steps into pending_.
-  absl::Status Apply(WriteOp& op);
+  // Writes a run or an event; collects steps into pending_ (moving the
+  // steps of batch[index] out when it is its run's first in the batch).
+  absl::Status Apply(std::vector<WriteOp>& batch, size_t index);
   // Writes pending_ as chunks and updates the runs' step counts.
   absl::Status WritePendingSteps(int64_t* inserted_steps);
   // What the writer knows of `run_id`, read on first use; adds a row with
@@ -563,6 +590,8 @@ class SqliteStore final : public RunStore {
   int64_t committed_steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t transactions_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Status first_error_ ABSL_GUARDED_BY(mu_);
+  // The error of the batch being retried; OK when none is.
+  absl::Status failing_ ABSL_GUARDED_BY(mu_);
   std::string last_error_ ABSL_GUARDED_BY(mu_);
   std::vector<BacklogWaiter> waiters_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -773,9 +802,11 @@ void SqliteStore::WriterLoop() {
   const int64_t max_ops = std::max(1, options_.max_ops_per_transaction);
   std::vector<WriteOp> batch;
   std::vector<BacklogWaiter> ready;
+  int64_t batch_steps = 0;
+  absl::Duration backoff = absl::Seconds(options_.retry_initial_backoff_s);
   for (;;) {
-    int64_t batch_steps = 0;
-    {
+    if (batch.empty()) {  // else: retrying it
+      batch_steps = 0;
       absl::MutexLock lock(&mu_);
       while (queue_.empty() && !stop_) work_cv_.Wait(&mu_);
       if (queue_.empty()) return;  // stopping, and everything is committed
@@ -795,8 +826,31 @@ void SqliteStore::WriterLoop() {
     int64_t inserted_steps = 0;
     absl::Status status = Commit(batch, &inserted_steps);
 
+    if (!status.ok() && Retryable(status)) {
+      absl::MutexLock lock(&mu_);
+      if (first_error_.ok()) first_error_ = status;
+      last_error_ = std::string(status.message());
+      if (!stop_) {
+        // Keep the batch; Flush callers learn of the failure at once.
+        failing_ = status;
+        done_cv_.SignalAll();
+        work_cv_.WaitWithTimeout(&mu_, backoff);
+        backoff = std::min(backoff * 2,
+                           absl::Seconds(options_.retry_max_backoff_s));
+        continue;
+      }
+      // Closing, and it failed again: give the batch up.
+    }
+    backoff = absl::Seconds(options_.retry_initial_backoff_s);
+
+    // Callbacks before the batch counts as done: once Flush returns, the
+    // callbacks of every write queued before it have run.
+    for (WriteOp& op : batch) {
+      if (op.on_commit) op.on_commit(status);
+    }
     {
       absl::MutexLock lock(&mu_);
+      failing_ = absl::OkStatus();
       in_flight_ops_ = 0;
       ops_done_ += static_cast<int64_t>(batch.size());
       queued_steps_ -= batch_steps;
@@ -830,15 +884,18 @@ absl::Status SqliteStore::Commit(std::vector<WriteOp>& batch,
   if (run_cache_.size() > kMaxCachedRuns) run_cache_.clear();
   absl::Status s = w.conn->Run(w.begin, "begin transaction");
   if (!s.ok()) return s;
-  for (WriteOp& op : batch) {
-    s = Apply(op);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    s = Apply(batch, i);
     if (!s.ok()) break;
   }
   if (s.ok()) s = WritePendingSteps(inserted_steps);
-  pending_.clear();
-  pending_index_.clear();
   if (s.ok()) s = w.conn->Run(w.commit, "commit");
   if (!s.ok()) {
+    // Give the moved steps back, for a retry.
+    for (PendingSteps& p : pending_) {
+      std::get<StepsWrite>(batch[p.source_op].write).steps =
+          std::move(p.steps);
+    }
     // Some errors (SQLITE_FULL, I/O errors) already rolled back.
     if (sqlite3_get_autocommit(w.conn->db()) == 0) {
       w.conn->Run(w.rollback, "rollback").IgnoreError();
@@ -846,6 +903,8 @@ absl::Status SqliteStore::Commit(std::vector<WriteOp>& batch,
     *inserted_steps = 0;
     run_cache_.clear();  // it saw the rolled-back steps and rows
   }
+  pending_.clear();
+  pending_index_.clear();
   return s;
 }
 
@@ -883,7 +942,8 @@ absl::StatusOr<SqliteStore::CachedRun*> SqliteStore::FindRun(
   return &run_cache_.emplace(run_id, run).first->second;
 }
 
-absl::Status SqliteStore::Apply(WriteOp& op) {
+absl::Status SqliteStore::Apply(std::vector<WriteOp>& batch, size_t index) {
+  WriteOp& op = batch[index];
   Writer& w = writer_state_;
   if (const RunRow* run = std::get_if<RunRow>(&op.write)) {
     ScopedReset reset(w.put_run);
@@ -910,11 +970,12 @@ absl::Status SqliteStore::Apply(WriteOp& op) {
   }
 
   if (StepsWrite* steps = std::get_if<StepsWrite>(&op.write)) {
+    if (steps->steps.empty()) return absl::OkStatus();  // a marker
     absl::StatusOr<CachedRun*> found = FindRun(steps->run_id);
     if (!found.ok()) return found.status();
     CachedRun& run = **found;
     auto [it, added] = pending_index_.try_emplace(run.key, pending_.size());
-    if (added) pending_.push_back({run.key, steps->run_id, {}});
+    if (added) pending_.push_back({run.key, steps->run_id, {}, index});
     std::vector<StepRow>& out = pending_[it->second].steps;
     // The run's first append in this transaction (the usual case) is moved
     // in whole, then compacted in place.

@@ -1,6 +1,7 @@
 #ifndef LOSSGUARD_RUNS_RUN_H_
 #define LOSSGUARD_RUNS_RUN_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -78,8 +79,18 @@ class EventSink {
 //
 // Thread-safety: thread-safe. One mutex serializes everything, so the
 // analyzer (which is not thread-safe) has exactly one user at a time.
-class Run {
+// Held by shared_ptr (the registry makes them): the store's commit
+// callbacks hold a weak_ptr.
+class Run : public std::enable_shared_from_this<Run> {
  public:
+  // Told when a batch's steps are durable in the store (OK; `last_step`:
+  // the run's last step then, nullopt if it has none), or that the store
+  // gave up on them. Called on the store's writer thread, or at once inside
+  // Ingest (a store that applies at once) with the run's lock held: it must
+  // not call back into the run.
+  using DurableCallback = std::function<void(
+      const absl::Status& status, std::optional<int64_t> last_step)>;
+
   Run(const storage::RunRow& row, const v1::RunConfig& config,
       const RunOptions* options, storage::RunStore* store, Clock* clock);
   ~Run();
@@ -109,9 +120,12 @@ class Run {
   // increase and have a finite non-negative lr (or NaN: not logged), else
   // InvalidArgument naming the step, and nothing of the batch is taken.
   // Losses and other values may be anything, non-finite included. Advice
-  // for the trainer is appended to `*to_send`.
+  // for the trainer is appended to `*to_send`. `on_durable` (may be empty)
+  // is told once every step held so far, this batch's included, is durable
+  // (also for a batch of duplicates: they may still be queued).
   absl::Status Ingest(uint64_t session, const v1::StepBatch& batch,
-                      std::vector<v1::Advice>* to_send, int64_t* duplicates);
+                      std::vector<v1::Advice>* to_send, int64_t* duplicates,
+                      DurableCallback on_durable = nullptr);
   // The trainer applied or rejected an advice. NotFound for an unknown
   // advice id; FailedPrecondition when it was acked already.
   absl::Status Ack(uint64_t session, const v1::AdviceAck& ack);
@@ -121,6 +135,9 @@ class Run {
   v1::RunSummary Summary() const;
   // The last step held, or nullopt before the first.
   std::optional<int64_t> last_step() const;
+  // The last step the store has made durable (<= last_step()); what an
+  // attaching trainer is told the daemon holds, so it keeps the rest.
+  std::optional<int64_t> durable_step() const;
   v1::RunHealth Health() const;
   v1::RunState state() const;
   double created_time() const;
@@ -183,6 +200,11 @@ class Run {
   const RunOptions* const options_;
   storage::RunStore* const store_;
   Clock* const clock_;
+
+  // The last durable step (kNoStep: none), set by the store's commit
+  // callbacks, which may run inside Ingest with mu_ held: not under mu_.
+  static constexpr int64_t kNoStep = std::numeric_limits<int64_t>::min();
+  std::atomic<int64_t> durable_step_{kNoStep};
 
   mutable absl::Mutex mu_;
   std::string project_;  // fixed at creation: the fleet index sorts by it

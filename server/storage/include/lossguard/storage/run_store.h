@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -74,8 +75,16 @@ struct StoreStats {
 // may be called from gRPC callback threads. Writes of one run are applied in
 // the order they were made. AppendSteps keeps only the steps above the
 // run's last stored step (a run's steps are appended in increasing order),
-// so resending after a reconnect duplicates nothing. A write that fails (disk full, I/O error) is reported
-// by Flush() and Stats(); what was committed before stays intact.
+// so resending after a reconnect duplicates nothing.
+//
+// Durability: a write that fails for a reason that may pass (database
+// locked, disk full, I/O error) is retried with backoff until it commits,
+// so nothing accepted is dropped while the store is open; Flush() and
+// Stats() report the error meanwhile, and the backlog grows (see
+// NotifyWhenBacklogBelow). A write that cannot succeed (a corrupt database)
+// is dropped and reported. What was committed before stays intact.
+// AppendSteps' callback says when its steps are durable, so a caller can
+// confirm them to whoever must otherwise keep them.
 //
 // Reads are synchronous and may block on I/O: call them at startup, from a
 // thread of your own, or in tests; not on a gRPC callback thread.
@@ -85,15 +94,31 @@ class RunStore {
  public:
   virtual ~RunStore() = default;
 
+  // Called once a write is durable (OK), or with the error when the store
+  // gave up on it (a write that cannot succeed, or one still failing when
+  // the store closes). The SQLite store calls it on its writer thread, the
+  // memory store at once on the caller's: it must be short and must not
+  // call Flush (queuing more writes is fine).
+  using CommitCallback = std::function<void(const absl::Status&)>;
+
   virtual void PutRun(const RunRow& run) = 0;
   // Steps of one run, in increasing step order; those at or below the
-  // run's last stored step are ignored.
+  // run's last stored step are ignored. `on_commit` (may be empty) runs
+  // once these steps and every write queued before them are durable; with
+  // no steps, it marks that point alone.
   virtual void AppendSteps(const std::string& run_id,
-                           std::vector<StepRow> steps) = 0;
+                           std::vector<StepRow> steps,
+                           CommitCallback on_commit) = 0;
+  void AppendSteps(const std::string& run_id, std::vector<StepRow> steps) {
+    AppendSteps(run_id, std::move(steps), nullptr);
+  }
   virtual void PutEvent(const EventRow& event) = 0;
 
-  // Blocks until every write queued before the call is committed. Returns
-  // the first error any write hit since the store opened (OK if none).
+  // Blocks until every write queued before the call is committed (and its
+  // commit callback has run), or until
+  // a write is failing (being retried): then returns at once with that
+  // error. Otherwise returns the first error any write hit since the store
+  // opened (OK if none).
   virtual absl::Status Flush() = 0;
 
   // Calls `resume` once (on the writer thread) as soon as fewer than
@@ -136,6 +161,10 @@ struct SqliteOptions {
   // steps and send advice go first; the writer catches up when there is
   // room, and ingest stops reading when its backlog grows too long.
   int writer_nice = 10;
+  // A failing transaction is retried after this long, doubling up to the
+  // maximum.
+  double retry_initial_backoff_s = 0.05;
+  double retry_max_backoff_s = 5.0;
   // How long a reader waits for a lock before SQLITE_BUSY.
   int busy_timeout_ms = 5000;
 };
