@@ -3,6 +3,7 @@
 // fleet and curve queries, health and reflection, graceful shutdown.
 
 #include <grpcpp/grpcpp.h>
+#include <sqlite3.h>
 
 #include <atomic>
 #include <chrono>
@@ -173,6 +174,9 @@ class Trainer {
     return stream_->Finish();
   }
 
+  // Half-closes without waiting for the end.
+  void HalfClose() { stream_->WritesDone(); }
+
   // Waits for the server to end the stream (without half-closing first).
   grpc::Status AwaitEnd() {
     reader_.join();
@@ -222,9 +226,11 @@ class DaemonTest : public ::testing::Test {
     std::filesystem::remove_all(db_dir_);
   }
 
+  std::string DbPath() const { return (db_dir_ / "lossguard.db").string(); }
+
   // Starts a daemon over a SQLite database in the test's directory.
-  void StartDaemon() {
-    auto store = storage::OpenSqliteStore((db_dir_ / "lossguard.db").string());
+  void StartDaemon(const storage::SqliteOptions& store_options = {}) {
+    auto store = storage::OpenSqliteStore(DbPath(), store_options);
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = std::move(*store);
     daemon_ = std::make_unique<Daemon>(options_, store_.get(), &clock_);
@@ -1132,6 +1138,61 @@ TEST_F(DaemonTest, StoreBackpressureParksReadsWithoutLosingSteps) {
         << s.error_message();
   }
   stopper.join();
+}
+
+// While the store cannot commit (another connection holds the database
+// locked), batches are not confirmed, since they are not durable; the
+// retry commits them and the confirmation follows. A trainer that
+// half-closed waits for its last confirmations, but shutdown ends that
+// wait: a failing store cannot hold a call, or the daemon, forever.
+TEST_F(DaemonTest, ConfirmationsWaitForTheStoreAndShutdownEndsTheWait) {
+  storage::SqliteOptions store_options;
+  store_options.busy_timeout_ms = 0;
+  store_options.retry_initial_backoff_s = 0.001;
+  store_options.retry_max_backoff_s = 0.01;
+  StartDaemon(store_options);
+  const auto curve = LoadCurve(kHealthy);
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("held", v1::ADVISE)));
+  ASSERT_FALSE(t.WaitResponses(1).empty());
+
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open_v2(DbPath().c_str(), &blocker, SQLITE_OPEN_READWRITE,
+                            nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  ASSERT_TRUE(t.Send(Batch(curve, 0, 10)));
+  // The writer has tried the batch and failed...
+  while (store_->Stats().last_error.empty()) std::this_thread::yield();
+  // ...so nothing confirms it.
+  for (const v1::AttachResponse& r : t.Responses()) {
+    EXPECT_FALSE(r.has_received()) << r.DebugString();
+  }
+  ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK", nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  std::vector<v1::AttachResponse> got =
+      t.WaitUntil([&](const std::vector<v1::AttachResponse>& r) {
+        return !r.empty() && r.back().has_received();
+      });
+  ASSERT_FALSE(got.empty());
+  ASSERT_TRUE(got.back().has_received());
+  EXPECT_EQ(got.back().received().last_step(), curve[9].step);
+
+  // Locked again: a batch, a half-close, and the stream waits for the
+  // batch's confirmation. Shutdown ends it.
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  ASSERT_TRUE(t.Send(Batch(curve, 10, 20)));
+  t.HalfClose();
+  const absl::Status stopped = daemon_->Shutdown();
+  EXPECT_EQ(stopped.code(), absl::StatusCode::kUnavailable) << stopped;
+  daemon_.reset();
+  EXPECT_EQ(t.AwaitEnd().error_code(), grpc::StatusCode::UNAVAILABLE);
+  store_.reset();  // tries the batch once more, then gives it up
+  ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK", nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close_v2(blocker);
 }
 
 }  // namespace

@@ -280,22 +280,20 @@ absl::Status Run::Ingest(uint64_t session, const v1::StepBatch& batch,
     // Appended under the lock, so the store sees the run's steps in order.
     // With no new steps and a callback, an empty append marks the point
     // after the steps already queued.
-    storage::RunStore::CommitCallback on_commit;
-    if (on_durable || fed) {
-      const std::optional<int64_t> last =
-          summary_.has_steps() ? std::optional<int64_t>(summary_.last_step())
-                               : std::nullopt;
-      on_commit = [weak = weak_from_this(), last,
-                   on_durable = std::move(on_durable)](const absl::Status& s) {
-        if (s.ok() && last.has_value()) {
-          if (std::shared_ptr<Run> run = weak.lock()) {
-            // Commits of one run come in order: the step only grows.
-            run->durable_step_.store(*last);
+    const std::optional<int64_t> last =
+        summary_.has_steps() ? std::optional<int64_t>(summary_.last_step())
+                             : std::nullopt;
+    storage::RunStore::CommitCallback on_commit =
+        [weak = weak_from_this(), last,
+         on_durable = std::move(on_durable)](const absl::Status& s) {
+          if (s.ok() && last.has_value()) {
+            if (std::shared_ptr<Run> run = weak.lock()) {
+              // Commits of one run come in order: the step only grows.
+              run->durable_step_.store(*last);
+            }
           }
-        }
-        if (on_durable) on_durable(s, last);
-      };
-    }
+          if (on_durable) on_durable(s, last);
+        };
     store_->AppendSteps(run_id_, std::move(rows_), std::move(on_commit));
     rows_.clear();
     if (fed) summary_.set_updated_time(clock_->Now());

@@ -504,7 +504,10 @@ class AttachReactor final
   void End(const grpc::Status& status, bool drain) {
     {
       absl::MutexLock lock(&mu_);
-      if (end_status_) return;
+      // A stream already ending cleanly may still wait for the store's
+      // confirmations; an error (cancel, shutdown) ends that wait, so a
+      // failing store cannot hold a call open forever.
+      if (end_status_ && !(end_status_->ok() && !status.ok())) return;
       end_status_ = status;
       if (!drain) pending_.clear();
     }
