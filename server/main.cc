@@ -33,6 +33,9 @@ ABSL_FLAG(std::string, alert_webhook, "",
 ABSL_FLAG(std::string, db, "./lossguard.db",
           "SQLite database file (created if missing); \":memory:\" keeps "
           "nothing across restarts");
+ABSL_FLAG(int64_t, db_max_mib, 0,
+          "cap the SQLite file at this many MiB (0: none); past it writes "
+          "fail as on a full disk: reported and retried, nothing lost");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 ABSL_FLAG(int, max_actions, 5, "most actions advised per run");
 ABSL_FLAG(int64_t, cooldown_steps, 100,
@@ -105,7 +108,12 @@ int main(int argc, char** argv) {
   if (db == ":memory:") {
     store = lossguard::storage::NewMemoryStore();
   } else {
-    auto opened = lossguard::storage::OpenSqliteStore(db);
+    lossguard::storage::SqliteOptions store_options;
+    const int64_t max_mib = absl::GetFlag(FLAGS_db_max_mib);
+    if (max_mib < 0) return Fail("--db_max_mib must be >= 0");
+    // SQLite's default page size, 4 KiB.
+    store_options.max_page_count = max_mib * 256;
+    auto opened = lossguard::storage::OpenSqliteStore(db, store_options);
     if (!opened.ok()) return Fail(std::string(opened.status().message()));
     store = std::move(*opened);
   }

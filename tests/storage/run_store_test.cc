@@ -1029,6 +1029,35 @@ TEST_F(SqliteStoreTest, FailingWriteIsReportedAndRetriedUntilItCommits) {
             std::vector<std::vector<std::string>>{{"ok"}});
 }
 
+// A full disk (here: the file capped at 40 pages of 4 KiB) gives a clear
+// error, keeps the failing write for a retry, and harms nothing committed.
+TEST_F(SqliteStoreTest, FullDiskIsReportedAndCommittedDataStaysIntact) {
+  SqliteOptions options;
+  options.max_page_count = 40;
+  options.retry_initial_backoff_s = 0.001;
+  options.retry_max_backoff_s = 0.01;
+  std::unique_ptr<RunStore> store = OpenOrFail(DbPath(), options);
+  ASSERT_NE(store, nullptr);
+  store->AppendSteps("r", MakeSteps(0, 99));
+  ASSERT_TRUE(store->Flush().ok());
+  // About 40 bytes a step: 20,000 steps need far more than 40 pages.
+  store->AppendSteps("r", MakeSteps(100, 20099));
+  const absl::Status full = store->Flush();
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted) << full;
+  EXPECT_THAT(full.message(), HasSubstr(DbPath()));
+  EXPECT_THAT(full.message(), HasSubstr("full"));
+  EXPECT_EQ(store->Stats().queued_steps, 20000);  // kept for the retry
+  EXPECT_EQ(ReadSteps(*store, "r").size(), 100u);
+  store.reset();  // gives the write up at close
+
+  RawDb db(DbPath());
+  EXPECT_EQ(db.Query("PRAGMA integrity_check"),
+            std::vector<std::vector<std::string>>{{"ok"}});
+  std::unique_ptr<RunStore> reopened = OpenOrFail(DbPath());
+  ASSERT_NE(reopened, nullptr);
+  ExpectSameSteps(ReadSteps(*reopened, "r"), MakeSteps(0, 99));
+}
+
 // Still failing when the store closes: tried once more, then given up,
 // and the callback says so.
 TEST_F(SqliteStoreTest, WriteStillFailingAtCloseIsGivenUpAndReported) {

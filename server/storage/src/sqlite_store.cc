@@ -712,6 +712,12 @@ absl::StatusOr<SqliteStore::Writer> SqliteStore::OpenWriter(
                  .c_str(),
              "set cache size");
   if (!s.ok()) return s;
+  if (options.max_page_count > 0) {
+    s = c.Exec(absl::StrCat("PRAGMA max_page_count=", options.max_page_count)
+                   .c_str(),
+               "cap the database size");
+    if (!s.ok()) return s;
+  }
   s = c.Exec("PRAGMA foreign_keys=ON", "enable foreign keys");
   if (!s.ok()) return s;
 

@@ -161,6 +161,10 @@ struct SqliteOptions {
   // steps and send advice go first; the writer catches up when there is
   // room, and ingest stops reading when its backlog grows too long.
   int writer_nice = 10;
+  // Caps the database file at this many pages (PRAGMA max_page_count; 0:
+  // SQLite's default, effectively none). Past it, writes fail as on a full
+  // disk (retried, reported, nothing committed is harmed).
+  int64_t max_page_count = 0;
   // A failing transaction is retried after this long, doubling up to the
   // maximum.
   double retry_initial_backoff_s = 0.05;
