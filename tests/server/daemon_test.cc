@@ -1173,7 +1173,7 @@ TEST_F(DaemonTest, ConfirmationsWaitForTheStoreAndShutdownEndsTheWait) {
             SQLITE_OK);
   ASSERT_TRUE(t.Send(Batch(curve, 0, 10)));
   // The writer has tried the batch and failed...
-  while (store_->Stats().last_error.empty()) std::this_thread::yield();
+  while (!store_->Stats().failing) std::this_thread::yield();
   // ...so nothing confirms it.
   for (const v1::AttachResponse& r : t.Responses()) {
     EXPECT_FALSE(r.has_received()) << r.DebugString();

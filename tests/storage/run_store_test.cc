@@ -1047,6 +1047,7 @@ TEST_F(SqliteStoreTest, FullDiskIsReportedAndCommittedDataStaysIntact) {
   EXPECT_THAT(full.message(), HasSubstr(DbPath()));
   EXPECT_THAT(full.message(), HasSubstr("full"));
   EXPECT_EQ(store->Stats().queued_steps, 20000);  // kept for the retry
+  EXPECT_TRUE(store->Stats().failing);
   EXPECT_EQ(ReadSteps(*store, "r").size(), 100u);
   store.reset();  // gives the write up at close
 

@@ -182,8 +182,12 @@ std::string Metrics::Render(const runs::RunRegistry& registry,
   absl::StrAppendFormat(&out, "lossguard_store_write_lag_seconds %.6f\n",
                         st.oldest_queued_age_s);
   Sample(&out, "lossguard_store_write_errors", "gauge",
-         "1 when the store's last write failed, else 0.",
+         "1 when a store write has failed since it opened, else 0.",
          st.last_error.empty() ? 0 : 1);
+  Sample(&out, "lossguard_store_failing", "gauge",
+         "1 while a store write is failing and being retried (disk full, "
+         "database locked, I/O error): confirmations to trainers wait.",
+         st.failing ? 1 : 0);
   return out;
 }
 

@@ -479,6 +479,7 @@ class SqliteStore final : public RunStore {
           std::chrono::duration<double>(now - *oldest).count();
     }
     stats.last_error = last_error_;
+    stats.failing = !failing_.ok();
     return stats;
   }
 

@@ -66,6 +66,7 @@ struct StoreStats {
   int64_t transactions = 0;      // transactions committed since open
   double oldest_queued_age_s = 0.0;  // write lag: age of the oldest queued op
   std::string last_error;            // empty when every write succeeded
+  bool failing = false;  // a write is failing now (being retried)
 };
 
 // Durable home of every run's history.
