@@ -135,7 +135,8 @@ void OverfittingDetector::OnValLoss(const StepRecord& rec,
     trend_.fit.Reset();
     trend_.rise_points = 0;
   } else {
-    const double t = static_cast<double>(rec.step - trend_.min.step);
+    const double t =
+        static_cast<double>(StepsBetween(trend_.min.step, rec.step));
     trend_.fit.Add(t, v);
     if (trend_.fit.sxx() > 0.0) {
       // The line's rise since the minimum, and its standard error.

@@ -6,10 +6,12 @@
 #include <sqlite3.h>
 
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <iterator>
 #include <set>
 #include <limits>
 #include <memory>
@@ -814,6 +816,82 @@ TEST_F(DaemonTest, NonFiniteValuesAreData) {
   EXPECT_EQ(rows[5].grad_norm, inf);
   EXPECT_TRUE(std::isnan(rows[6].loss));
   EXPECT_TRUE(std::isnan(*rows[6].val_loss));
+}
+
+// Extreme but legal input: negative steps, steps 2^62 apart and up to
+// INT64_MAX, denormals, 1e308 and -0.0 in every numeric field, an empty
+// batch. All of it is data: stored exactly, and every query over the run
+// (health, a downsampled curve across a 2^63-step span, a re-attach)
+// answers without crashing.
+TEST_F(DaemonTest, ExtremeStepsAndValuesAreDataAndEveryQueryCopes) {
+  StartDaemon();
+  Trainer t(stub_.get());
+  ASSERT_TRUE(t.Send(StartRequest("extreme", v1::OBSERVE)));
+  ASSERT_FALSE(t.WaitResponses(1).empty());
+  v1::AttachRequest empty;
+  empty.mutable_steps();  // a batch of no steps
+  ASSERT_TRUE(t.Send(empty));
+
+  const int64_t max = std::numeric_limits<int64_t>::max();
+  const int64_t steps[] = {-(int64_t{1} << 62), -5, 0, int64_t{1} << 62,
+                           (int64_t{1} << 62) + 1, max - 1, max};
+  const double denormal = std::numeric_limits<double>::denorm_min();
+  const double values[] = {denormal, 1e308, -0.0, 2.5, 1e-300, 7.0, 0.0};
+  v1::AttachRequest req;
+  for (size_t i = 0; i < std::size(steps); ++i) {
+    v1::Step* s = req.mutable_steps()->add_steps();
+    s->set_step(steps[i]);
+    s->set_lr(values[i] >= 0 ? values[i] : 0.0);  // an LR must be >= 0
+    s->set_loss(values[i]);
+    s->set_val_loss(values[i]);
+    s->set_grad_norm(values[i]);
+    s->set_wall_time(values[i]);
+  }
+  std::vector<v1::AttachResponse> got = t.SendAndWait(req);
+  ASSERT_FALSE(got.empty());
+  ASSERT_TRUE(got.back().has_received()) << got.back().DebugString();
+  EXPECT_EQ(got.back().received().last_step(), max);
+  ASSERT_TRUE(t.Close().ok());
+
+  v1::RunHealth h = MustHealth("extreme");
+  EXPECT_EQ(h.summary().last_step(), max);
+  EXPECT_EQ(h.summary().steps_stored(), 7);
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+    v1::GetCurveRequest creq;
+    creq.set_run_id("extreme");
+    creq.set_max_points(4);
+    v1::Curve curve;
+    grpc::Status cs = stub_->GetCurve(&ctx, creq, &curve);
+    ASSERT_TRUE(cs.ok()) << cs.error_message();
+    EXPECT_GT(curve.points_size(), 0);
+  }
+  std::vector<storage::StepRow> rows;
+  ASSERT_TRUE(store_
+                  ->ReadSteps("extreme", std::numeric_limits<int64_t>::min(),
+                              max,
+                              [&](const storage::StepRow& r) {
+                                rows.push_back(r);
+                                return true;
+                              })
+                  .ok());
+  ASSERT_EQ(rows.size(), std::size(steps));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_EQ(rows[i].step, steps[i]);
+    EXPECT_EQ(std::bit_cast<uint64_t>(rows[i].loss),
+              std::bit_cast<uint64_t>(values[i]));
+    EXPECT_EQ(std::bit_cast<uint64_t>(*rows[i].grad_norm),
+              std::bit_cast<uint64_t>(values[i]));
+  }
+
+  // Re-attaching: the daemon holds everything up to INT64_MAX.
+  Trainer again(stub_.get());
+  ASSERT_TRUE(again.Send(StartRequest("extreme", v1::OBSERVE)));
+  std::vector<v1::AttachResponse> acc = again.WaitResponses(1);
+  ASSERT_FALSE(acc.empty());
+  EXPECT_EQ(acc[0].accepted().last_step(), max);
+  ASSERT_TRUE(again.Close().ok());
 }
 
 TEST_F(DaemonTest, UnknownRunIsNotFound) {
