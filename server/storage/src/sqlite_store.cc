@@ -48,6 +48,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -614,45 +615,71 @@ class SqliteStore final : public RunStore {
 // Moves the steps of a version 1 database (a row per step) into
 // step_chunks, sets the runs' step counts, and drops the old table. Runs
 // inside the schema transaction.
+// Adds a chunk of a run's steps, and counts steps into the run's row.
+constexpr char kAddChunkSql[] =
+    "INSERT INTO step_chunks (run, first_step, last_step, n_steps, data) "
+    "VALUES (?1, ?2, ?3, ?4, ?5)";
+constexpr char kCountStepsSql[] =
+    "UPDATE runs SET step_count = step_count + ?2, last_step = ?3 "
+    "WHERE id = ?1";
+
+// Writes `steps` (increasing, above the run's last stored step) of the run
+// with key `key` as chunks of at most kMaxChunkSteps, then adds them to the
+// run's step_count and last_step. `run_name` names the run in errors.
+absl::Status WriteRunSteps(Connection& c, sqlite3_stmt* add_chunk,
+                           sqlite3_stmt* count_steps, int64_t key,
+                           std::string_view run_name,
+                           std::span<const StepRow> steps) {
+  if (steps.empty()) return absl::OkStatus();
+  for (size_t i = 0; i < steps.size(); i += kMaxChunkSteps) {
+    const std::span<const StepRow> chunk =
+        steps.subspan(i, std::min(kMaxChunkSteps, steps.size() - i));
+    const std::string data = EncodeStepChunk(chunk);
+    ScopedReset reset(add_chunk);
+    int rc = SQLITE_OK;
+    BindInt(add_chunk, 1, key, &rc);
+    BindInt(add_chunk, 2, chunk.front().step, &rc);
+    BindInt(add_chunk, 3, chunk.back().step, &rc);
+    BindInt(add_chunk, 4, static_cast<int64_t>(chunk.size()), &rc);
+    BindBlob(add_chunk, 5, data, &rc);
+    if (rc == SQLITE_OK) rc = sqlite3_step(add_chunk);
+    if (rc != SQLITE_DONE) {
+      return c.Error(absl::StrFormat("add steps %d..%d of run %s",
+                                     chunk.front().step, chunk.back().step,
+                                     run_name),
+                     rc);
+    }
+  }
+  ScopedReset reset(count_steps);
+  int rc = SQLITE_OK;
+  BindInt(count_steps, 1, key, &rc);
+  BindInt(count_steps, 2, static_cast<int64_t>(steps.size()), &rc);
+  BindInt(count_steps, 3, steps.back().step, &rc);
+  if (rc == SQLITE_OK) rc = sqlite3_step(count_steps);
+  if (rc != SQLITE_DONE) {
+    return c.Error(absl::StrCat("count steps of run ", std::string(run_name)),
+                   rc);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ConvertStepsV1(Connection& c) {
   absl::StatusOr<sqlite3_stmt*> read = c.Prepare(
       "SELECT run, step, lr, loss, val_loss, grad_norm, wall_time, nan_mask "
       "FROM steps ORDER BY run, step");
   if (!read.ok()) return read.status();
-  absl::StatusOr<sqlite3_stmt*> add_chunk = c.Prepare(
-      "INSERT INTO step_chunks (run, first_step, last_step, n_steps, data) "
-      "VALUES (?1, ?2, ?3, ?4, ?5)");
+  absl::StatusOr<sqlite3_stmt*> add_chunk = c.Prepare(kAddChunkSql);
   if (!add_chunk.ok()) return add_chunk.status();
-  absl::StatusOr<sqlite3_stmt*> count_steps = c.Prepare(
-      "UPDATE runs SET step_count = step_count + ?2, last_step = ?3 "
-      "WHERE id = ?1");
+  absl::StatusOr<sqlite3_stmt*> count_steps = c.Prepare(kCountStepsSql);
   if (!count_steps.ok()) return count_steps.status();
 
   int64_t run = 0;
   std::vector<StepRow> steps;
   auto flush = [&]() -> absl::Status {
-    if (steps.empty()) return absl::OkStatus();
-    const std::string data = EncodeStepChunk(steps);
-    int rc = SQLITE_OK;
-    {
-      ScopedReset reset(*add_chunk);
-      BindInt(*add_chunk, 1, run, &rc);
-      BindInt(*add_chunk, 2, steps.front().step, &rc);
-      BindInt(*add_chunk, 3, steps.back().step, &rc);
-      BindInt(*add_chunk, 4, static_cast<int64_t>(steps.size()), &rc);
-      BindBlob(*add_chunk, 5, data, &rc);
-      if (rc == SQLITE_OK) rc = sqlite3_step(*add_chunk);
-      if (rc != SQLITE_DONE) return c.Error("convert steps to chunks", rc);
-    }
-    ScopedReset reset(*count_steps);
-    rc = SQLITE_OK;
-    BindInt(*count_steps, 1, run, &rc);
-    BindInt(*count_steps, 2, static_cast<int64_t>(steps.size()), &rc);
-    BindInt(*count_steps, 3, steps.back().step, &rc);
-    if (rc == SQLITE_OK) rc = sqlite3_step(*count_steps);
-    if (rc != SQLITE_DONE) return c.Error("count converted steps", rc);
+    absl::Status s = WriteRunSteps(c, *add_chunk, *count_steps, run,
+                                   absl::StrCat("#", run), steps);
     steps.clear();
-    return absl::OkStatus();
+    return s;
   };
 
   {
@@ -768,12 +795,8 @@ absl::StatusOr<SqliteStore::Writer> SqliteStore::OpenWriter(
        "updated_time = excluded.updated_time"},
       {&w.find_run, "SELECT id, last_step FROM runs WHERE run_id = ?1"},
       {&w.add_run, "INSERT INTO runs (run_id) VALUES (?1)"},
-      {&w.add_chunk,
-       "INSERT INTO step_chunks (run, first_step, last_step, n_steps, data) "
-       "VALUES (?1, ?2, ?3, ?4, ?5)"},
-      {&w.count_steps,
-       "UPDATE runs SET step_count = step_count + ?2, last_step = ?3 "
-       "WHERE id = ?1"},
+      {&w.add_chunk, kAddChunkSql},
+      {&w.count_steps, kCountStepsSql},
       {&w.put_event,
        "INSERT INTO events (run, type, id, step, payload) "
        "VALUES (?1, ?2, ?3, ?4, ?5) "
@@ -1028,35 +1051,9 @@ absl::Status SqliteStore::Apply(std::vector<WriteOp>& batch, size_t index) {
 absl::Status SqliteStore::WritePendingSteps(int64_t* inserted_steps) {
   Writer& w = writer_state_;
   for (const PendingSteps& p : pending_) {
-    if (p.steps.empty()) continue;
-    for (size_t i = 0; i < p.steps.size(); i += kMaxChunkSteps) {
-      const std::span<const StepRow> chunk(
-          p.steps.data() + i, std::min(kMaxChunkSteps, p.steps.size() - i));
-      const std::string data = EncodeStepChunk(chunk);
-      ScopedReset reset(w.add_chunk);
-      int rc = SQLITE_OK;
-      BindInt(w.add_chunk, 1, p.key, &rc);
-      BindInt(w.add_chunk, 2, chunk.front().step, &rc);
-      BindInt(w.add_chunk, 3, chunk.back().step, &rc);
-      BindInt(w.add_chunk, 4, static_cast<int64_t>(chunk.size()), &rc);
-      BindBlob(w.add_chunk, 5, data, &rc);
-      if (rc == SQLITE_OK) rc = sqlite3_step(w.add_chunk);
-      if (rc != SQLITE_DONE) {
-        return w.conn->Error(
-            absl::StrFormat("add steps %d..%d of run %s", chunk.front().step,
-                            chunk.back().step, p.run_id),
-            rc);
-      }
-    }
-    ScopedReset reset(w.count_steps);
-    int rc = SQLITE_OK;
-    BindInt(w.count_steps, 1, p.key, &rc);
-    BindInt(w.count_steps, 2, static_cast<int64_t>(p.steps.size()), &rc);
-    BindInt(w.count_steps, 3, p.steps.back().step, &rc);
-    if (rc == SQLITE_OK) rc = sqlite3_step(w.count_steps);
-    if (rc != SQLITE_DONE) {
-      return w.conn->Error(absl::StrCat("count steps of run ", p.run_id), rc);
-    }
+    absl::Status s = WriteRunSteps(*w.conn, w.add_chunk, w.count_steps, p.key,
+                                   p.run_id, p.steps);
+    if (!s.ok()) return s;
     *inserted_steps += static_cast<int64_t>(p.steps.size());
   }
   return absl::OkStatus();
