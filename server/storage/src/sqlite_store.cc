@@ -873,6 +873,13 @@ void SqliteStore::WriterLoop() {
     }
     backoff = absl::Seconds(options_.retry_initial_backoff_s);
 
+    if (status.ok()) {
+      // No longer failing before anyone hears of the commit: a Flush called
+      // from a commit callback's aftermath must wait, not report the old
+      // error at once.
+      absl::MutexLock lock(&mu_);
+      failing_ = absl::OkStatus();
+    }
     // Callbacks before the batch counts as done: once Flush returns, the
     // callbacks of every write queued before it have run.
     for (WriteOp& op : batch) {
