@@ -2,10 +2,12 @@
 """What the lossguard guard adds to a training step.
 
     bench/guard_overhead.py [--device cpu|cuda] [--steps 300] [--reps 5]
+                            [--models "cnn resnet"] [--batch_size 64]
 
-Runs lossguard-train (plain CNN, batch 64, one validation at the end, which
-is not counted) with the same seed in three variants, interleaved, `reps`
-times each: no guard at all (the schedule set directly), the guard attached
+Runs lossguard-train (each model in --models, one validation at the end,
+which is not counted; the first --timing_warmup steps are not counted
+either) with the same seed in three variants, interleaved, `reps` times
+each: no guard at all (the schedule set directly), the guard attached
 to a lossguardd in OBSERVE mode (gradient norm, reporting, the client's
 background thread; the LR is sound, so no action), and the guard in
 embedded mode (the analyzers in the training process). Prints the median
@@ -14,6 +16,7 @@ training time per step of each and the overhead against no guard.
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -27,10 +30,22 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--models", default="cnn", help="space-separated: cnn resnet")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--timing_warmup", type=int, default=20)
+    ap.add_argument("--daemon", default="",
+                    help="command that runs lossguardd (default: BIN/lossguardd)")
+    ap.add_argument("--data_dir", default="", help="Fashion-MNIST directory")
     args = ap.parse_args()
+    for model in args.models.split():
+        measure(args, model)
+    return 0
+
+
+def measure(args, model):
     work = tempfile.mkdtemp(prefix="lossguard-overhead-")
-    daemon = subprocess.Popen([os.path.join(args.bin, "lossguardd"), "--listen=127.0.0.1:0", "--http=",
+    daemon_cmd = shlex.split(args.daemon) or [os.path.join(args.bin, "lossguardd")]
+    daemon = subprocess.Popen(daemon_cmd + ["--listen=127.0.0.1:0", "--http=",
                                f"--db={os.path.join(work, 'lossguard.db')}",
                                "--log_level=warning"], stdout=subprocess.PIPE, text=True)
     port = int(daemon.stdout.readline().rsplit(" ", 1)[1])
@@ -46,10 +61,14 @@ def main():
             for name, extra in variants.items():
                 out = os.path.join(work, "m.json")
                 cmd = [os.path.join(args.bin, "lossguard-train"), "--device", args.device,
-                       "--model", args.model, "--lr", "0.05", "--steps", str(args.steps),
+                       "--model", model, "--lr", "0.05", "--steps", str(args.steps),
+                       "--batch_size", str(args.batch_size),
+                       "--timing_warmup", str(args.timing_warmup),
                        "--eval_every", str(args.steps), "--seed", "1", "--quiet",
                        "--run_id", f"overhead-{rep}-{name.replace(' ', '').replace(',', '-')}",
                        "--metrics_out", out] + extra
+                if args.data_dir:
+                    cmd += ["--data", args.data_dir]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 m = json.load(open(out))
                 times[name].append(m["ms_per_step"])
@@ -59,13 +78,13 @@ def main():
         daemon.wait()
         shutil.rmtree(work, ignore_errors=True)
     base = statistics.median(times["no guard"])
-    print(f"device {device}, model {args.model}, {args.steps} steps x {args.reps} runs each "
-          f"(median ms per training step; overhead vs no guard):")
+    print(f"device {device}, model {model}, batch {args.batch_size}, {args.steps} steps "
+          f"({args.steps - args.timing_warmup} timed) x {args.reps} runs each "
+          f"(median ms per training step; overhead vs no guard):", flush=True)
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:18s} {med:8.3f} ms   {100.0 * (med / base - 1.0):+6.2f}%   "
-              f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
-    return 0
+              f"(runs: {', '.join(f'{t:.3f}' for t in ts)})", flush=True)
 
 
 if __name__ == "__main__":

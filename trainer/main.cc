@@ -63,6 +63,9 @@ ABSL_FLAG(std::string, curve_out, "",
           "write every reported step here as a curve CSV (step, lr, loss, "
           "val_loss, grad_norm: the corpus format, readable by lossguard "
           "analyze); needs the guard");
+ABSL_FLAG(int64_t, timing_warmup, 0,
+          "steps left out of ms_per_step (the first CUDA/cuDNN steps load "
+          "kernels and pick algorithms); the clock starts after them");
 ABSL_FLAG(bool, quiet, false, "print only advice and the summary");
 ABSL_FLAG(bool, guard, true,
           "false: no lossguard at all, the schedule set directly (the "
@@ -427,8 +430,17 @@ int main(int argc, char** argv) {
   };
   Eval last_eval;
   int64_t done = 0;
+  const int64_t timing_warmup =
+      std::clamp<int64_t>(absl::GetFlag(FLAGS_timing_warmup), 0,
+                          std::max<int64_t>(steps - 1, 0));
+  auto timed_start = start;
   for (int64_t step = 0; step < steps; ++step) {
     current_step = step;
+    if (step == timing_warmup && step > 0) {
+      sync();
+      timed_start = std::chrono::steady_clock::now();
+      eval_seconds = 0.0;
+    }
     if (guard) {
       guard->BeforeStep(step);
     } else {
@@ -473,9 +485,10 @@ int main(int argc, char** argv) {
   }
   sync();
   const double train_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - timed_start)
           .count() -
       eval_seconds;
+  const int64_t timed_steps = std::max<int64_t>(done - timing_warmup, 1);
   // The final evaluation on the validation set.
   last_eval = Evaluate(*module, forward, x_val, y_val, device);
   double train_loss = 0.0;
@@ -514,7 +527,8 @@ int main(int argc, char** argv) {
     j["steps"] = done;
     j["wall_time_s"] = wall;
     j["train_time_s"] = train_seconds;  // wall time minus evaluations
-    j["ms_per_step"] = 1000.0 * train_seconds / static_cast<double>(std::max<int64_t>(done, 1));
+    j["ms_per_step"] = 1000.0 * train_seconds / static_cast<double>(timed_steps);
+    j["timed_steps"] = timed_steps;
     j["final_lr"] = current_lr();
     j["guard"] = use_guard;
     j["train_loss"] = std::isfinite(train_loss) ? nlohmann::json(train_loss) : nlohmann::json(nullptr);

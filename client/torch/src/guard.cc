@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -58,11 +59,17 @@ struct Guard::Pending {
   std::optional<c10::Event> copied;
   std::optional<double> val_loss;
 
-  // Reads [loss, grad_norm]: from the pinned copy when its copy is done,
-  // else (or on the CPU) directly.
+  // Reads [loss, grad_norm]: on CUDA from the pinned copy, waiting (if at
+  // all) for that copy alone. Reading `values` instead would wait for all
+  // the work queued since, the next step's forward and backward included.
   std::pair<double, double> Read() {
     ::torch::Tensor t = values;
-    if (copied.has_value() && copied->query()) t = host;
+    if (copied.has_value()) {
+      // (c10::Event::synchronize is not in every LibTorch this builds
+      // with; CUDA's own event wait spins the same way by default.)
+      while (!copied->query()) std::this_thread::yield();
+      t = host;
+    }
     t = t.to(::torch::kCPU);
     const double* v = t.data_ptr<double>();
     return {v[0], v[1]};
@@ -120,17 +127,23 @@ void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
   ReportPending();
   step_ = step;
 
-  // Global L2 norm of the gradients, before clipping, on the device.
-  std::vector<::torch::Tensor> norms;
+  // Global L2 norm of the gradients, before clipping, on the device and in
+  // a handful of kernels whatever the number of parameters: _foreach_norm
+  // is one fused launch on CUDA (as in torch.nn.utils.clip_grad_norm_ with
+  // foreach), then one stack and one reduction, accumulated in double.
+  std::vector<::torch::Tensor> grads;
   for (const auto& group : optimizer_.param_groups()) {
     for (const auto& p : group.params()) {
-      if (p.grad().defined()) norms.push_back(p.grad().detach().norm(2));
+      if (p.grad().defined()) grads.push_back(p.grad().detach());
     }
   }
   ::torch::Tensor total =
-      norms.empty() ? ::torch::zeros({}, loss.options().dtype(::torch::kDouble))
-                    : ::torch::stack(norms).norm(2).to(::torch::kDouble);
-  if (clip_.has_value() && !norms.empty()) {
+      grads.empty()
+          ? ::torch::zeros({}, loss.options().dtype(::torch::kDouble))
+          : at::linalg_vector_norm(::torch::stack(at::_foreach_norm(grads, 2)), 2,
+                                   at::OptionalIntArrayRef{}, /*keepdim=*/false,
+                                   ::torch::kDouble);
+  if (clip_.has_value() && !grads.empty()) {
     // torch.nn.utils.clip_grad_norm_: no host sync either.
     ::torch::Tensor coef = (*clip_ / (total + 1e-6)).clamp_max(1.0);
     for (const auto& group : optimizer_.param_groups()) {
