@@ -128,7 +128,8 @@ class Client:
                 s.val_loss = float(val_loss)
             if grad_norm is not None:
                 s.grad_norm = float(grad_norm)
-            if self._sent == len(self._buffer):
+            first_unsent = self._sent == len(self._buffer)
+            if first_unsent:
                 self._oldest_unsent = time.monotonic()
             self._buffer.append(s)
             self._stats.reported_steps += 1
@@ -136,7 +137,12 @@ class Client:
                 self._buffer.popleft()
                 self._sent = max(0, self._sent - 1)
                 self._stats.dropped_steps += 1
-            self._cv.notify_all()
+            # The sender wakes by itself when the oldest unsent step is due;
+            # it is woken here only to start that clock or for a full batch.
+            # Waking it at every step costs the training loop the GIL
+            # (about 0.1 ms a step, measured).
+            if first_unsent or len(self._buffer) - self._sent >= self._max_batch_steps:
+                self._cv.notify_all()
             return True
 
     def poll_advice(self):

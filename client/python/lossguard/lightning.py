@@ -13,7 +13,7 @@ on_train_end finishes the run. Actions are applied to
 
 import torch
 
-from lossguard.torch_guard import TorchGuard
+from lossguard.torch_guard import TorchGuard, grad_norm
 
 
 class LossGuardCallback:
@@ -40,7 +40,7 @@ class LossGuardCallback:
         guard = self._ensure_guard(trainer)
         params = [p for p in pl_module.parameters() if p.grad is not None]
         if params:
-            self._grad_norm = torch.stack([p.grad.detach().norm(2) for p in params]).norm(2)
+            self._grad_norm = grad_norm(params, params[0].device)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer, *args):
         guard = self._ensure_guard(trainer)
@@ -56,8 +56,7 @@ class LossGuardCallback:
         step = int(trainer.global_step) - 1  # the optimizer step just taken
         norm = self._grad_norm
         guard._report_pending()
-        guard._pending = (step, guard.lr, loss.detach(),
-                          norm if norm is not None else torch.zeros(()))
+        guard._stage(step, loss, norm if norm is not None else torch.zeros(()))
         guard._handle_advice(step)
         if guard.should_stop:
             trainer.should_stop = True

@@ -7,6 +7,17 @@ import torch
 from lossguard.v1 import lossguard_pb2 as pb
 
 
+def grad_norm(params, device):
+    """The global L2 norm of the parameters' gradients (those that have one),
+    as a float64 tensor on the device: one fused kernel for all the norms
+    on CUDA (as clip_grad_norm_ with foreach), then one reduction."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2,
+                                    dtype=torch.float64)
+
+
 class TorchGuard:
     """Wraps a torch.optim optimizer for lossguard.
 
@@ -48,7 +59,7 @@ class TorchGuard:
         self.on_advice = on_advice
         self.should_stop = False
         self.events = []          # (step, advice, applied, note)
-        self._pending = None      # (step, lr, loss tensor, norm tensor)
+        self._pending = None      # (step, lr, [loss, norm], pinned copy, event)
         self._pending_val = None
         self._restart = None      # (at_step, t_0, eta_max, eta_min)
         self._ramp = None         # [factor per step, steps left] (ramp_lr)
@@ -93,17 +104,30 @@ class TorchGuard:
     def after_backward(self, step, loss):
         self._report_pending()
         params = list(self._params())
-        if params:
-            norms = torch.stack([p.grad.detach().norm(2) for p in params])
-            total = norms.norm(2)
-            if self.clip_max_norm is not None:
-                coef = (self.clip_max_norm / (total + 1e-6)).clamp(max=1.0)
-                for p in params:
-                    p.grad.detach().mul_(coef.to(p.grad.dtype))
-        else:
-            total = torch.zeros(())
-        self._pending = (step, self.lr, loss.detach(), total.detach())
+        total = grad_norm(params, loss.device)
+        if params and self.clip_max_norm is not None:
+            coef = (self.clip_max_norm / (total + 1e-6)).clamp(max=1.0)
+            for p in params:
+                p.grad.detach().mul_(coef.to(p.grad.dtype))
+        self._stage(step, loss, total)
         self._handle_advice(step)
+
+    def _stage(self, step, loss, total):
+        """Keeps step `step`'s loss and gradient norm (device tensors) to be
+        reported at the next step, without waiting for the device now."""
+        values = torch.stack([loss.detach().reshape(()).to(torch.float64),
+                              total.detach().to(device=loss.device, dtype=torch.float64)])
+        host = event = None
+        if values.is_cuda:
+            # Copied to pinned memory behind this step's work and read at the
+            # next step, waiting (if at all) for this copy only. A plain
+            # .item() then would wait for everything queued by then, the
+            # next step's forward and backward included.
+            host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (step, self.lr, values, host, event)
 
     def report_validation(self, step, val_loss):
         """The validation loss after optimizer step `step`."""
@@ -147,14 +171,17 @@ class TorchGuard:
     def _report_pending(self):
         if self._pending is None:
             return
-        step, lr, loss, norm = self._pending
+        step, lr, values, host, event = self._pending
         self._pending = None
         val, self._pending_val = self._pending_val, None
-        loss = float(loss)
+        if event is not None:
+            event.synchronize()
+            values = host
+        loss, norm = values.tolist()
         if math.isfinite(loss) and loss > self._peak[0]:
             self._peak = (loss, step)
         self._snapshot(step, loss)
-        self.client.report(step, lr, loss, val_loss=val, grad_norm=float(norm))
+        self.client.report(step, lr, loss, val_loss=val, grad_norm=norm)
 
     def _handle_advice(self, step):
         for advice in self.client.poll_advice():
