@@ -54,26 +54,22 @@ class Guard::Embedded {
 struct Guard::Pending {
   int64_t step = 0;
   double lr = 0.0;
-  ::torch::Tensor values;  // [loss, grad_norm] (device, float64)
-  ::torch::Tensor host;    // pinned copy (CUDA only)
-  std::optional<c10::Event> copied;
+  ::torch::Tensor loss;  // 0-dim, on the device
+  ::torch::Tensor norm;  // 0-dim, float64, on the same device
+  bool staged = false;   // being copied to the guard's pinned buffers (CUDA)
   std::optional<double> val_loss;
+};
 
-  // Reads [loss, grad_norm]: on CUDA from the pinned copy, waiting (if at
-  // all) for that copy alone. Reading `values` instead would wait for all
-  // the work queued since, the next step's forward and backward included.
-  std::pair<double, double> Read() {
-    ::torch::Tensor t = values;
-    if (copied.has_value()) {
-      // (c10::Event::synchronize is not in every LibTorch this builds
-      // with; CUDA's own event wait spins the same way by default.)
-      while (!copied->query()) std::this_thread::yield();
-      t = host;
-    }
-    t = t.to(::torch::kCPU);
-    const double* v = t.data_ptr<double>();
-    return {v[0], v[1]};
-  }
+// Pinned host buffers and an event, made once and reused at every step (one
+// step is in flight at a time): the copies of a step's loss and gradient
+// norm go behind its work on the device, and reading them at the next step
+// waits, if at all, for those copies alone. Reading the device tensors then
+// would wait for everything queued since, the next step's forward and
+// backward included.
+struct Guard::Staging {
+  ::torch::Tensor loss;  // 0-dim, the loss's dtype, pinned
+  ::torch::Tensor norm;  // 0-dim, float64, pinned
+  std::optional<c10::Event> copied;
 };
 
 Guard::Guard(Client* client, ::torch::optim::Optimizer& optimizer,
@@ -158,16 +154,26 @@ void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
   auto pending = std::make_unique<Pending>();
   pending->step = step;
   pending->lr = lr();
-  pending->values = ::torch::stack(
-      {loss.detach().to(total.device(), ::torch::kDouble).reshape({}), total});
-  if (pending->values.is_cuda()) {
-    const c10::Device device = pending->values.device();
-    pending->host = ::torch::empty(
-        {2}, ::torch::TensorOptions().dtype(::torch::kDouble).pinned_memory(true));
-    pending->host.copy_(pending->values, /*non_blocking=*/true);
-    const auto* impl = c10::impl::getDeviceGuardImpl(device.type());
-    pending->copied.emplace(device.type());
-    pending->copied->record(impl->getStream(device));
+  pending->loss = loss.detach().reshape({});
+  pending->norm = total.device() == pending->loss.device()
+                      ? total
+                      : total.to(pending->loss.device());
+  if (pending->loss.is_cuda()) {
+    if (staging_ == nullptr) staging_ = std::make_unique<Staging>();
+    Staging& st = *staging_;
+    const auto pinned = ::torch::TensorOptions().pinned_memory(true);
+    if (!st.loss.defined() || st.loss.scalar_type() != pending->loss.scalar_type()) {
+      st.loss = ::torch::empty({}, pinned.dtype(pending->loss.scalar_type()));
+    }
+    if (!st.norm.defined()) st.norm = ::torch::empty({}, pinned.dtype(::torch::kDouble));
+    st.loss.copy_(pending->loss, /*non_blocking=*/true);
+    st.norm.copy_(pending->norm, /*non_blocking=*/true);
+    const c10::Device device = pending->loss.device();
+    if (!st.copied.has_value() || st.copied->device_index() != device.index()) {
+      st.copied.emplace(device.type());
+    }
+    st.copied->record(c10::impl::getDeviceGuardImpl(device.type())->getStream(device));
+    pending->staged = true;
   }
   pending_ = std::move(pending);
   HandleAdvice(step);
@@ -187,7 +193,18 @@ void Guard::Flush() { ReportPending(); }
 void Guard::ReportPending() {
   if (pending_ == nullptr) return;
   std::unique_ptr<Pending> p = std::move(pending_);
-  const auto [loss, grad_norm] = p->Read();
+  double loss = 0.0;
+  double grad_norm = 0.0;
+  if (p->staged) {
+    // (c10::Event::synchronize is not in every LibTorch this builds with;
+    // CUDA's own event wait spins the same way by default.)
+    while (!staging_->copied->query()) std::this_thread::yield();
+    loss = staging_->loss.item<double>();
+    grad_norm = staging_->norm.item<double>();
+  } else {
+    loss = p->loss.item<double>();
+    grad_norm = p->norm.item<double>();
+  }
   if (std::isfinite(loss) && loss > peak_loss_) {
     peak_loss_ = loss;
     peak_step_ = p->step;

@@ -129,6 +129,7 @@ class Guard {
  private:
   class Embedded;
   struct Pending;
+  struct Staging;
 
   void ReportPending();
   void MaybeSnapshot(int64_t step, double loss);
@@ -152,6 +153,7 @@ class Guard {
   double peak_loss_ = -1.0;  // highest finite loss reported, and its step
   int64_t peak_step_ = 0;
   std::unique_ptr<Pending> pending_;
+  std::unique_ptr<Staging> staging_;  // CUDA only
   std::unique_ptr<Embedded> embedded_;
   std::vector<v1::Advice> embedded_advice_;  // decided, not yet handled
   struct Snapshot {
