@@ -14,6 +14,7 @@ packages=(
   nlohmann-json3-dev
   libcsv-dev
   libsqlite3-dev
+  libssl-dev openssl
   libtorch-dev
   dataset-fashion-mnist
   python3 python3-numpy python3-torch python3-grpcio python3-protobuf

@@ -44,6 +44,18 @@ ABSL_FLAG(double, min_lr, 1e-7, "no action sets the LR below this");
 ABSL_FLAG(double, max_lr, 10.0, "no action sets the LR above this");
 ABSL_FLAG(double, shutdown_grace_s, 5.0,
           "on SIGTERM, seconds calls get to end before they are cancelled");
+ABSL_FLAG(std::string, auth_config, "",
+          "JSON file of bearer tokens per project, stored as SHA-256 (see "
+          "`lossguard token new`); empty: no auth");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: TLS on the gRPC port");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA: clients must present a certificate it signed (mTLS)");
+ABSL_FLAG(int, max_streams_per_client, 10000,
+          "Attach streams one client (token, or peer host without auth) may "
+          "have open; 0: no limit");
+ABSL_FLAG(int64_t, max_runs_per_project, 0, "runs one project may hold; 0: no limit");
+ABSL_FLAG(int, max_message_mib, 64, "largest gRPC message accepted, in MiB");
 
 namespace {
 
@@ -95,6 +107,27 @@ int main(int argc, char** argv) {
   options.run.policy.min_lr = absl::GetFlag(FLAGS_min_lr);
   options.run.policy.max_lr = absl::GetFlag(FLAGS_max_lr);
   options.shutdown_grace_s = absl::GetFlag(FLAGS_shutdown_grace_s);
+  if (const std::string path = absl::GetFlag(FLAGS_auth_config); !path.empty()) {
+    absl::StatusOr<lossguard::auth::AuthConfig> auth =
+        lossguard::auth::LoadAuthConfig(path);
+    if (!auth.ok()) return Fail(std::string(auth.status().message()));
+    options.auth = std::move(*auth);
+  }
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.max_streams_per_client = absl::GetFlag(FLAGS_max_streams_per_client);
+  if (options.max_streams_per_client < 0) return Fail("--max_streams_per_client must be >= 0");
+  if (absl::GetFlag(FLAGS_max_runs_per_project) < 0) {
+    return Fail("--max_runs_per_project must be >= 0");
+  }
+  options.limits.max_runs_per_project =
+      static_cast<size_t>(absl::GetFlag(FLAGS_max_runs_per_project));
+  const int max_message_mib = absl::GetFlag(FLAGS_max_message_mib);
+  if (max_message_mib < 1 || max_message_mib > 1024) {
+    return Fail("--max_message_mib must be from 1 to 1024");
+  }
+  options.max_message_bytes = max_message_mib << 20;
   if (!(options.shutdown_grace_s >= 0.0)) {
     return Fail("--shutdown_grace_s must be >= 0");
   }

@@ -53,6 +53,11 @@ ABSL_FLAG(int64_t, val_size, 2000, "validation images (from the test set)");
 ABSL_FLAG(int64_t, eval_every, 50, "steps between validations");
 ABSL_FLAG(uint64_t, seed, 1, "random seed");
 ABSL_FLAG(std::string, server, "", "lossguardd address (empty: unattached)");
+ABSL_FLAG(std::string, token, "", "bearer token for lossguardd (default $LOSSGUARD_TOKEN)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA of lossguardd's certificate: TLS (default $LOSSGUARD_TLS_CA)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate (mTLS)");
+ABSL_FLAG(std::string, tls_key, "", "PEM key of --tls_cert");
 ABSL_FLAG(std::string, mode, "auto", "observe, advise or auto (with --server or --embedded)");
 ABSL_FLAG(bool, embedded, false, "run lossguard's analyzers in-process (no daemon)");
 ABSL_FLAG(std::string, run_id, "", "run id (default: derived from the flags and the time)");
@@ -377,6 +382,11 @@ int main(int argc, char** argv) {
   if (!server.empty()) {
     lossguard::ClientOptions co;
     co.server = server;
+    co.credentials.token = absl::GetFlag(FLAGS_token);
+    co.credentials.tls_ca_file = absl::GetFlag(FLAGS_tls_ca);
+    co.credentials.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+    co.credentials.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+    lossguard::CredentialsFromEnvironment(&co.credentials);
     co.run_id = absl::GetFlag(FLAGS_run_id);
     if (co.run_id.empty()) {
       co.run_id = absl::StrFormat("%s-%s-lr%g-s%d-%d", model_name, opt_name, lr,
@@ -505,7 +515,14 @@ int main(int argc, char** argv) {
   const double wall = std::chrono::duration<double>(
                           std::chrono::steady_clock::now() - start)
                           .count();
-  if (client) client->Finish("training ended", absl::Seconds(10));
+  if (client) {
+    client->Finish("training ended", absl::Seconds(10));
+    const lossguard::ClientStats st = client->stats();
+    if (st.connects == 0) {
+      std::fprintf(stderr, "lossguard-train: never attached to lossguardd at %s: %s\n",
+                   server.c_str(), st.last_error.c_str());
+    }
+  }
 
   std::printf("final: val_acc %.4f val_loss %.4g train_loss %.4g after %lld steps, %.1f s%s\n",
               last_eval.accuracy, last_eval.loss, train_loss,

@@ -277,9 +277,12 @@ std::string Path(const std::vector<std::pair<double, double>>& xy) {
 
 }  // namespace
 
-std::unique_ptr<v1::LossGuard::StubInterface> ConnectTo(const std::string& server) {
-  return v1::LossGuard::NewStub(
-      grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+absl::StatusOr<std::unique_ptr<v1::LossGuard::StubInterface>> ConnectTo(
+    const std::string& server, const Credentials& credentials) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      CreateChannel(server, credentials, grpc::ChannelArguments());
+  if (!channel.ok()) return channel.status();
+  return std::unique_ptr<v1::LossGuard::StubInterface>(v1::LossGuard::NewStub(*channel));
 }
 
 absl::StatusOr<std::string> Runs(v1::LossGuard::StubInterface& stub,
@@ -642,6 +645,7 @@ absl::StatusOr<ImportReport> ImportCurve(const std::string& file,
   }
   ClientOptions co;
   co.server = options.server;
+  co.credentials = options.credentials;
   co.run_id = report.run_id;
   co.name = report.run_id;
   co.project = options.project.empty() ? "imported" : options.project;

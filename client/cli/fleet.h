@@ -17,14 +17,16 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "lossguard/client/credentials.h"
 #include "lossguard/curvefile/tfevents.h"
 #include "lossguard/v1/lossguard.grpc.pb.h"
 
 namespace lossguard::cli {
 
-// A stub on an insecure channel to `server` (host:port).
-std::unique_ptr<v1::LossGuard::StubInterface> ConnectTo(
-    const std::string& server);
+// A stub for `server` (host:port) with `credentials` (token, TLS);
+// InvalidArgument for a certificate file that cannot be used.
+absl::StatusOr<std::unique_ptr<v1::LossGuard::StubInterface>> ConnectTo(
+    const std::string& server, const Credentials& credentials);
 
 // How long one call may take (a daemon that is down answers UNAVAILABLE
 // within this, and the message says which address was tried).
@@ -79,6 +81,7 @@ std::string RenderSvg(const v1::Curve& curve,
 
 struct ImportOptions {
   std::string server;
+  Credentials credentials;
   std::string run_id;   // empty: the file name without its extension
   std::string project;  // empty: "imported"
   // TensorBoard event files: the scalar tags of the columns (empty: chosen

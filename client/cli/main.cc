@@ -36,6 +36,8 @@
 #include "client/cli/analyze.h"
 #include "client/cli/fleet.h"
 #include "client/cli/lr_find.h"
+#include "lossguard/auth/auth.h"
+#include "lossguard/client/credentials.h"
 #include "lossguard/curvefile/curve_csv.h"
 
 namespace {
@@ -67,6 +69,14 @@ against a running lossguardd (--server ADDR, default $LOSSGUARD_SERVER or
   import FILE                send a curve file (CSV or TensorBoard event
                              file) to the daemon as a run, to be diagnosed
                              and plotted (never steered)
+
+  a daemon with tokens or TLS: --token T (default $LOSSGUARD_TOKEN),
+  --tls-ca CA.pem (default $LOSSGUARD_TLS_CA), and for mTLS --tls-cert
+  CERT.pem --tls-key KEY.pem
+
+  token new --project P      make a bearer token for lossguardd's
+                             --auth_config: prints the token and the
+                             config entry with its SHA-256
 
   help [COMMAND]             show this help, or a command's usage
 
@@ -148,6 +158,20 @@ only the steps it lacks.
                      "format", "tags"}
 )";
 
+constexpr std::string_view kTokenUsage =
+    R"(usage: lossguard token new --project P [--access write|read] [--name N] [--json]
+
+Makes a bearer token (256 random bits) and prints it with the entry to add
+to lossguardd's --auth_config file, which holds only the token's SHA-256.
+Keep the token secret; it is not stored anywhere.
+
+  --project P   the project it may access ("*": every project)
+  --access A    write (attach, stream and steer runs, and read them; the
+                default) or read
+  --name N      who holds it, for logs and limits (default: the project)
+  --json        {"token": ..., "entry": {...}}
+)";
+
 constexpr std::string_view kAnalyzeUsage =
     R"(usage: lossguard analyze FILE.csv [--json]
 
@@ -178,12 +202,43 @@ std::optional<std::string_view> CommandUsage(std::string_view command) {
   if (command == "watch") return kWatchUsage;
   if (command == "plot") return kPlotUsage;
   if (command == "import") return kImportUsage;
+  if (command == "token") return kTokenUsage;
   return std::nullopt;
 }
 
 int UsageError(std::string_view message, std::string_view usage) {
   std::cerr << "lossguard: " << message << "\n\n" << usage;
   return kExitUsage;
+}
+
+// lossguard token new: a token and its --auth_config entry.
+int RunTokenNew(const std::string& what, std::map<std::string, std::string>& opts, bool json,
+                std::string_view usage) {
+  if (what != "new") return UsageError("token takes 'new'", usage);
+  const std::string project = opts["--project"];
+  if (project.empty()) return UsageError("token new needs --project (\"*\": every project)", usage);
+  std::string access = opts["--access"].empty() ? "write" : opts["--access"];
+  if (access != "write" && access != "read") {
+    return UsageError("--access must be write or read", usage);
+  }
+  const std::string name = opts["--name"].empty() ? project : opts["--name"];
+  const std::string token = lossguard::auth::NewToken();
+  if (token.empty()) {
+    std::cerr << "lossguard: no random bytes from OpenSSL\n";
+    return kExitFailed;
+  }
+  nlohmann::ordered_json entry = {{"name", name},
+                                  {"sha256", lossguard::auth::Sha256Hex(token)},
+                                  {"project", project},
+                                  {"access", access}};
+  if (json) {
+    std::cout << nlohmann::ordered_json{{"token", token}, {"entry", entry}}.dump() << "\n";
+  } else {
+    std::cout << "token (give it to the trainers or people; it is not stored):\n  " << token
+              << "\nentry for lossguardd's --auth_config \"tokens\" list:\n  "
+              << entry.dump() << "\n";
+  }
+  return kExitOk;
 }
 
 // `j` as printed with --json.
@@ -286,6 +341,8 @@ int main(int argc, char** argv) {
 
   // Options: "--name value" or "--name=value"; which ones a command takes
   // is checked below.
+  static constexpr std::string_view kTok = "--token", kCa = "--tls-ca",
+                                    kCert = "--tls-cert", kKey = "--tls-key";
   bool json = false;
   bool linear = false;
   std::map<std::string, std::string> opts;
@@ -318,12 +375,14 @@ int main(int argc, char** argv) {
           kAllowed = {
               {"analyze", {}},
               {"lr-find", {}},
-              {"runs", {"--server", "--project", "--state"}},
-              {"health", {"--server"}},
-              {"watch", {"--server"}},
-              {"plot", {"--server", "-o", "--max-points"}},
+              {"runs", {"--server", "--project", "--state", kTok, kCa, kCert, kKey}},
+              {"health", {"--server", kTok, kCa, kCert, kKey}},
+              {"watch", {"--server", kTok, kCa, kCert, kKey}},
+              {"plot", {"--server", "-o", "--max-points", kTok, kCa, kCert, kKey}},
               {"import", {"--server", "--run-id", "--project", "--loss-tag",
-                          "--val-tag", "--lr-tag", "--grad-norm-tag"}},
+                          "--val-tag", "--lr-tag", "--grad-norm-tag", kTok, kCa, kCert,
+                          kKey}},
+              {"token", {"--project", "--access", "--name"}},
           };
       const auto& allowed = kAllowed.at(command);
       if (std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
@@ -337,21 +396,28 @@ int main(int argc, char** argv) {
   if (linear && command != "plot") {
     return UsageError("unknown option '--linear'", *usage);
   }
-  const bool remote = command != "analyze" && command != "lr-find";
+  const bool remote = command != "analyze" && command != "lr-find" && command != "token";
   const size_t wanted = command == "runs" ? 0 : 1;
   if (positional.size() != wanted) {
     const std::string what = command == "analyze" || command == "lr-find" ||
                                      command == "import"
                                  ? "FILE.csv"
-                                 : "RUN";
+                                 : command == "token" ? "'new'" : "RUN";
     return UsageError(positional.size() < wanted ? "missing " + what
                                                  : "too many arguments",
                       *usage);
   }
+  if (command == "token") return RunTokenNew(positional[0], opts, json, *usage);
   if (!remote) {
     return command == "analyze" ? RunAnalyze(positional[0], json)
                                 : RunLrFind(positional[0], json);
   }
+  lossguard::Credentials creds;
+  creds.token = opts["--token"];
+  creds.tls_ca_file = opts["--tls-ca"];
+  creds.tls_cert_file = opts["--tls-cert"];
+  creds.tls_key_file = opts["--tls-key"];
+  lossguard::CredentialsFromEnvironment(&creds);
 
   std::string server = "127.0.0.1:7077";
   if (const char* env = std::getenv("LOSSGUARD_SERVER"); env && *env) server = env;
@@ -367,6 +433,7 @@ int main(int argc, char** argv) {
   if (command == "import") {
     lossguard::cli::ImportOptions io;
     io.server = server;
+    io.credentials = creds;
     io.run_id = opts["--run-id"];
     io.project = opts["--project"];
     io.tags.loss = opts["--loss-tag"];
@@ -378,8 +445,10 @@ int main(int argc, char** argv) {
     if (!r.ok()) return print(r.status());
     return print(lossguard::cli::ImportReportText(*r, json));
   }
-  std::unique_ptr<lossguard::v1::LossGuard::StubInterface> stub =
-      lossguard::cli::ConnectTo(server);
+  absl::StatusOr<std::unique_ptr<lossguard::v1::LossGuard::StubInterface>> connected =
+      lossguard::cli::ConnectTo(server, creds);
+  if (!connected.ok()) return print(connected.status());
+  std::unique_ptr<lossguard::v1::LossGuard::StubInterface> stub = std::move(*connected);
   if (command == "runs") {
     lossguard::cli::RunsQuery q;
     q.project = opts["--project"];

@@ -44,7 +44,7 @@ class FleetTest : public ::testing::Test {
     daemon_ = std::make_unique<service::Daemon>(o, store_.get());
     ASSERT_TRUE(daemon_->Start().ok());
     server_ = absl::StrCat("127.0.0.1:", daemon_->port());
-    stub_ = ConnectTo(server_);
+    stub_ = *ConnectTo(server_, Credentials{});
   }
   void TearDown() override {
     stub_.reset();

@@ -69,12 +69,17 @@ struct BufferedStep {
 
 class Client::Impl {
  public:
-  explicit Impl(ClientOptions options)
-      : options_(std::move(options)),
-        channel_(grpc::CreateCustomChannel(options_.server,
-                                           grpc::InsecureChannelCredentials(),
-                                           ChannelArgs(options_))),
-        stub_(v1::LossGuard::NewStub(channel_)) {
+  explicit Impl(ClientOptions options) : options_(std::move(options)) {
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+        CreateChannel(options_.server, options_.credentials, ChannelArgs(options_));
+    if (channel.ok()) {
+      channel_ = std::move(*channel);
+      stub_ = v1::LossGuard::NewStub(channel_);
+    } else {
+      // Never connects; Report() still buffers, and stats say why.
+      absl::MutexLock lock(&mu_);
+      stats_.last_error = std::string(channel.status().message());
+    }
     sender_ = std::thread([this] { SenderLoop(); });
   }
 
@@ -174,6 +179,7 @@ class Client::Impl {
     {
       absl::MutexLock lock(&mu_);
       if (stop_) return true;
+      if (stub_ == nullptr) return false;  // bad credentials: see the constructor
       context_ = context.get();
       accepted_ = false;
       broken_ = false;

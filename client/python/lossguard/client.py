@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import math
+import os
 import queue
 import random
 import threading
@@ -54,6 +55,12 @@ class Client:
     error reaches the training loop. Past max_buffered_steps unconfirmed
     steps the oldest are dropped and counted.
 
+    A daemon with tokens (lossguardd --auth_config) wants token= (default
+    $LOSSGUARD_TOKEN); one with TLS wants tls_ca= (the PEM file of the CA
+    that signed its certificate; default $LOSSGUARD_TLS_CA; tls=True for
+    the system's roots), and with client certificates tls_cert= and
+    tls_key= (PEM files). A refused token shows in stats().last_error.
+
     Thread-safe: report/poll_advice/ack may be called from any thread.
     """
 
@@ -61,7 +68,8 @@ class Client:
                  project="", tags=None, config=None, mode="observe",
                  max_batch_steps=1000, max_batch_delay=0.02,
                  max_buffered_steps=1_000_000, initial_backoff=0.1,
-                 max_backoff=5.0, attach_timeout=10.0, on_advice=None):
+                 max_backoff=5.0, attach_timeout=10.0, on_advice=None,
+                 token=None, tls_ca=None, tls_cert=None, tls_key=None, tls=False):
         if not run_id:
             raise ValueError("run_id is required")
         if mode not in _MODES:
@@ -94,13 +102,33 @@ class Client:
         self._accepted = False
         self._broken = False
         self._stats = ClientStats()
-        self._channel = grpc.insecure_channel(server, options=[
+        channel_options = [
             ("grpc.initial_reconnect_backoff_ms", int(initial_backoff * 1000)),
             ("grpc.min_reconnect_backoff_ms", int(initial_backoff * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
             ("grpc.keepalive_time_ms", 30000),
             ("grpc.keepalive_timeout_ms", 10000),
-        ])
+        ]
+        # A daemon with --auth_config wants a token; with --tls_cert, TLS
+        # (tls_ca: the CA of its certificate, else the system's roots); with
+        # --tls_client_ca, a client certificate too.
+        token = token or os.environ.get("LOSSGUARD_TOKEN") or None
+        tls_ca = tls_ca or os.environ.get("LOSSGUARD_TLS_CA") or None
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
+        if tls or tls_ca or tls_cert or tls_key:
+            if bool(tls_cert) != bool(tls_key):
+                raise ValueError("tls_cert and tls_key go together")
+
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca) if tls_ca else None,
+                private_key=read(tls_key) if tls_key else None,
+                certificate_chain=read(tls_cert) if tls_cert else None)
+            self._channel = grpc.secure_channel(server, creds, options=channel_options)
+        else:
+            self._channel = grpc.insecure_channel(server, options=channel_options)
         self._stub = pb_grpc.LossGuardStub(self._channel)
         self._session = None
         self._thread = threading.Thread(target=self._run, name="lossguard-client",
@@ -266,7 +294,8 @@ class Client:
         # wait_for_ready: the call waits (polling the channel) for the daemon
         # instead of failing at once while the channel is in backoff, so a
         # daemon that comes back is found as soon as it listens.
-        call = self._stub.Attach(iter(session), wait_for_ready=True)
+        call = self._stub.Attach(iter(session), wait_for_ready=True,
+                                 metadata=self._metadata)
         session.call = call
         reader = threading.Thread(target=self._read, args=(call,), daemon=True)
         reader.start()

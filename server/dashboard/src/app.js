@@ -37,9 +37,27 @@ function badge(state) {
   return el("span", { class: "badge " + lower(state) }, lower(state).replace("_", " "));
 }
 
+// A lossguardd with --auth_config wants a token: open the dashboard as
+// /#token=TOKEN once; the token is kept for this browser tab only
+// (sessionStorage) and sent as "Authorization: Bearer", never in a URL that
+// reaches the server.
+const TOKEN_KEY = "lossguard-token";
+function takeTokenFromHash() {
+  const m = location.hash.match(/^#token=([^&]+)/);
+  if (!m) return;
+  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+  history.replaceState(null, "", location.pathname + location.search + "#/");
+}
+
 async function api(path) {
-  const r = await fetch(path, { cache: "no-store" });
+  const headers = {};
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const r = await fetch(path, { cache: "no-store", headers });
   const body = await r.json().catch(() => ({}));
+  if (r.status === 401) {
+    throw new Error((body.error || "a token is needed") + ": open this page as /#token=YOUR_TOKEN");
+  }
   if (!r.ok) throw new Error(body.error || r.status + " " + r.statusText);
   return body;
 }
@@ -314,7 +332,8 @@ function route() {
   }
 }
 
-window.addEventListener("hashchange", route);
+takeTokenFromHash();
+window.addEventListener("hashchange", () => { takeTokenFromHash(); route(); });
 window.addEventListener("resize", () => {
   const c = document.getElementById("plot");
   if (plot && c) plot.setSize({ width: Math.max(400, c.clientWidth), height: 420 });

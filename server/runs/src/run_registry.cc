@@ -75,6 +75,7 @@ absl::Status RunRegistry::Recover() {
     if (!s.ok()) return s;
     absl::MutexLock lock(&mu_);
     order_[Key{row.created_time, row.run_id}] = run;
+    ++project_runs_[row.project];
     runs_[row.run_id] = std::move(run);
   }
   return absl::OkStatus();
@@ -92,6 +93,13 @@ absl::StatusOr<std::shared_ptr<Run>> RunRegistry::FindOrCreate(
     return absl::ResourceExhaustedError(absl::StrFormat(
         "the daemon holds %d runs, its limit", runs_.size()));
   }
+  if (limits_.max_runs_per_project > 0) {
+    auto p = project_runs_.find(start.project());
+    if (p != project_runs_.end() && p->second >= limits_.max_runs_per_project) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "project \"%s\" holds %d runs, its limit", start.project(), p->second));
+    }
+  }
   storage::RunRow row;
   row.run_id = start.run_id();
   row.name = start.name();
@@ -103,6 +111,7 @@ absl::StatusOr<std::shared_ptr<Run>> RunRegistry::FindOrCreate(
   auto run = std::make_shared<Run>(row, start.config(), options_, store_,
                                    clock_);
   order_[Key{row.created_time, row.run_id}] = run;
+  ++project_runs_[row.project];
   runs_[row.run_id] = run;
   *created = true;
   return run;

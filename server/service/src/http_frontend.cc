@@ -120,6 +120,9 @@ void Error(int status, std::string_view message, httplib::Response& res) {
 void Reply(const grpc::Status& s, const google::protobuf::Message& m,
            httplib::Response& res) {
   if (!s.ok()) {
+    if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
+      res.set_header("WWW-Authenticate", "Bearer");
+    }
     Error(HttpStatus(s.error_code()), s.error_message(), res);
     return;
   }
@@ -136,8 +139,13 @@ void Reply(const grpc::Status& s, const google::protobuf::Message& m,
   res.set_content(text + "\n", "application/json");
 }
 
-void SetDeadline(grpc::ClientContext* ctx) {
+// The call's deadline, and the caller's token passed on as gRPC metadata:
+// /api answers exactly as the gRPC service would answer that token.
+void Prepare(const httplib::Request& req, grpc::ClientContext* ctx) {
   ctx->set_deadline(std::chrono::system_clock::now() + kCallTimeout);
+  if (req.has_header("Authorization")) {
+    ctx->AddMetadata("authorization", req.get_header_value("Authorization"));
+  }
 }
 
 // A query parameter parsed as an integer in [lo, hi]; false (and a 400
@@ -159,8 +167,12 @@ bool IntParam(const httplib::Request& req, const char* name, T lo, T hi, T* out,
 
 class HttpFrontend::Impl {
  public:
-  Impl(std::shared_ptr<grpc::Channel> channel, std::function<std::string()> metrics)
-      : stub_(v1::LossGuard::NewStub(std::move(channel))), metrics_(std::move(metrics)) {}
+  Impl(std::shared_ptr<grpc::Channel> channel,
+       std::function<absl::Status(std::string_view)> authorize_metrics,
+       std::function<std::string()> metrics)
+      : stub_(v1::LossGuard::NewStub(std::move(channel))),
+        authorize_metrics_(std::move(authorize_metrics)),
+        metrics_(std::move(metrics)) {}
 
   void Routes(httplib::Server& s) {
     // Every path and parameter reaches a proto3 string: refuse what is not
@@ -175,7 +187,18 @@ class HttpFrontend::Impl {
     s.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
       res.set_content("ok\n", "text/plain");
     });
-    s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    s.Get("/metrics", [this](const httplib::Request& req, httplib::Response& res) {
+      if (authorize_metrics_) {
+        absl::Status ok = authorize_metrics_(req.get_header_value("Authorization"));
+        if (!ok.ok()) {
+          if (ok.code() == absl::StatusCode::kUnauthenticated) {
+            res.set_header("WWW-Authenticate", "Bearer");
+          }
+          Error(HttpStatus(static_cast<grpc::StatusCode>(ok.code())),
+                std::string(ok.message()), res);
+          return;
+        }
+      }
       res.set_content(metrics_(), "text/plain; version=0.0.4; charset=utf-8");
     });
     s.Get("/favicon.ico", [](const httplib::Request&, httplib::Response& res) {
@@ -197,7 +220,7 @@ class HttpFrontend::Impl {
           });
     s.Get(R"(/api/runs/(.+))", [this](const httplib::Request& req, httplib::Response& res) {
       grpc::ClientContext ctx;
-      SetDeadline(&ctx);
+      Prepare(req, &ctx);
       v1::GetRunHealthRequest r;
       r.set_run_id(req.matches[1].str());
       v1::RunHealth h;
@@ -241,7 +264,7 @@ class HttpFrontend::Impl {
       }
     }
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    Prepare(req, &ctx);
     v1::ListRunsResponse out;
     Reply(stub_->ListRuns(&ctx, r, &out), out, res);
   }
@@ -263,18 +286,21 @@ class HttpFrontend::Impl {
     r.set_from_step(from);
     r.set_to_step(to);
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    Prepare(req, &ctx);
     v1::Curve out;
     Reply(stub_->GetCurve(&ctx, r, &out), out, res);
   }
 
   std::unique_ptr<v1::LossGuard::Stub> stub_;
+  std::function<absl::Status(std::string_view)> authorize_metrics_;
   std::function<std::string()> metrics_;
 };
 
 HttpFrontend::HttpFrontend(std::shared_ptr<grpc::Channel> channel,
+                           std::function<absl::Status(std::string_view)> authorize_metrics,
                            std::function<std::string()> metrics)
-    : impl_(std::make_unique<Impl>(std::move(channel), std::move(metrics))) {}
+    : impl_(std::make_unique<Impl>(std::move(channel), std::move(authorize_metrics),
+                                   std::move(metrics))) {}
 
 HttpFrontend::~HttpFrontend() { Stop(); }
 

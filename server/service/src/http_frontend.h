@@ -4,6 +4,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 
 #include "absl/status/status.h"
@@ -35,8 +36,12 @@ namespace lossguard::service {
 // the HTTP library's own thread pool.
 class HttpFrontend {
  public:
-  // `metrics` renders /metrics; called on request threads.
+  // `metrics` renders /metrics, once `authorize_metrics` (given the
+  // Authorization header; empty function: no check) says OK; both are called
+  // on request threads. /api passes the Authorization header on to the
+  // gRPC service as metadata; /healthz and the dashboard's assets are open.
   HttpFrontend(std::shared_ptr<grpc::Channel> channel,
+               std::function<absl::Status(std::string_view)> authorize_metrics,
                std::function<std::string()> metrics);
   ~HttpFrontend();  // Stop()
 

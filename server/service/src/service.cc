@@ -13,13 +13,17 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <fstream>
+#include <sstream>
 #include <limits>
 #include <mutex>
 #include <optional>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
@@ -90,7 +94,69 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
         registry_(registry),
         store_(store),
         clock_(clock),
-        pool_(std::make_unique<WorkerPool>(options->worker_threads)) {}
+        pool_(std::make_unique<WorkerPool>(options->worker_threads)) {
+    if (options->auth.has_value()) {
+      auth_ = std::make_unique<auth::Authenticator>(*options->auth);
+    }
+  }
+
+  // The caller: nullptr when auth is off (everything is allowed), else the
+  // token's principal. UNAUTHENTICATED without a valid token.
+  absl::StatusOr<const auth::Principal*> Caller(
+      const grpc::CallbackServerContext* context) const {
+    if (auth_ == nullptr) return nullptr;
+    const auto& md = context->client_metadata();
+    auto it = md.find("authorization");
+    return auth_->Authenticate(it == md.end()
+                                   ? std::string_view()
+                                   : std::string_view(it->second.data(),
+                                                      it->second.size()));
+  }
+  // /metrics covers the whole fleet: a token that may read every project.
+  absl::Status AuthorizeFleetRead(std::string_view authorization) const {
+    if (auth_ == nullptr) return absl::OkStatus();
+    absl::StatusOr<const auth::Principal*> p = auth_->Authenticate(authorization);
+    if (!p.ok()) return p.status();
+    if ((*p)->project != "*") {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "token \"", (*p)->name, "\" may read project \"", (*p)->project,
+          "\" only; /metrics needs a token for every project (\"*\")"));
+    }
+    return absl::OkStatus();
+  }
+  // OK when `caller` (nullptr: auth off) may read (or write) `project`.
+  static grpc::Status Check(const auth::Principal* caller,
+                            const std::string& project, bool write) {
+    if (caller == nullptr) return grpc::Status::OK;
+    if (write ? caller->CanWrite(project) : caller->CanRead(project)) {
+      return grpc::Status::OK;
+    }
+    return grpc::Status(
+        grpc::StatusCode::PERMISSION_DENIED,
+        absl::StrCat("token \"", caller->name, "\" may ",
+                     caller->access == auth::Access::kWrite ? "write" : "read",
+                     " project \"", caller->project, "\", not ",
+                     write ? "write" : "read", " project \"", project, "\""));
+  }
+
+  // Counts an Attach stream against its client's limit (the token with
+  // auth, else the peer's host). False when the client is at the limit.
+  bool AcquireStream(const std::string& client) {
+    const int limit = options_->max_streams_per_client;
+    absl::MutexLock lock(&mu_);
+    int& n = streams_[client];
+    if (limit > 0 && n >= limit) {
+      if (n == 0) streams_.erase(client);
+      return false;
+    }
+    ++n;
+    return true;
+  }
+  void ReleaseStream(const std::string& client) {
+    absl::MutexLock lock(&mu_);
+    auto it = streams_.find(client);
+    if (it != streams_.end() && --it->second <= 0) streams_.erase(it);
+  }
 
   grpc::ServerBidiReactor<v1::AttachRequest, v1::AttachResponse>* Attach(
       grpc::CallbackServerContext* context) override;
@@ -151,7 +217,21 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_set<AttachReactor*> attaches_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<WatchReactor*> watches_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int> streams_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<auth::Authenticator> auth_;
 };
+
+namespace {
+
+// "ipv4:10.1.2.3:5678" -> "ipv4:10.1.2.3" (the client without its port).
+std::string PeerHost(const std::string& peer) {
+  const size_t colon = peer.rfind(':');
+  const size_t first = peer.find(':');
+  if (colon == std::string::npos || colon == first) return peer;
+  return peer.substr(0, colon);
+}
+
+}  // namespace
 
 // ------------------------------------------------------------------ Attach
 
@@ -170,6 +250,24 @@ class AttachReactor final
     }
     if (!service_->Register(this)) {
       Abort(ShuttingDown());
+      return;
+    }
+    absl::StatusOr<const auth::Principal*> caller = service_->Caller(context);
+    if (!caller.ok()) {
+      Log(LogLevel::kWarning, "unauthenticated",
+          {{"peer", peer_}, {"reason", std::string(caller.status().message())}});
+      Abort(ToGrpc(caller.status()));
+      return;
+    }
+    caller_ = *caller;
+    client_ = caller_ != nullptr ? absl::StrCat("token:", caller_->name)
+                                 : PeerHost(peer_);
+    if (!service_->AcquireStream(client_)) {
+      client_.clear();
+      Abort(grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrFormat("this client has %d Attach streams open, its limit",
+                          service_->options().max_streams_per_client)));
       return;
     }
     StartRead(&request_);
@@ -222,6 +320,7 @@ class AttachReactor final
       mailbox_->reactor = nullptr;
     }
     service_->Unregister(this);
+    if (!client_.empty()) service_->ReleaseStream(client_);
     grpc::StatusCode code;
     {
       absl::MutexLock lock(&mu_);
@@ -275,10 +374,21 @@ class AttachReactor final
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                           "start sent twice on one Attach stream");
     }
+    // A write token of the run's project: the one it is started with, and
+    // for a run that exists, the one it was created with.
+    grpc::Status allowed = LossGuardServiceImpl::Check(caller_, start.project(), true);
+    if (!allowed.ok()) return allowed;
+    if (std::shared_ptr<runs::Run> existing =
+            service_->registry()->Find(start.run_id())) {
+      allowed = LossGuardServiceImpl::Check(caller_, existing->project(), true);
+      if (!allowed.ok()) return allowed;
+    }
     bool created = false;
     absl::StatusOr<std::shared_ptr<runs::Run>> run =
         service_->registry()->FindOrCreate(start, &created);
     if (!run.ok()) return ToGrpc(run.status());
+    allowed = LossGuardServiceImpl::Check(caller_, (*run)->project(), true);
+    if (!allowed.ok()) return allowed;
     run_ = std::move(*run);
     v1::AttachResponse resp;
     session_ = run_->Attach(start, resp.mutable_accepted());
@@ -550,6 +660,8 @@ class AttachReactor final
 
   LossGuardServiceImpl* const service_;
   const std::string peer_;
+  const auth::Principal* caller_ = nullptr;  // nullptr: auth is off
+  std::string client_;  // what max_streams_per_client counts; empty: none held
   v1::AttachRequest request_;
   // Owned by the read path (one read at a time), set by start.
   std::shared_ptr<runs::Run> run_;
@@ -597,19 +709,30 @@ LossGuardServiceImpl::Attach(grpc::CallbackServerContext* context) {
 
 class WatchReactor final : public grpc::ServerWriteReactor<v1::RunEvent> {
  public:
-  WatchReactor(LossGuardServiceImpl* service,
+  WatchReactor(LossGuardServiceImpl* service, grpc::CallbackServerContext* context,
                const v1::WatchRunRequest* request)
       : service_(service) {
     if (!service_->Register(this)) {
       Abort(ShuttingDown());
       return;
     }
-    run_ = service_->registry()->Find(request->run_id());
-    if (run_ == nullptr) {
+    absl::StatusOr<const auth::Principal*> caller = service_->Caller(context);
+    if (!caller.ok()) {
+      Abort(ToGrpc(caller.status()));
+      return;
+    }
+    std::shared_ptr<runs::Run> run = service_->registry()->Find(request->run_id());
+    if (run == nullptr) {
       Abort(grpc::Status(grpc::StatusCode::NOT_FOUND,
                          absl::StrCat("no run \"", request->run_id(), "\"")));
       return;
     }
+    if (grpc::Status s = LossGuardServiceImpl::Check(*caller, run->project(), false);
+        !s.ok()) {
+      Abort(s);
+      return;
+    }
+    run_ = std::move(run);
     sink_ = std::make_shared<Sink>(this);
     run_->Subscribe(sink_, request->replay());
   }
@@ -720,8 +843,8 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::RunEvent> {
 };
 
 grpc::ServerWriteReactor<v1::RunEvent>* LossGuardServiceImpl::WatchRun(
-    grpc::CallbackServerContext*, const v1::WatchRunRequest* request) {
-  return new WatchReactor(this, request);
+    grpc::CallbackServerContext* context, const v1::WatchRunRequest* request) {
+  return new WatchReactor(this, context, request);
 }
 
 // ------------------------------------------------------------- the rest
@@ -759,11 +882,20 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetRunHealth(
     grpc::CallbackServerContext* context,
     const v1::GetRunHealthRequest* request, v1::RunHealth* reply) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<const auth::Principal*> caller = Caller(context);
+  if (!caller.ok()) {
+    reactor->Finish(ToGrpc(caller.status()));
+    return reactor;
+  }
   std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
   if (run == nullptr) {
     reactor->Finish(grpc::Status(
         grpc::StatusCode::NOT_FOUND,
         absl::StrCat("no run \"", request->run_id(), "\"")));
+    return reactor;
+  }
+  if (grpc::Status s = Check(*caller, run->project(), false); !s.ok()) {
+    reactor->Finish(s);
     return reactor;
   }
   *reply = run->Health();
@@ -783,10 +915,24 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::ListRuns(
     return reactor;
   }
   if (page_size == 0) page_size = 100;
+  absl::StatusOr<const auth::Principal*> caller = Caller(context);
+  if (!caller.ok()) {
+    reactor->Finish(ToGrpc(caller.status()));
+    return reactor;
+  }
+  // A token of one project lists that project's runs.
+  std::string project = request->project();
+  if (*caller != nullptr && (*caller)->project != "*") {
+    if (project.empty()) project = (*caller)->project;
+    if (grpc::Status s = Check(*caller, project, false); !s.ok()) {
+      reactor->Finish(s);
+      return reactor;
+    }
+  }
   std::vector<v1::RunState> states;
   for (int s : request->states()) states.push_back(static_cast<v1::RunState>(s));
   absl::StatusOr<runs::RunRegistry::ListResult> result = registry_->List(
-      request->project(), states, page_size, request->page_token());
+      project, states, page_size, request->page_token());
   if (!result.ok()) {
     reactor->Finish(ToGrpc(result.status()));
     return reactor;
@@ -810,11 +956,20 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetCurve(
                         request->max_points())));
     return reactor;
   }
+  absl::StatusOr<const auth::Principal*> caller = Caller(context);
+  if (!caller.ok()) {
+    reactor->Finish(ToGrpc(caller.status()));
+    return reactor;
+  }
   std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
   if (run == nullptr) {
     reactor->Finish(grpc::Status(
         grpc::StatusCode::NOT_FOUND,
         absl::StrCat("no run \"", request->run_id(), "\"")));
+    return reactor;
+  }
+  if (grpc::Status s = Check(*caller, run->project(), false); !s.ok()) {
+    reactor->Finish(s);
     return reactor;
   }
   const bool whole = request->from_step() == 0 && request->to_step() == 0;
@@ -884,6 +1039,11 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
     grpc::CallbackServerContext* context,
     const v1::AnalyzeCurveRequest* request, v1::AnalyzeCurveResponse* reply) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // Stateless, but it costs CPU: any valid token.
+  if (absl::StatusOr<const auth::Principal*> caller = Caller(context); !caller.ok()) {
+    reactor->Finish(ToGrpc(caller.status()));
+    return reactor;
+  }
   pool_->Submit([this, reactor, request, reply] {
     policy::Advisor advisor(options_->run.analyzer, options_->run.policy);
     std::vector<analyzers::Diagnosis> decided;
@@ -916,6 +1076,54 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
 // ------------------------------------------------------------------ Daemon
 
 namespace {
+
+absl::StatusOr<std::string> ReadPem(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  if (in) ss << in.rdbuf();
+  if (!in || ss.str().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, ": cannot read it"));
+  }
+  if (ss.str().find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, ": not a PEM file"));
+  }
+  return ss.str();
+}
+
+// Plaintext, TLS, or TLS with client certificates, from the options.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
+    const ServerOptions& o) {
+  if (o.tls_cert_file.empty() && o.tls_key_file.empty()) {
+    if (!o.tls_client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls_client_ca needs --tls_cert and --tls_key (mTLS is TLS with client "
+          "certificates)");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  if (o.tls_cert_file.empty() || o.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("TLS needs both --tls_cert and --tls_key");
+  }
+  absl::StatusOr<std::string> cert = ReadPem(o.tls_cert_file, "--tls_cert");
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadPem(o.tls_key_file, "--tls_key");
+  if (!key.ok()) return key.status();
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  if (!o.tls_client_ca_file.empty()) {
+    absl::StatusOr<std::string> ca = ReadPem(o.tls_client_ca_file, "--tls_client_ca");
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *ca;
+    ssl.client_certificate_request =
+        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  ssl.pem_key_cert_pairs.push_back({*key, *cert});
+  return grpc::SslServerCredentials(ssl);
+}
+
+bool IsLoopback(const std::string& listen) {
+  return absl::StartsWith(listen, "127.") || absl::StartsWith(listen, "localhost:") ||
+         absl::StartsWith(listen, "[::1]:");
+}
 
 // `options` with the runs' alert hook pointing at the daemon's alerter.
 ServerOptions WithAlertHook(ServerOptions options, Alerter* const* alerter) {
@@ -970,9 +1178,20 @@ absl::Status Daemon::Start() {
 
   service_ = std::make_unique<LossGuardServiceImpl>(&options_, registry_.get(),
                                                     store_, clock_);
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds =
+      ServerCredentials(options_);
+  if (!creds.ok()) {
+    service_.reset();
+    return creds.status();
+  }
+  if (options_.auth.has_value() && options_.tls_cert_file.empty() &&
+      !IsLoopback(options_.listen)) {
+    Log(LogLevel::kWarning, "tokens_in_plaintext",
+        {{"listen", options_.listen},
+         {"hint", "tokens cross the network unencrypted: add --tls_cert and --tls_key"}});
+  }
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(),
-                           &port_);
+  builder.AddListeningPort(options_.listen, *creds, &port_);
   // Clients ping every 30 s to find a vanished daemon; allow it.
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
                              10000);
@@ -991,6 +1210,9 @@ absl::Status Daemon::Start() {
     args.SetMaxReceiveMessageSize(options_.max_message_bytes);
     http_ = std::make_unique<HttpFrontend>(
         server_->InProcessChannel(args),
+        [service = service_.get()](std::string_view authorization) {
+          return service->AuthorizeFleetRead(authorization);
+        },
         [service = service_.get(), alerter = alerter_.get()] {
           std::string m = service->RenderMetrics();
           if (alerter != nullptr) {

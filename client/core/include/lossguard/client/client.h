@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
+#include "lossguard/client/credentials.h"
 #include "lossguard/v1/lossguard.pb.h"
 
 namespace lossguard {
@@ -18,6 +19,10 @@ namespace lossguard {
 struct ClientOptions {
   // host:port of lossguardd.
   std::string server = "127.0.0.1:7077";
+  // Token and TLS (credentials.h). A certificate or CA that cannot be read
+  // leaves the client unconnected, saying why in ClientStats::last_error;
+  // training goes on.
+  Credentials credentials;
   // The run, chosen by the trainer: re-attaching with the same id resumes
   // it. Required.
   std::string run_id;

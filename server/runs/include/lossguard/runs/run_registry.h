@@ -23,6 +23,7 @@ struct RunLimits {
   size_t max_tags = 64;
   size_t max_tag_bytes = 1024;    // each key and each value
   size_t max_runs = 100000;       // runs held by one daemon
+  size_t max_runs_per_project = 0;  // runs one project may hold; 0: no limit
 };
 
 // Checks a RunStart against `limits`: a run id of 1..max bytes of printable
@@ -92,6 +93,7 @@ class RunRegistry {
   absl::flat_hash_map<std::string, std::shared_ptr<Run>> runs_
       ABSL_GUARDED_BY(mu_);
   std::map<Key, std::shared_ptr<Run>> order_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, size_t> project_runs_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lossguard::runs

@@ -2,10 +2,12 @@
 #define LOSSGUARD_SERVICE_SERVICE_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "lossguard/auth/auth.h"
 #include "lossguard/runs/run.h"
 #include "lossguard/runs/run_registry.h"
 #include "lossguard/storage/run_store.h"
@@ -52,6 +54,21 @@ struct ServerOptions {
   int worker_threads = 2;
   // On shutdown, how long streams get to finish before they are cancelled.
   double shutdown_grace_s = 5.0;
+  // Bearer tokens per project (lossguard/auth/auth.h); none: every client
+  // may do everything (fine on loopback, which is the default listen).
+  // With it, Attach needs a write token of the run's project, reads need a
+  // token that may read the run's project, ListRuns shows only those, and
+  // the gRPC health check and /healthz need none.
+  std::optional<auth::AuthConfig> auth;
+  // Attach streams one client may have open at once (per token with auth,
+  // per peer host without); 0: no limit. RESOURCE_EXHAUSTED above.
+  int max_streams_per_client = 10000;
+  // TLS for the gRPC port (PEM files): the server's certificate chain and
+  // key. With tls_client_ca_file too, clients must present a certificate
+  // signed by that CA (mTLS). Empty: plaintext.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
 };
 
 class LossGuardServiceImpl;
