@@ -27,10 +27,10 @@ WAIT = 60.0  # only a bug waits this long
 class Daemon:
     """lossguardd as a child process; `port` once it serves."""
 
-    def __init__(self, db, port=0):
+    def __init__(self, db, port=0, extra=()):
         self.proc = subprocess.Popen(
             [os.environ["LOSSGUARDD"], f"--listen=127.0.0.1:{port}", f"--db={db}",
-             "--http=", "--log_level=warning", "--shutdown_grace_s=1"],
+             "--http=", "--log_level=warning", "--shutdown_grace_s=1", *extra],
             stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # "lossguardd listening on port N"
         self.port = int(line.rsplit(" ", 1)[1])
@@ -54,6 +54,64 @@ def read_curve(name):
             yield (int(row["step"]), float(row["lr"]), float(row["loss"]),
                    float(row["val_loss"]) if row.get("val_loss") else None,
                    float(row["grad_norm"]) if row.get("grad_norm") else None)
+
+
+def openssl(*args):
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+class AuthTlsTest(unittest.TestCase):
+    """A daemon with a token per project and TLS: the client's token=, tls_ca=."""
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        d = self.dir.name
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        openssl("req", "-x509", *key, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem",
+                "-days", "2", "-subj", "/CN=test-ca")
+        openssl("req", *key, "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr",
+                "-subj", "/CN=localhost")
+        with open(f"{d}/san.ext", "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        openssl("x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.pem", "-CAkey",
+                f"{d}/ca.key", "-CAcreateserial", "-days", "2", "-out", f"{d}/server.pem",
+                "-extfile", f"{d}/san.ext")
+        self.token = "lg_python-test-token-0123456789abcdefghijklmnopq"
+        import hashlib
+        import json
+        with open(f"{d}/auth.json", "w") as f:
+            json.dump({"tokens": [{"name": "py", "project": "py", "access": "write",
+                                   "sha256": hashlib.sha256(self.token.encode()).hexdigest()}]},
+                      f)
+        self.ca = f"{d}/ca.pem"
+        self.daemon = Daemon(os.path.join(d, "lossguard.db"), extra=(
+            f"--auth_config={d}/auth.json", f"--tls_cert={d}/server.pem",
+            f"--tls_key={d}/server.key"))
+
+    def tearDown(self):
+        self.assertEqual(self.daemon.stop(), 0)
+        self.dir.cleanup()
+
+    def test_token_and_tls_carry_a_run_and_a_wrong_token_is_refused(self):
+        client = lossguard.Client(self.daemon.address, "py-tls", project="py",
+                                  token=self.token, tls_ca=self.ca)
+        for step in range(100):
+            self.assertTrue(client.report(step, 0.1, 1.0 / (1 + step)))
+        self.assertTrue(client.finish(timeout=WAIT))
+        client.close()
+        creds = grpc.ssl_channel_credentials(root_certificates=open(self.ca, "rb").read())
+        with grpc.secure_channel(self.daemon.address, creds) as ch:
+            h = pb_grpc.LossGuardStub(ch).GetRunHealth(
+                pb.GetRunHealthRequest(run_id="py-tls"), timeout=WAIT,
+                metadata=[("authorization", f"Bearer {self.token}")])
+        self.assertEqual(h.summary.last_step, 99)
+
+        bad = lossguard.Client(self.daemon.address, "py-tls-2", project="py",
+                               token="lg_wrong", tls_ca=self.ca, initial_backoff=0.05)
+        bad.report(0, 0.1, 1.0)
+        self.assertFalse(bad.flush(timeout=1.0))
+        self.assertIn("unknown token", bad.stats.last_error)
+        bad.close()
 
 
 class ClientTest(unittest.TestCase):
