@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "lossguard/storage/run_store.h"
@@ -172,6 +173,108 @@ TEST_F(RunTest, OutcomeIsStoredEvenWhenTheAdviceLeftMemory) {
     EXPECT_THAT(r.outcome_evidence(), HasSubstr("400 steps after"));
   }
   EXPECT_TRUE(found);
+}
+
+// An LR raise (for a run that stagnates at a tiny LR) that makes the loss
+// worse is rolled back: a SET_LR to the LR before it, naming the advice it
+// undoes. A cut that is followed by a worse loss is not (see the policy's
+// cut_not_enough).
+TEST_F(RunTest, AnLrRaiseThatMadeThingsWorseIsRolledBack) {
+  auto run = NewRun("r");
+  v1::RunStart start;
+  start.set_run_id("r");
+  start.set_mode(v1::AUTO);
+  v1::AttachAccepted acc;
+  const uint64_t session = run->Attach(start, &acc);
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  int64_t step = 0;
+  const double lr0 = 1e-5;
+  auto flat = [&](int64_t from, int64_t to, double lr, double loss) {
+    v1::StepBatch b;
+    for (int64_t s = from; s < to; ++s) {
+      v1::Step* p = b.add_steps();
+      p->set_step(s);
+      p->set_lr(lr);
+      // Minibatch noise around a level, no trend.
+      p->set_loss(loss * (1.0 + 0.01 * std::sin(0.7 * static_cast<double>(s))));
+    }
+    return b;
+  };
+  // Stuck at chance (ln 10) with a tiny LR: the policy raises the LR.
+  while (step < 3000) {
+    ASSERT_TRUE(run->Ingest(session, flat(step, step + 10, lr0, 2.303), &advice, &dups).ok());
+    step += 10;
+    bool acted = false;
+    for (const auto& a : advice) acted = acted || a.has_action();
+    if (acted) break;
+  }
+  const v1::Advice* raise = nullptr;
+  for (const auto& a : advice) {
+    if (a.has_action()) raise = &a;
+  }
+  ASSERT_NE(raise, nullptr) << "no action for a stagnating run";
+  const uint64_t id = raise->advice_id();
+  v1::AdviceAck ack;
+  ack.set_advice_id(id);
+  ack.set_applied(true);
+  ack.set_effective_step(step);
+  ASSERT_TRUE(run->Ack(session, ack).ok());
+  advice.clear();
+  // The raised LR makes it worse: the loss settles 30% higher.
+  const int64_t window = options_.policy.outcome_steps;
+  for (int64_t end = step + window + 20; step < end; step += 10) {
+    ASSERT_TRUE(run->Ingest(session, flat(step, step + 10, 10 * lr0, 3.0), &advice, &dups).ok());
+  }
+  const v1::Advice* rollback = nullptr;
+  for (const auto& a : advice) {
+    if (a.rolls_back() == id) rollback = &a;
+  }
+  ASSERT_NE(rollback, nullptr) << "no rollback of advice " << id;
+  ASSERT_TRUE(rollback->action().has_set_lr());
+  EXPECT_DOUBLE_EQ(rollback->action().set_lr().lr(), lr0);
+  EXPECT_THAT(rollback->explanation(), HasSubstr(absl::StrCat("Rolling back advice #", id)));
+  EXPECT_THAT(rollback->diagnosis().evidence(), HasSubstr("made things worse"));
+  const v1::RunHealth health = run->Health();
+  bool judged = false;
+  for (const auto& r : health.advice()) {
+    if (r.advice().advice_id() == id) {
+      judged = true;
+      EXPECT_EQ(r.outcome(), v1::WORSENED);
+    }
+  }
+  EXPECT_TRUE(judged);
+}
+
+TEST_F(RunTest, ACutFollowedByAWorseLossIsNotRolledBack) {
+  auto run = NewRun("r");
+  v1::RunStart start;
+  start.set_run_id("r");
+  start.set_mode(v1::AUTO);
+  v1::AttachAccepted acc;
+  const uint64_t session = run->Attach(start, &acc);
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  int64_t step = 0;
+  while (advice.empty() && step < 2000) {
+    ASSERT_TRUE(run->Ingest(session, Diverging(step, step + 10), &advice, &dups).ok());
+    step += 10;
+  }
+  ASSERT_FALSE(advice.empty());
+  ASSERT_TRUE(advice[0].has_action());
+  const uint64_t id = advice[0].advice_id();
+  v1::AdviceAck ack;
+  ack.set_advice_id(id);
+  ack.set_applied(true);
+  ASSERT_TRUE(run->Ack(session, ack).ok());
+  advice.clear();
+  // The trainer keeps diverging (at a cut LR): WORSENED, but no rollback.
+  for (int64_t end = step + options_.policy.outcome_steps + 20; step < end; step += 10) {
+    v1::StepBatch b = Diverging(step, step + 10);
+    for (auto& p : *b.mutable_steps()) p.set_lr(0.05);
+    ASSERT_TRUE(run->Ingest(session, b, &advice, &dups).ok());
+  }
+  for (const auto& a : advice) EXPECT_EQ(a.rolls_back(), 0u) << a.explanation();
 }
 
 TEST_F(RunTest, RecoveryClosesPendingOutcomesAndKeepsThePolicysMemory) {

@@ -316,7 +316,7 @@ void Run::FeedLocked(const v1::Step& step, std::vector<v1::Advice>* to_send,
   if (step.has_val_loss()) summary_.set_last_val_loss(step.val_loss());
   if (!replaying) summary_.set_steps_stored(summary_.steps_stored() + 1);
 
-  if (!replaying) TrackOutcomesLocked(step);
+  if (!replaying) TrackOutcomesLocked(step, to_send);
   recent_losses_.push_back(step.loss());
   while (recent_losses_.size() >
          static_cast<size_t>(options_->outcome_loss_points)) {
@@ -375,9 +375,17 @@ void Run::HandleDiagnosisLocked(const Diagnosis& d,
                                  a.explanation);
     a.action = ActionKind::kNone;
   }
+  EmitAdviceLocked(d, a, 0, to_send);
+}
+
+void Run::EmitAdviceLocked(const Diagnosis& d, const policy::Advice& a,
+                           uint64_t rolls_back, std::vector<v1::Advice>* to_send) {
+  const double now = clock_->Now();
   advisor_.Record(d, a);
   v1::AdviceRecord rec;
   *rec.mutable_advice() = ToProto(a, d, next_advice_id_++);
+  if (rolls_back != 0) rec.mutable_advice()->set_rolls_back(rolls_back);
+  rec.set_lr_when_sent(summary_.last_lr());
   rec.set_status(rec.advice().has_action() ? v1::SENT : v1::INFORMATIONAL);
   rec.set_outcome(v1::NOT_JUDGED);
   PersistAdviceLocked(rec);
@@ -487,7 +495,60 @@ absl::Status Run::Ack(uint64_t session, const v1::AdviceAck& ack) {
   return absl::OkStatus();
 }
 
-void Run::TrackOutcomesLocked(const v1::Step& step) {
+namespace {
+
+// Whether `action` raised the LR above `lr_before` (a ramp, a cosine restart,
+// a scale up, a set above it) and the LR `lr_now` still is above it.
+bool RaisedTheLr(const v1::Action& action, double lr_before, double lr_now) {
+  if (!(lr_before > 0.0) || !(lr_now > 1.05 * lr_before)) return false;
+  switch (action.kind_case()) {
+    case v1::Action::kRampLr:
+      return action.ramp_lr().factor_per_step() > 1.0;
+    case v1::Action::kRestartCosine:
+      return action.restart_cosine().eta_max() > lr_before;
+    case v1::Action::kScaleLr:
+      return action.scale_lr().factor() > 1.0;
+    case v1::Action::kSetLr:
+      return action.set_lr().lr() > lr_before;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+void Run::RollBackLocked(const PendingOutcome& p, const std::string& evidence,
+                         const v1::Step& step, std::vector<v1::Advice>* to_send) {
+  const v1::Advice& original = p.record.advice();
+  const double lr_before = p.record.lr_when_sent();
+  Diagnosis d;
+  d.kind = p.kind;
+  d.step = step.step();
+  d.onset = p.applied_step;
+  d.severity = 0.5;
+  d.confidence = 0.9;
+  d.lr_at_onset = step.lr();
+  d.evidence = absl::StrFormat("advice #%d (%s at step %d) raised the LR from %.3g to %.3g and "
+                               "made things worse: %s",
+                               original.advice_id(),
+                               v1::Action::descriptor()
+                                   ->FindFieldByNumber(original.action().kind_case())
+                                   ->name(),
+                               original.at_step(), lr_before, step.lr(), evidence);
+  policy::Advice a;
+  a.diagnosis = d.kind;
+  a.at_step = d.step;
+  a.action = ActionKind::kSetLr;
+  a.lr_from = step.lr();
+  a.lr_to = lr_before;
+  a.explanation = absl::StrFormat(
+      "Rolling back advice #%d: its LR raise made the loss worse, so the LR goes back to "
+      "%.3g, where it was before.",
+      original.advice_id(), lr_before);
+  EmitAdviceLocked(d, a, original.advice_id(), to_send);
+}
+
+void Run::TrackOutcomesLocked(const v1::Step& step, std::vector<v1::Advice>* to_send) {
   if (pending_.empty()) return;
   const int64_t window = options_->policy.outcome_steps;
   for (auto it = pending_.begin(); it != pending_.end();) {
@@ -523,6 +584,12 @@ void Run::TrackOutcomesLocked(const v1::Step& step) {
                               ? v1::WORSENED
                               : v1::NO_CHANGE;
     SetOutcomeLocked(p, outcome, j.evidence);
+    // An LR raise that made things worse is undone (in ADVISE and AUTO:
+    // only they apply actions). A cut that did is not: the loss went on
+    // rising despite it, and the policy cuts again (cut_not_enough).
+    const bool roll_back = outcome == v1::WORSENED &&
+                           RaisedTheLr(p.record.advice().action(),
+                                       p.record.lr_when_sent(), step.lr());
     v1::RunEvent e;
     e.set_step(step.step());
     e.set_time(clock_->Now());
@@ -531,6 +598,7 @@ void Run::TrackOutcomesLocked(const v1::Step& step) {
     oe->set_outcome(outcome);
     oe->set_evidence(j.evidence);
     PublishLocked(std::move(e));
+    if (roll_back) RollBackLocked(p, j.evidence, step, to_send);
     it = pending_.erase(it);
   }
 }

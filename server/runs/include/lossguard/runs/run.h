@@ -180,7 +180,17 @@ class Run : public std::enable_shared_from_this<Run> {
   void HandleDiagnosisLocked(const analyzers::Diagnosis& d,
                              std::vector<v1::Advice>* to_send)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void TrackOutcomesLocked(const v1::Step& step)
+  // Sends advice for diagnosis `d` (recorded by the policy, stored,
+  // published); `rolls_back`: the advice it undoes, 0 for none.
+  void EmitAdviceLocked(const analyzers::Diagnosis& d, const policy::Advice& a,
+                        uint64_t rolls_back, std::vector<v1::Advice>* to_send)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Undoes the LR raise `p` (judged WORSENED at `step`): SET_LR back to the
+  // LR when it was sent.
+  void RollBackLocked(const PendingOutcome& p, const std::string& evidence,
+                      const v1::Step& step, std::vector<v1::Advice>* to_send)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TrackOutcomesLocked(const v1::Step& step, std::vector<v1::Advice>* to_send)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PersistAdviceLocked(const v1::AdviceRecord& rec)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
