@@ -275,8 +275,18 @@ class AttachReactor final
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      // The client half-closed (or the call broke): send what is queued,
-      // then end with OK.
+      if (run_ == nullptr) {
+        // gRPC says only that the read failed: a half-close, a broken call
+        // or a message that does not parse. Before start, each is an error.
+        End(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                         "the Attach stream ended before start (or its first "
+                         "message does not parse)"),
+            /*drain=*/false);
+        return;
+      }
+      // The client half-closed (or the call broke, or sent a message that
+      // does not parse, which gRPC does not tell apart): send what is
+      // queued, then end with OK. Every step before stays stored.
       End(grpc::Status::OK, /*drain=*/true);
       return;
     }
