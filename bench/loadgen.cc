@@ -63,6 +63,13 @@ ABSL_FLAG(bool, json, false, "print one JSON object per target");
 ABSL_FLAG(int, rss_pid, 0,
           "a process (an external lossguardd) whose resident memory is read "
           "before the streams attach and at the end: memory per stream");
+ABSL_FLAG(bool, verify, false,
+          "at the end, stop sending, wait for every batch's confirmation, end "
+          "each stream cleanly, and check that the daemon stores exactly the "
+          "steps each stream sent (a soak: no step dropped)");
+ABSL_FLAG(double, rss_every_s, 0,
+          "with --rss_pid: sample the daemon's RSS this often while measuring "
+          "(memory flat or growing)");
 ABSL_FLAG(bool, mutex_deadlock_detection, false,
           "leave abseil's Mutex deadlock detection on (as the tests run)");
 
@@ -173,6 +180,9 @@ class Trainer final : public grpc::ClientBidiReactor<v1::AttachRequest, v1::Atta
 
   void OnReadDone(bool ok) override {
     if (!ok) return;
+    if (resp_.has_received()) {
+      confirmed_last_.store(resp_.received().last_step());
+    }
     if (resp_.has_accepted()) {
       credits_.fetch_add(absl::GetFlag(FLAGS_window));
       if (!paced_) {
@@ -222,6 +232,24 @@ class Trainer final : public grpc::ClientBidiReactor<v1::AttachRequest, v1::Atta
 
   void Cancel() { ctx_.TryCancel(); }
   void Wait() { done_.WaitForNotification(); }
+  bool WaitFor(absl::Duration d) { return done_.WaitForNotificationWithTimeout(d); }
+
+  // --verify: the last step sent, whether every batch is confirmed, and a
+  // clean end (half-close; the daemon drains and ends the stream with OK).
+  int64_t last_sent_step() {
+    std::lock_guard<std::mutex> l(send_mu_);
+    return last_sent_step_;
+  }
+  int64_t steps_sent() {
+    std::lock_guard<std::mutex> l(send_mu_);
+    return static_cast<int64_t>(sent_steps_);
+  }
+  bool AllConfirmed() {
+    const int64_t last = last_sent_step();
+    return last < 0 || confirmed_last_.load() >= last;
+  }
+  void EndCleanly() { StartWritesDone(); }
+  const std::string& run_id() const { return run_id_; }
 
   // Sends the next batch when a window slot is free and, paced, when it is
   // due. Called on the stream's callbacks, or by the pacer thread.
@@ -262,6 +290,7 @@ class Trainer final : public grpc::ClientBidiReactor<v1::AttachRequest, v1::Atta
       s->set_step(r.step + (pos_ / n) * (curve_->back().step + 1));
     }
     sent_steps_ += batch;
+    last_sent_step_ = b->steps(b->steps_size() - 1).step();
     {
       std::lock_guard<std::mutex> l(mu_);
       sent_.emplace_back(b->steps(b->steps_size() - 1).step(), Clock::now());
@@ -284,6 +313,8 @@ class Trainer final : public grpc::ClientBidiReactor<v1::AttachRequest, v1::Atta
   std::atomic<int> credits_{0};
   int64_t pos_ = 0;
   double sent_steps_ = 0;
+  int64_t last_sent_step_ = -1;
+  std::atomic<int64_t> confirmed_last_{-1};
   Clock::time_point start_ = Clock::now();
   absl::Notification done_;
 };
@@ -367,6 +398,9 @@ nlohmann::ordered_json Load(const std::string& name, const std::string& address,
                               std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds)));
   double max_lag_s = 0;
   int64_t max_queued_steps = 0;
+  const double rss_every = rss_pid > 0 ? absl::GetFlag(FLAGS_rss_every_s) : 0.0;
+  std::vector<std::pair<double, int64_t>> rss_series;  // (seconds, KiB)
+  auto next_rss = t0;
   const int64_t committed_before = store != nullptr ? store->Stats().committed_steps : 0;
   while (Clock::now() < t_end) {
     std::this_thread::sleep_until(std::min(t_end, Clock::now() + std::chrono::milliseconds(100)));
@@ -374,6 +408,12 @@ nlohmann::ordered_json Load(const std::string& name, const std::string& address,
       const auto st = store->Stats();
       max_lag_s = std::max(max_lag_s, st.oldest_queued_age_s);
       max_queued_steps = std::max(max_queued_steps, st.queued_steps);
+    }
+    if (rss_every > 0 && Clock::now() >= next_rss) {
+      rss_series.emplace_back(std::chrono::duration<double>(Clock::now() - t0).count(),
+                              RssKib(rss_pid));
+      next_rss += std::chrono::duration_cast<Clock::duration>(
+          std::chrono::duration<double>(rss_every));
     }
   }
   shared.measuring = false;
@@ -383,8 +423,46 @@ nlohmann::ordered_json Load(const std::string& name, const std::string& address,
   const int64_t rss_end = rss_pid > 0 ? RssKib(rss_pid) : -1;
   shared.stop = true;
   if (pacer.joinable()) pacer.join();
-  for (auto& t : trainers) t->Cancel();
-  for (auto& t : trainers) t->Wait();
+  int64_t sent_total = 0, stored_total = 0, runs_short = 0, unconfirmed = 0;
+  std::string short_example;
+  if (absl::GetFlag(FLAGS_verify)) {
+    // Every batch sent is confirmed (within a minute), then each stream
+    // ends cleanly; what the daemon stores must be exactly what was sent.
+    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    for (auto& t : trainers) {
+      while (!t->AllConfirmed() && Clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+      if (!t->AllConfirmed()) ++unconfirmed;
+    }
+    for (auto& t : trainers) t->EndCleanly();
+    for (auto& t : trainers) {
+      if (!t->WaitFor(absl::Seconds(30))) t->Cancel();
+      t->Wait();
+    }
+    for (size_t i = 0; i < trainers.size(); ++i) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+      v1::GetRunHealthRequest req;
+      req.set_run_id(trainers[i]->run_id());
+      v1::RunHealth h;
+      grpc::Status s = stubs[i % stubs.size()]->GetRunHealth(&ctx, req, &h);
+      const int64_t sent = trainers[i]->steps_sent();
+      const int64_t stored = s.ok() ? h.summary().steps_stored() : -1;
+      sent_total += sent;
+      stored_total += std::max<int64_t>(stored, 0);
+      if (stored != sent) {
+        ++runs_short;
+        if (short_example.empty()) {
+          short_example = absl::StrCat(trainers[i]->run_id(), ": sent ", sent, ", stored ",
+                                       stored, s.ok() ? "" : " (" + s.error_message() + ")");
+        }
+      }
+    }
+  } else {
+    for (auto& t : trainers) t->Cancel();
+    for (auto& t : trainers) t->Wait();
+  }
   nlohmann::ordered_json j;
   j["target"] = name;
   j["streams"] = streams;
@@ -408,6 +486,18 @@ nlohmann::ordered_json Load(const std::string& name, const std::string& address,
     j["rss_kib_end"] = rss_end;
     j["rss_kib_per_stream"] = static_cast<double>(rss_end - rss_before) / streams;
   }
+  if (!rss_series.empty()) {
+    nlohmann::ordered_json series = nlohmann::ordered_json::array();
+    for (const auto& [t, kib] : rss_series) series.push_back({t, kib});
+    j["rss_series_s_kib"] = series;
+  }
+  if (absl::GetFlag(FLAGS_verify)) {
+    j["verify_steps_sent"] = sent_total;
+    j["verify_steps_stored"] = stored_total;
+    j["verify_runs_not_exact"] = runs_short;
+    j["verify_streams_unconfirmed"] = unconfirmed;
+    if (!short_example.empty()) j["verify_first_mismatch"] = short_example;
+  }
   if (!shared.first_error.empty()) j["first_error"] = shared.first_error;
   return j;
 }
@@ -427,6 +517,20 @@ void Print(const nlohmann::ordered_json& j) {
       absl::StrAppendFormat(&extra, "  rss %d -> %d KiB, %.1f KiB/stream",
                             j["rss_kib_before"].get<int64_t>(), j["rss_kib_end"].get<int64_t>(),
                             j["rss_kib_per_stream"].get<double>());
+    }
+    if (j.contains("verify_steps_sent")) {
+      absl::StrAppendFormat(&extra, "\n  verify: sent %d steps, stored %d, runs not exact %d, "
+                                    "streams unconfirmed %d",
+                            j["verify_steps_sent"].get<int64_t>(),
+                            j["verify_steps_stored"].get<int64_t>(),
+                            j["verify_runs_not_exact"].get<int64_t>(),
+                            j["verify_streams_unconfirmed"].get<int64_t>());
+    }
+    if (j.contains("rss_series_s_kib")) {
+      absl::StrAppend(&extra, "\n  rss (s, KiB):");
+      for (const auto& p : j["rss_series_s_kib"]) {
+        absl::StrAppendFormat(&extra, " %.0f:%d", p[0].get<double>(), p[1].get<int64_t>());
+      }
     }
     if (j["stream_errors"].get<int64_t>() > 0) {
       absl::StrAppend(&extra, "  errors ", j["stream_errors"].get<int64_t>());
