@@ -178,6 +178,8 @@ absl::Status ValidateOptions(const AnalyzerOptions& o) {
        "oscillation_confirm_windows", "in [1, oscillation_recent_windows]"},
       {o.oscillation_progress_factor > 1, "oscillation_progress_factor", "> 1"},
       {o.stagnation_min_points >= 3, "stagnation_min_points", ">= 3"},
+      {o.stagnation_min_points_after_blowup >= 3, "stagnation_min_points_after_blowup", ">= 3"},
+      {o.stagnation_blowup_factor > 1.0, "stagnation_blowup_factor", "> 1"},
       {o.stagnation_window_fraction > 0 && o.stagnation_window_fraction <= 1,
        "stagnation_window_fraction", "in (0, 1]"},
       {o.stagnation_halving_ratio > 0, "stagnation_halving_ratio", "> 0"},

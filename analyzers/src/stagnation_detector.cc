@@ -28,6 +28,9 @@ double PrintResolution(double x) {
 void StagnationDetector::OnPoint(const StepRecord& rec, const LossTrack& track,
                                  bool diverged, double best_level,
                                  Findings* findings) {
+  if (track.has_l0() && rec.loss >= options_.stagnation_blowup_factor * track.l0()) {
+    blown_up_ = true;
+  }
   if (rec.loss == const_value_) {
     ++const_run_;
   } else {
@@ -63,7 +66,10 @@ void StagnationDetector::OnPoint(const StepRecord& rec, const LossTrack& track,
 void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
                                  double best_level, Findings* findings) {
   const int64_t seen = track.finite_points();
-  if (diverged || seen < options_.stagnation_min_points) return;
+  const int min_points = blown_up_ ? std::min(options_.stagnation_min_points,
+                                              options_.stagnation_min_points_after_blowup)
+                                   : options_.stagnation_min_points;
+  if (diverged || seen < min_points) return;
   // The window spans up to `history_blocks` blocks; judging it every
   // 1/kChecksPerWindow of its length keeps the amortized cost per step
   // constant however long the run.

@@ -38,6 +38,7 @@ class StagnationDetector {
   static constexpr int kChecksPerWindow = 32;
   int blocks_since_check_ = 0;
   int last_window_blocks_ = 0;    // blocks in the window at the last check
+  bool blown_up_ = false;         // a loss >= stagnation_blowup_factor x L0 seen
   int64_t candidate_since_ = -1;  // points seen when the condition first held
   double reported_level_ = kNaN;  // tail level when stagnation was reported
   double reported_lr_ = kNaN;     // LR when stagnation was reported

@@ -107,8 +107,14 @@ struct AnalyzerOptions {
   double oscillation_progress_factor = 2.0;
 
   // --- stagnation -----------------------------------------------------------
-  // Fewest points before stagnation may be decided.
+  // Fewest points before stagnation may be decided...
   int stagnation_min_points = 64;
+  // ...or, once the loss has blown up to this many times the initial loss
+  // (a blow-up that often leaves a model dead at chance level), this many:
+  // a run that jumped 10x and is back at its initial loss is likely
+  // damaged, so less evidence of no progress is needed to say so.
+  double stagnation_blowup_factor = 10.0;
+  int stagnation_min_points_after_blowup = 24;
   // The window examined is this fraction of the points seen so far.
   double stagnation_window_fraction = 0.5;
   // No meaningful progress: at the recent rate the loss would take more than
