@@ -156,6 +156,26 @@ TEST_F(ClientTest, StreamsStepsAndAppliesAdvice) {
   EXPECT_FALSE(client.Report(100000, 0.1, 1.0));  // finished
 }
 
+// Strings that are not UTF-8 (a name, a tag, the finish reason) are sent
+// with U+FFFD in place of the bad bytes: the daemon could not parse them,
+// and would see the finish as a mere end of stream.
+TEST_F(ClientTest, StringsThatAreNotUtf8AreSentRepaired) {
+  StartDaemon();
+  ClientOptions o = Options("latin1");
+  o.name = "caf\xe9";             // Latin-1 e-acute
+  o.tags = {{"note", "\xff\xfe"}};
+  {
+    Client c(o);
+    for (int i = 0; i < 50; ++i) c.Report(i, 0.1, 1.0 / (1 + i));
+    EXPECT_TRUE(c.Finish("done \xc3", absl::Seconds(20)));
+  }
+  const v1::RunHealth h = Health("latin1");
+  EXPECT_EQ(h.summary().state(), v1::FINISHED);
+  EXPECT_EQ(h.summary().name(), "caf\xef\xbf\xbd");
+  EXPECT_EQ(h.summary().tags().at("note"), "\xef\xbf\xbd\xef\xbf\xbd");
+  EXPECT_EQ(h.summary().last_step(), 49);
+}
+
 TEST_F(ClientTest, BuffersWhileTheDaemonIsDownAndCatchesUp) {
   StartDaemon();
   const int port = port_;

@@ -65,6 +65,51 @@ struct BufferedStep {
   }
 };
 
+// `s` as valid UTF-8: each byte that does not belong to a well-formed
+// sequence becomes U+FFFD. Proto3 strings must be UTF-8; the daemon cannot
+// parse a message holding anything else, and gRPC reports that to it only as
+// a failed read, indistinguishable from the end of the stream (a finish or
+// an ack would be lost without an error).
+std::string ValidUtf8(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t n = 0;
+    uint32_t min = 0;
+    if (c < 0x80) {
+      n = 1;
+    } else if ((c & 0xE0) == 0xC0) {
+      n = 2;
+      min = 0x80;
+    } else if ((c & 0xF0) == 0xE0) {
+      n = 3;
+      min = 0x800;
+    } else if ((c & 0xF8) == 0xF0) {
+      n = 4;
+      min = 0x10000;
+    }
+    bool ok = n > 0 && i + n <= s.size();
+    uint32_t cp = n == 1 ? c : n == 2 ? (c & 0x1F) : n == 3 ? (c & 0x0F) : (c & 0x07);
+    for (size_t k = 1; ok && k < n; ++k) {
+      const auto cc = static_cast<unsigned char>(s[i + k]);
+      ok = (cc & 0xC0) == 0x80;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    // Overlong forms, surrogates and code points past U+10FFFF are invalid.
+    ok = ok && (n == 1 || cp >= min) && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
+    if (ok) {
+      out.append(s.substr(i, n));
+      i += n;
+    } else {
+      out.append("\xEF\xBF\xBD");
+      ++i;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 class Client::Impl {
@@ -138,7 +183,7 @@ class Client::Impl {
     v1::AdviceAck ack;
     ack.set_advice_id(advice_id);
     ack.set_applied(applied);
-    ack.set_reason(reason);
+    ack.set_reason(ValidUtf8(reason));
     if (effective_step.has_value()) ack.set_effective_step(*effective_step);
     acks_.push_back(std::move(ack));
   }
@@ -190,11 +235,12 @@ class Client::Impl {
     bool finished = false;
     v1::AttachRequest start;
     v1::RunStart* rs = start.mutable_start();
-    rs->set_run_id(options_.run_id);
-    rs->set_name(options_.name);
-    rs->set_project(options_.project);
-    for (const auto& [k, v] : options_.tags) (*rs->mutable_tags())[k] = v;
+    rs->set_run_id(ValidUtf8(options_.run_id));
+    rs->set_name(ValidUtf8(options_.name));
+    rs->set_project(ValidUtf8(options_.project));
+    for (const auto& [k, v] : options_.tags) (*rs->mutable_tags())[ValidUtf8(k)] = ValidUtf8(v);
     *rs->mutable_config() = options_.config;
+    rs->mutable_config()->set_optimizer(ValidUtf8(options_.config.optimizer()));
     rs->set_mode(options_.mode);
     if (stream->Write(start)) {
       absl::MutexLock lock(&mu_);
@@ -296,7 +342,7 @@ class Client::Impl {
           sent_ += n;
           oldest_unsent_ = absl::Now();
         } else if (finish_requested_) {
-          req.mutable_finish()->set_reason(finish_reason_);
+          req.mutable_finish()->set_reason(ValidUtf8(finish_reason_));
           finish = true;
         } else {
           continue;  // woken with nothing to send

@@ -177,6 +177,7 @@ absl::Status Run::Recover() {
   absl::Status s = store_->ReadSteps(
       run_id_, std::numeric_limits<int64_t>::min(),
       std::numeric_limits<int64_t>::max(), [&](const storage::StepRow& row) {
+        mu_.AssertHeld();  // ReadSteps calls back here, under Recover's lock
         FeedLocked(FromRow(row), nullptr, /*replaying=*/true);
         ++replayed;
         return true;
