@@ -560,6 +560,48 @@ TEST_F(TlsTest, MutualTlsNeedsAClientCertificateFromItsCa) {
       << "a certificate without its key";
 }
 
+TEST_F(TlsTest, TheHttpPortSpeaksTlsAndAsksForClientCertificatesLikeTheGrpcPort) {
+  service::ServerOptions o;
+  o.tls_cert_file = F("server.pem");
+  o.tls_key_file = F("server.key");
+  o.tls_client_ca_file = F("ca.pem");
+  const std::string token = auth::NewToken();
+  auth::AuthConfig config;
+  config.tokens = {{.name = "ops", .sha256 = auth::Sha256Hex(token), .project = "*",
+                    .access = auth::Access::kRead}};
+  o.auth = config;
+  Start(o);
+  const int port = daemon_->http_port();
+  auto get = [&](httplib::Client& c, const std::string& path, bool with_token) {
+    httplib::Headers h;
+    if (with_token) h.emplace("Authorization", "Bearer " + token);
+    auto r = c.Get(path, h);
+    return r ? r->status : -1;
+  };
+  {
+    httplib::Client with_cert(absl::StrCat("https://127.0.0.1:", port), F("trainer.pem"),
+                              F("trainer.key"));
+    with_cert.set_ca_cert_path(F("ca.pem").c_str());
+    with_cert.enable_server_certificate_verification(true);
+    EXPECT_EQ(get(with_cert, "/healthz", false), 200);
+    EXPECT_EQ(get(with_cert, "/api/runs", false), 401);
+    EXPECT_EQ(get(with_cert, "/api/runs", true), 200);
+    EXPECT_EQ(get(with_cert, "/metrics", true), 200);
+  }
+  {
+    httplib::Client no_cert(absl::StrCat("https://127.0.0.1:", port));
+    no_cert.set_ca_cert_path(F("ca.pem").c_str());
+    no_cert.enable_server_certificate_verification(true);
+    EXPECT_EQ(get(no_cert, "/healthz", false), -1) << "mTLS: no client certificate";
+    httplib::Client rogue(absl::StrCat("https://127.0.0.1:", port), F("intruder.pem"),
+                          F("intruder.key"));
+    rogue.set_ca_cert_path(F("ca.pem").c_str());
+    EXPECT_EQ(get(rogue, "/healthz", false), -1) << "a certificate from another CA";
+    httplib::Client plain("127.0.0.1", port);
+    EXPECT_EQ(get(plain, "/healthz", false), -1) << "plain HTTP to an HTTPS port";
+  }
+}
+
 TEST_F(TlsTest, BadTlsFilesAreAClearErrorAtStart) {
   for (auto [cert, key, ca, says] : std::vector<std::tuple<std::string, std::string,
                                                            std::string, std::string>>{

@@ -304,7 +304,7 @@ HttpFrontend::HttpFrontend(std::shared_ptr<grpc::Channel> channel,
 
 HttpFrontend::~HttpFrontend() { Stop(); }
 
-absl::Status HttpFrontend::Start(const std::string& listen) {
+absl::Status HttpFrontend::Start(const std::string& listen, const Tls& tls) {
   const size_t colon = listen.rfind(':');
   int port = -1;
   if (colon == std::string::npos ||
@@ -317,7 +317,20 @@ absl::Status HttpFrontend::Start(const std::string& listen) {
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
     host = host.substr(1, host.size() - 2);
   }
-  server_ = std::make_unique<httplib::Server>();
+  if (tls.cert_file.empty()) {
+    server_ = std::make_unique<httplib::Server>();
+  } else {
+    auto ssl = std::make_unique<httplib::SSLServer>(
+        tls.cert_file.c_str(), tls.key_file.c_str(),
+        tls.client_ca_file.empty() ? nullptr : tls.client_ca_file.c_str());
+    if (!ssl->is_valid()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--http ", listen, ": cannot serve HTTPS with --tls_cert ", tls.cert_file,
+          " and --tls_key ", tls.key_file,
+          tls.client_ca_file.empty() ? "" : " and --tls_client_ca " + tls.client_ca_file));
+    }
+    server_ = std::move(ssl);
+  }
   impl_->Routes(*server_);
   server_->set_keep_alive_timeout(5);
   port_ = port == 0 ? server_->bind_to_any_port(host) :

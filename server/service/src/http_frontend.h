@@ -48,9 +48,17 @@ class HttpFrontend {
   HttpFrontend(const HttpFrontend&) = delete;
   HttpFrontend& operator=(const HttpFrontend&) = delete;
 
+  // HTTPS: PEM files of the certificate chain and key; with `client_ca`,
+  // clients must present a certificate it signed. All empty: plain HTTP.
+  struct Tls {
+    std::string cert_file;
+    std::string key_file;
+    std::string client_ca_file;
+  };
   // Listens on `listen` (host:port; port 0 picks a free one) and serves in
-  // the background. Unavailable when it cannot bind.
-  absl::Status Start(const std::string& listen);
+  // the background. Unavailable when it cannot bind; InvalidArgument when
+  // the TLS files do not make a server.
+  absl::Status Start(const std::string& listen, const Tls& tls = {});
   int port() const { return port_; }
   void Stop();
 

@@ -1237,7 +1237,11 @@ absl::Status Daemon::Start() {
           }
           return m;
         });
-    s = http_->Start(options_.http_listen);
+    // The HTTP port speaks TLS (and asks for client certificates) exactly
+    // when the gRPC port does.
+    s = http_->Start(options_.http_listen, {.cert_file = options_.tls_cert_file,
+                                            .key_file = options_.tls_key_file,
+                                            .client_ca_file = options_.tls_client_ca_file});
     if (!s.ok()) {
       http_.reset();
       // Trainers may have attached already: end their streams, then stop.
