@@ -15,6 +15,7 @@ packages=(
   libcsv-dev
   libsqlite3-dev
   libssl-dev openssl
+  clang libclang-rt-14-dev
   libtorch-dev
   dataset-fashion-mnist
   python3 python3-numpy python3-torch python3-grpcio python3-protobuf
