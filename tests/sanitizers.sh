@@ -2,9 +2,7 @@
 # The whole test suite again, built with AddressSanitizer (leaks included)
 # and UndefinedBehaviorSanitizer, in build-asan/. Any report fails the test
 # that hit it. Part of the README's test command (and so of .ci/run).
-#
-# ThreadSanitizer is not run: Debian's gRPC and LibTorch are not built with
-# it, so it cannot see their synchronization and reports their internals.
+# ThreadSanitizer runs separately (tests/tsan.sh, in build-tsan/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmake -S . -B build-asan -G Ninja -DLOSSGUARD_SANITIZE=address,undefined \
