@@ -50,8 +50,9 @@ EOF
   chmod +x "$p/protoc"
   prefixes="$prefixes;$p/usr"
   # gRPC's CMake config links re2 by name (-lre2, from its pkg-config file
-  # with prefix /usr), hence the -L; the explicit rpath keeps the unpacked
-  # libraries found at run time.
+  # with prefix /usr), hence the -L. The rpath keeps the unpacked libraries
+  # found at run time, as DT_RPATH (--disable-new-dtags): unlike RUNPATH it
+  # also serves their own dependencies (libgrpc++ -> libabsl_*).
   cmake_args+=("-DCMAKE_EXE_LINKER_FLAGS=-L$lib -Wl,--disable-new-dtags,-rpath,$lib")
   cmake_args+=(-DProtobuf_PROTOC_EXECUTABLE="$p/protoc"
                -DProtobuf_INCLUDE_DIR="$p/usr/include"
