@@ -28,37 +28,15 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "bench/bench_daemon.h"
 #include "lossguard/client/client.h"
-#include "lossguard/service/service.h"
-#include "lossguard/storage/run_store.h"
 
 namespace lossguard {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// One in-process daemon for the whole program.
-class BenchDaemon {
- public:
-  static BenchDaemon& Get() {
-    static BenchDaemon* daemon = new BenchDaemon();
-    return *daemon;
-  }
-  std::string address() const {
-    return absl::StrCat("127.0.0.1:", daemon_->port());
-  }
-
- private:
-  BenchDaemon() : store_(storage::NewMemoryStore()) {
-    service::ServerOptions options;
-    options.listen = "127.0.0.1:0";
-    options.http_listen = "";
-    daemon_ = std::make_unique<service::Daemon>(options, store_.get());
-    if (!daemon_->Start().ok()) std::abort();
-  }
-  std::unique_ptr<storage::RunStore> store_;
-  std::unique_ptr<service::Daemon> daemon_;
-};
+using bench::BenchDaemon;
 
 void SetLatencyCounters(benchmark::State& state, std::vector<double>& ns) {
   if (ns.empty()) return;

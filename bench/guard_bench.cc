@@ -19,9 +19,8 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "bench/bench_daemon.h"
 #include "lossguard/client/client.h"
-#include "lossguard/service/service.h"
-#include "lossguard/storage/run_store.h"
 #include "lossguard/torch/guard.h"
 
 namespace {
@@ -29,28 +28,8 @@ namespace {
 using lossguard::Client;
 using lossguard::ClientOptions;
 namespace v1 = lossguard::v1;
-namespace service = lossguard::service;
-namespace storage = lossguard::storage;
 
-class BenchDaemon {
- public:
-  static BenchDaemon& Get() {
-    static BenchDaemon* daemon = new BenchDaemon();
-    return *daemon;
-  }
-  std::string address() const { return absl::StrCat("127.0.0.1:", daemon_->port()); }
-
- private:
-  BenchDaemon() : store_(storage::NewMemoryStore()) {
-    service::ServerOptions options;
-    options.listen = "127.0.0.1:0";
-    options.http_listen = "";
-    daemon_ = std::make_unique<service::Daemon>(options, store_.get());
-    if (!daemon_->Start().ok()) std::abort();
-  }
-  std::unique_ptr<storage::RunStore> store_;
-  std::unique_ptr<service::Daemon> daemon_;
-};
+using lossguard::bench::BenchDaemon;
 
 enum Variant { kNoGuard = 0, kEmbedded = 1, kAttached = 2 };
 

@@ -29,6 +29,15 @@ class RunTest : public ::testing::Test {
  protected:
   RunTest() : store_(storage::NewMemoryStore()) {}
 
+  // Attaches `run` (id "r") in AUTO mode; the session.
+  static uint64_t AttachAuto(runs::Run* run) {
+    v1::RunStart start;
+    start.set_run_id("r");
+    start.set_mode(v1::AUTO);
+    v1::AttachAccepted acc;
+    return run->Attach(start, &acc);
+  }
+
   std::unique_ptr<runs::Run> NewRun(const std::string& id) {
     storage::RunRow row;
     row.run_id = id;
@@ -111,11 +120,7 @@ TEST_F(RunTest, OutcomeIsStoredEvenWhenTheAdviceLeftMemory) {
   options_.policy.outcome_steps = 400;
   options_.outcome_loss_points = 400;
   auto run = NewRun("r");
-  v1::RunStart start;
-  start.set_run_id("r");
-  start.set_mode(v1::AUTO);
-  v1::AttachAccepted acc;
-  const uint64_t session = run->Attach(start, &acc);
+  const uint64_t session = AttachAuto(run.get());
   std::vector<v1::Advice> advice;
   int64_t dups = 0;
   int64_t step = 0;
@@ -181,11 +186,7 @@ TEST_F(RunTest, OutcomeIsStoredEvenWhenTheAdviceLeftMemory) {
 // cut_not_enough).
 TEST_F(RunTest, AnLrRaiseThatMadeThingsWorseIsRolledBack) {
   auto run = NewRun("r");
-  v1::RunStart start;
-  start.set_run_id("r");
-  start.set_mode(v1::AUTO);
-  v1::AttachAccepted acc;
-  const uint64_t session = run->Attach(start, &acc);
+  const uint64_t session = AttachAuto(run.get());
   std::vector<v1::Advice> advice;
   int64_t dups = 0;
   int64_t step = 0;
@@ -248,11 +249,7 @@ TEST_F(RunTest, AnLrRaiseThatMadeThingsWorseIsRolledBack) {
 
 TEST_F(RunTest, ACutFollowedByAWorseLossIsNotRolledBack) {
   auto run = NewRun("r");
-  v1::RunStart start;
-  start.set_run_id("r");
-  start.set_mode(v1::AUTO);
-  v1::AttachAccepted acc;
-  const uint64_t session = run->Attach(start, &acc);
+  const uint64_t session = AttachAuto(run.get());
   std::vector<v1::Advice> advice;
   int64_t dups = 0;
   int64_t step = 0;

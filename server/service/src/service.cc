@@ -145,10 +145,7 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
     const int limit = options_->max_streams_per_client;
     absl::MutexLock lock(&mu_);
     int& n = streams_[client];
-    if (limit > 0 && n >= limit) {
-      if (n == 0) streams_.erase(client);
-      return false;
-    }
+    if (limit > 0 && n >= limit) return false;  // n >= 1: the entry stays
     ++n;
     return true;
   }
@@ -384,15 +381,11 @@ class AttachReactor final
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                           "start sent twice on one Attach stream");
     }
-    // A write token of the run's project: the one it is started with, and
-    // for a run that exists, the one it was created with.
+    // A write token of the run's project: the one it is started with (so
+    // no run is created for another project), and for a run that exists,
+    // the one it was created with (checked on what FindOrCreate returns).
     grpc::Status allowed = LossGuardServiceImpl::Check(caller_, start.project(), true);
     if (!allowed.ok()) return allowed;
-    if (std::shared_ptr<runs::Run> existing =
-            service_->registry()->Find(start.run_id())) {
-      allowed = LossGuardServiceImpl::Check(caller_, existing->project(), true);
-      if (!allowed.ok()) return allowed;
-    }
     bool created = false;
     absl::StatusOr<std::shared_ptr<runs::Run>> run =
         service_->registry()->FindOrCreate(start, &created);
