@@ -1,8 +1,9 @@
 // The SQLite RunStore.
 //
-// Writes are queued under `mu_` and applied by one writer thread, which owns
-// the write connection: it takes whatever is queued (up to
-// max_ops_per_transaction) and commits it in one BEGIN IMMEDIATE ... COMMIT.
+// Writes are queued by BatchingStore (batching_store.h) and applied by its
+// writer thread, which owns the write connection: it takes whatever is
+// queued (up to max_ops_per_transaction) and commits it in one BEGIN
+// IMMEDIATE ... COMMIT.
 // Reads go through a small pool of read-only connections; in WAL mode they
 // run concurrently with the writer and see the last committed state.
 //
@@ -65,12 +66,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "lossguard/storage/run_store.h"
+#include "server/storage/src/batching_store.h"
 #include "server/storage/src/step_chunk.h"
 
 namespace lossguard::storage {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 constexpr int64_t kSchemaVersion = 2;
 
@@ -164,7 +164,7 @@ void BindInt(sqlite3_stmt* stmt, int index, int64_t value, int* rc) {
 }
 
 // Whether a failed transaction may succeed later (the writer retries it).
-bool Retryable(const absl::Status& s) {
+bool RetryableCode(const absl::Status& s) {
   switch (s.code()) {
     case absl::StatusCode::kUnavailable:         // BUSY, LOCKED
     case absl::StatusCode::kResourceExhausted:   // FULL, NOMEM
@@ -380,33 +380,18 @@ absl::StatusOr<std::unique_ptr<Reader>> OpenReader(
   return reader;
 }
 
-struct StepsWrite {
-  std::string run_id;
-  std::vector<StepRow> steps;
-};
+BatchingOptions BatchingOptionsOf(const SqliteOptions& o) {
+  BatchingOptions b;
+  b.max_ops_per_transaction = o.max_ops_per_transaction;
+  b.writer_nice = o.writer_nice;
+  b.retry_initial_backoff_s = o.retry_initial_backoff_s;
+  b.retry_max_backoff_s = o.retry_max_backoff_s;
+  return b;
+}
 
-// One queued write.
-struct WriteOp {
-  std::variant<RunRow, StepsWrite, EventRow> write;
-  Clock::time_point queued_at;
-  RunStore::CommitCallback on_commit;  // may be empty
-
-  // Steps count one op each toward max_ops_per_transaction.
-  int64_t Steps() const {
-    const StepsWrite* s = std::get_if<StepsWrite>(&write);
-    return s != nullptr ? static_cast<int64_t>(s->steps.size()) : 0;
-  }
-};
-
-// A NotifyWhenBacklogBelow callback waiting for the backlog to shrink.
-struct BacklogWaiter {
-  int64_t below_steps;
-  std::function<void()> resume;
-};
-
-// Thread-safe (see RunStore). Lock order: readers_mu_ and mu_ are never
-// held together.
-class SqliteStore final : public RunStore {
+// Thread-safe (see RunStore). readers_mu_ is never held with the
+// BatchingStore's lock.
+class SqliteStore final : public BatchingStore {
  public:
   static absl::StatusOr<std::unique_ptr<RunStore>> Open(
       const std::string& path, const SqliteOptions& options);
@@ -415,74 +400,7 @@ class SqliteStore final : public RunStore {
   SqliteStore& operator=(const SqliteStore&) = delete;
 
   // Commits what is queued, then stops the writer and closes the database.
-  ~SqliteStore() override {
-    {
-      absl::MutexLock lock(&mu_);
-      stop_ = true;
-      work_cv_.Signal();
-    }
-    writer_.join();
-  }
-
-  void PutRun(const RunRow& run) override { Enqueue(run, 0, nullptr); }
-
-  using RunStore::AppendSteps;
-  void AppendSteps(const std::string& run_id, std::vector<StepRow> steps,
-                   CommitCallback on_commit) override {
-    if (steps.empty() && !on_commit) return;
-    const int64_t n = static_cast<int64_t>(steps.size());
-    Enqueue(StepsWrite{run_id, std::move(steps)}, n, std::move(on_commit));
-  }
-
-  void PutEvent(const EventRow& event) override {
-    Enqueue(event, 0, nullptr);
-  }
-
-  absl::Status Flush() override {
-    absl::MutexLock lock(&mu_);
-    const int64_t target = ops_queued_;
-    while (ops_done_ < target && failing_.ok()) done_cv_.Wait(&mu_);
-    if (!failing_.ok()) return failing_;
-    return first_error_;
-  }
-
-  void NotifyWhenBacklogBelow(int64_t below_steps,
-                              std::function<void()> resume) override {
-    // "Fewer than 0 steps" never holds; wait for an empty backlog instead,
-    // so that every callback runs once.
-    if (below_steps < 1) below_steps = 1;
-    {
-      absl::MutexLock lock(&mu_);
-      if (queued_steps_ >= below_steps) {
-        waiters_.push_back({below_steps, std::move(resume)});
-        return;
-      }
-    }
-    resume();
-  }
-
-  StoreStats Stats() const override {
-    const Clock::time_point now = Clock::now();
-    absl::MutexLock lock(&mu_);
-    StoreStats stats;
-    stats.queued_ops = ops_queued_ - ops_done_;
-    stats.queued_steps = queued_steps_;
-    stats.committed_steps = committed_steps_;
-    stats.transactions = transactions_;
-    std::optional<Clock::time_point> oldest;
-    if (in_flight_ops_ > 0) {
-      oldest = in_flight_queued_at_;
-    } else if (!queue_.empty()) {
-      oldest = queue_.front().queued_at;
-    }
-    if (oldest.has_value() && now > *oldest) {
-      stats.oldest_queued_age_s =
-          std::chrono::duration<double>(now - *oldest).count();
-    }
-    stats.last_error = last_error_;
-    stats.failing = !failing_.ok();
-    return stats;
-  }
+  ~SqliteStore() override { StopWriter(); }
 
   absl::StatusOr<std::vector<RunRow>> LoadRuns() override;
   absl::Status ReadSteps(
@@ -539,30 +457,22 @@ class SqliteStore final : public RunStore {
 
   SqliteStore(std::string path, const SqliteOptions& options, Writer writer,
               std::unique_ptr<Reader> reader)
-      : path_(std::move(path)),
+      : BatchingStore(BatchingOptionsOf(options)),
+        path_(std::move(path)),
         options_(options),
         writer_state_(std::move(writer)) {
     idle_readers_.push_back(std::move(reader));
-    writer_ = std::thread([this] { WriterLoop(); });
+    StartWriter();
   }
 
   static absl::StatusOr<Writer> OpenWriter(const std::string& path,
                                            const SqliteOptions& options);
 
-  void Enqueue(std::variant<RunRow, StepsWrite, EventRow> write,
-               int64_t steps, CommitCallback on_commit) {
-    absl::MutexLock lock(&mu_);
-    queue_.push_back({std::move(write), Clock::now(), std::move(on_commit)});
-    ++ops_queued_;
-    queued_steps_ += steps;
-    work_cv_.Signal();
+  absl::Status CommitBatch(std::vector<WriteOp>& batch,
+                           int64_t* inserted_steps) override;
+  bool Retryable(const absl::Status& status) const override {
+    return RetryableCode(status);
   }
-
-  void WriterLoop();
-  // Applies `batch` in one transaction; rolls back on error, leaving the
-  // batch as it was (to retry). Sets `*inserted_steps` to the steps it
-  // added (steps at or below a run's last stored step are not).
-  absl::Status Commit(std::vector<WriteOp>& batch, int64_t* inserted_steps);
   // Writes a run or an event; collects steps into pending_ (moving the
   // steps of batch[index] out when it is its run's first in the batch).
   absl::Status Apply(std::vector<WriteOp>& batch, size_t index);
@@ -579,25 +489,6 @@ class SqliteStore final : public RunStore {
   const std::string path_;
   const SqliteOptions options_;
 
-  mutable absl::Mutex mu_;
-  absl::CondVar work_cv_;  // signalled when queue_ grows or stop_ is set
-  absl::CondVar done_cv_;  // signalled when ops_done_ grows
-  std::deque<WriteOp> queue_ ABSL_GUARDED_BY(mu_);
-  int64_t ops_queued_ ABSL_GUARDED_BY(mu_) = 0;  // ever queued
-  int64_t ops_done_ ABSL_GUARDED_BY(mu_) = 0;    // committed or dropped
-  int64_t queued_steps_ ABSL_GUARDED_BY(mu_) = 0;
-  // The batch the writer is committing (taken off queue_).
-  int64_t in_flight_ops_ ABSL_GUARDED_BY(mu_) = 0;
-  Clock::time_point in_flight_queued_at_ ABSL_GUARDED_BY(mu_);
-  int64_t committed_steps_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t transactions_ ABSL_GUARDED_BY(mu_) = 0;
-  absl::Status first_error_ ABSL_GUARDED_BY(mu_);
-  // The error of the batch being retried; OK when none is.
-  absl::Status failing_ ABSL_GUARDED_BY(mu_);
-  std::string last_error_ ABSL_GUARDED_BY(mu_);
-  std::vector<BacklogWaiter> waiters_ ABSL_GUARDED_BY(mu_);
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-
   // Only the writer thread touches these while it runs. run_cache_ is
   // cleared when a transaction fails, so it only holds committed state.
   Writer writer_state_;
@@ -608,8 +499,6 @@ class SqliteStore final : public RunStore {
   absl::Mutex readers_mu_;
   std::vector<std::unique_ptr<Reader>> idle_readers_
       ABSL_GUARDED_BY(readers_mu_);
-
-  std::thread writer_;  // last: started once everything above exists
 };
 
 // Moves the steps of a version 1 database (a row per step) into
@@ -822,100 +711,8 @@ absl::StatusOr<std::unique_ptr<RunStore>> SqliteStore::Open(
       new SqliteStore(path, options, *std::move(writer), *std::move(reader)));
 }
 
-void SqliteStore::WriterLoop() {
-  if (options_.writer_nice > 0) {
-    // Linux applies a nice value to one thread when given its id. Failing
-    // (a sandbox without the right) leaves the default priority.
-    setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()),
-                std::min(19, options_.writer_nice));
-  }
-  const int64_t max_ops = std::max(1, options_.max_ops_per_transaction);
-  std::vector<WriteOp> batch;
-  std::vector<BacklogWaiter> ready;
-  int64_t batch_steps = 0;
-  absl::Duration backoff = absl::Seconds(options_.retry_initial_backoff_s);
-  for (;;) {
-    if (batch.empty()) {  // else: retrying it
-      batch_steps = 0;
-      absl::MutexLock lock(&mu_);
-      while (queue_.empty() && !stop_) work_cv_.Wait(&mu_);
-      if (queue_.empty()) return;  // stopping, and everything is committed
-      int64_t weight = 0;
-      while (!queue_.empty()) {
-        const int64_t w = std::max<int64_t>(1, queue_.front().Steps());
-        if (!batch.empty() && weight + w > max_ops) break;
-        weight += w;
-        batch_steps += queue_.front().Steps();
-        batch.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      }
-      in_flight_ops_ = static_cast<int64_t>(batch.size());
-      in_flight_queued_at_ = batch.front().queued_at;
-    }
-
-    int64_t inserted_steps = 0;
-    absl::Status status = Commit(batch, &inserted_steps);
-
-    if (!status.ok() && Retryable(status)) {
-      absl::MutexLock lock(&mu_);
-      if (first_error_.ok()) first_error_ = status;
-      last_error_ = std::string(status.message());
-      if (!stop_) {
-        // Keep the batch; Flush callers learn of the failure at once.
-        failing_ = status;
-        done_cv_.SignalAll();
-        work_cv_.WaitWithTimeout(&mu_, backoff);
-        backoff = std::min(backoff * 2,
-                           absl::Seconds(options_.retry_max_backoff_s));
-        continue;
-      }
-      // Closing, and it failed again: give the batch up.
-    }
-    backoff = absl::Seconds(options_.retry_initial_backoff_s);
-
-    if (status.ok()) {
-      // No longer failing before anyone hears of the commit: a Flush called
-      // from a commit callback's aftermath must wait, not report the old
-      // error at once.
-      absl::MutexLock lock(&mu_);
-      failing_ = absl::OkStatus();
-    }
-    // Callbacks before the batch counts as done: once Flush returns, the
-    // callbacks of every write queued before it have run.
-    for (WriteOp& op : batch) {
-      if (op.on_commit) op.on_commit(status);
-    }
-    {
-      absl::MutexLock lock(&mu_);
-      failing_ = absl::OkStatus();
-      in_flight_ops_ = 0;
-      ops_done_ += static_cast<int64_t>(batch.size());
-      queued_steps_ -= batch_steps;
-      if (status.ok()) {
-        ++transactions_;
-        committed_steps_ += inserted_steps;
-      } else {
-        if (first_error_.ok()) first_error_ = status;
-        last_error_ = std::string(status.message());
-      }
-      for (auto it = waiters_.begin(); it != waiters_.end();) {
-        if (queued_steps_ < it->below_steps) {
-          ready.push_back(std::move(*it));
-          it = waiters_.erase(it);
-        } else {
-          ++it;
-        }
-      }
-      done_cv_.SignalAll();
-    }
-    batch.clear();
-    for (BacklogWaiter& waiter : ready) waiter.resume();
-    ready.clear();
-  }
-}
-
-absl::Status SqliteStore::Commit(std::vector<WriteOp>& batch,
-                                 int64_t* inserted_steps) {
+absl::Status SqliteStore::CommitBatch(std::vector<WriteOp>& batch,
+                                      int64_t* inserted_steps) {
   Writer& w = writer_state_;
   *inserted_steps = 0;
   if (run_cache_.size() > kMaxCachedRuns) run_cache_.clear();
@@ -1022,16 +819,7 @@ absl::Status SqliteStore::Apply(std::vector<WriteOp>& batch, size_t index) {
     } else {
       out.insert(out.end(), steps->steps.begin(), steps->steps.end());
     }
-    // Only steps above the last stored one: a resend after a reconnect
-    // duplicates nothing, and every chunk's range follows the previous.
-    size_t kept = start;
-    for (size_t i = start; i < out.size(); ++i) {
-      if (run.last_step.has_value() && out[i].step <= *run.last_step) continue;
-      run.last_step = out[i].step;
-      if (kept != i) out[kept] = out[i];
-      ++kept;
-    }
-    out.resize(kept);
+    KeepNewSteps(out, start, &run.last_step);
     return absl::OkStatus();
   }
 
