@@ -14,6 +14,7 @@ packages=(
   nlohmann-json3-dev
   libcsv-dev
   libsqlite3-dev
+  libpq-dev postgresql
   libssl-dev openssl
   clang libclang-rt-14-dev
   libtorch-dev

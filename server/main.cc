@@ -16,6 +16,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "lossguard/service/log.h"
 #include "lossguard/service/service.h"
@@ -32,7 +33,9 @@ ABSL_FLAG(std::string, alert_webhook, "",
           "backoff); empty: no alerts");
 ABSL_FLAG(std::string, db, "./lossguard.db",
           "SQLite database file (created if missing); \":memory:\" keeps "
-          "nothing across restarts");
+          "nothing across restarts; postgresql://user@host:port/dbname "
+          "(password from ~/.pgpass or $PGPASSWORD): a PostgreSQL database "
+          "that several daemons may share");
 ABSL_FLAG(int64_t, db_max_mib, 0,
           "cap the SQLite file at this many MiB (0: none); past it writes "
           "fail as on a full disk: reported and retried, nothing lost");
@@ -138,8 +141,15 @@ int main(int argc, char** argv) {
 
   const std::string db = absl::GetFlag(FLAGS_db);
   std::unique_ptr<lossguard::storage::RunStore> store;
+  std::string db_name = db;
   if (db == ":memory:") {
     store = lossguard::storage::NewMemoryStore();
+  } else if (absl::StartsWith(db, "postgresql://") ||
+             absl::StartsWith(db, "postgres://")) {
+    db_name = lossguard::storage::PostgresDisplayName(db);
+    auto opened = lossguard::storage::OpenPostgresStore(db);
+    if (!opened.ok()) return Fail(std::string(opened.status().message()));
+    store = std::move(*opened);
   } else {
     lossguard::storage::SqliteOptions store_options;
     const int64_t max_mib = absl::GetFlag(FLAGS_db_max_mib);
@@ -150,7 +160,7 @@ int main(int argc, char** argv) {
     if (!opened.ok()) return Fail(std::string(opened.status().message()));
     store = std::move(*opened);
   }
-  Log(LogLevel::kInfo, "store_open", {{"db", db}});
+  Log(LogLevel::kInfo, "store_open", {{"db", db_name}});
 
   lossguard::service::Daemon daemon(options, store.get());
   absl::Status s = daemon.Start();

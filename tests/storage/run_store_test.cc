@@ -24,6 +24,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "tests/pg/pg_test_db.h"
 
 namespace lossguard::storage {
 namespace {
@@ -240,28 +241,57 @@ std::unique_ptr<RunStore> OpenOrFail(const std::string& path,
 // ---------------------------------------------------------------------------
 // The same tests against both backends.
 
-enum class Backend { kSqlite, kMemory };
+enum class Backend { kSqlite, kMemory, kPostgres };
 
 class RunStoreTest : public ::testing::TestWithParam<Backend> {
  protected:
   void SetUp() override {
-    store_ = GetParam() == Backend::kMemory ? NewMemoryStore()
-                                            : OpenOrFail(DbPath());
+    switch (GetParam()) {
+      case Backend::kMemory:
+        store_ = NewMemoryStore();
+        break;
+      case Backend::kSqlite:
+        store_ = OpenOrFail(DbPath());
+        break;
+      case Backend::kPostgres: {
+        if (!testing_pg::Available()) {
+          GTEST_SKIP() << "no PostgreSQL test server (run under ctest, "
+                          "whose pg_server fixture starts one)";
+        }
+        pg_ = std::make_unique<testing_pg::TestDatabase>();
+        ASSERT_FALSE(pg_->conninfo().empty());
+        absl::StatusOr<std::unique_ptr<RunStore>> store =
+            OpenPostgresStore(pg_->conninfo());
+        ASSERT_TRUE(store.ok()) << store.status();
+        store_ = *std::move(store);
+        break;
+      }
+    }
     ASSERT_NE(store_, nullptr);
   }
+  void TearDown() override { store_.reset(); }
 
   std::string DbPath() const { return dir_.path() + "/runs.db"; }
 
   TempDir dir_;
+  std::unique_ptr<testing_pg::TestDatabase> pg_;  // dropped after store_
   std::unique_ptr<RunStore> store_;  // closed before dir_ is removed
 };
 
-INSTANTIATE_TEST_SUITE_P(Backends, RunStoreTest,
-                         ::testing::Values(Backend::kSqlite, Backend::kMemory),
-                         [](const ::testing::TestParamInfo<Backend>& info) {
-                           return info.param == Backend::kSqlite ? "Sqlite"
-                                                                 : "Memory";
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Backends, RunStoreTest,
+    ::testing::Values(Backend::kSqlite, Backend::kMemory, Backend::kPostgres),
+    [](const ::testing::TestParamInfo<Backend>& info) {
+      switch (info.param) {
+        case Backend::kSqlite:
+          return "Sqlite";
+        case Backend::kMemory:
+          return "Memory";
+        case Backend::kPostgres:
+          return "Postgres";
+      }
+      return "Unknown";
+    });
 
 TEST_P(RunStoreTest, RoundTripsRunStepsAndEvents) {
   const RunRow run = MakeRun("run-a");
@@ -1093,6 +1123,200 @@ TEST_F(SqliteStoreTest, SynchronousFullStoresAndReopens) {
   std::unique_ptr<RunStore> store = OpenOrFail(DbPath(), options);
   ASSERT_NE(store, nullptr);
   ExpectSameSteps(ReadSteps(*store, "r"), MakeSteps(0, 29));
+}
+
+
+// ---------------------------------------------------------------------------
+// PostgreSQL only: reopening, lost connections, several daemons sharing one
+// database, and the run leases.
+
+class PostgresStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!testing_pg::Available()) {
+      GTEST_SKIP() << "no PostgreSQL test server (run under ctest)";
+    }
+    db_ = std::make_unique<testing_pg::TestDatabase>();
+    ASSERT_FALSE(db_->conninfo().empty());
+  }
+
+  std::unique_ptr<RunStore> Open(const PostgresOptions& options = {}) {
+    absl::StatusOr<std::unique_ptr<RunStore>> store =
+        OpenPostgresStore(db_->conninfo(), options);
+    EXPECT_TRUE(store.ok()) << store.status();
+    return store.ok() ? *std::move(store) : nullptr;
+  }
+
+  // Runs `sql` on the test database.
+  void Exec(const std::string& sql) {
+    testing_pg::AdminExec(db_->conninfo(), sql);
+  }
+
+  std::unique_ptr<testing_pg::TestDatabase> db_;
+};
+
+TEST_F(PostgresStoreTest, ReopenRestoresEverything) {
+  const RunRow run_a = MakeRun("a");
+  std::vector<StepRow> steps_a = MakeSteps(0, 9999);  // three chunks
+  steps_a[100].loss = kNaN;
+  steps_a[101].loss = kInf;
+  steps_a[102].grad_norm = -kInf;
+  const EventRow event =
+      MakeEvent("a", EventRow::Type::kAdvice, ~uint64_t{0}, 200, "advice");
+  {
+    std::unique_ptr<RunStore> store = Open();
+    ASSERT_NE(store, nullptr);
+    store->PutRun(run_a);
+    store->AppendSteps("a", steps_a);
+    store->PutEvent(event);
+    // No Flush(): the destructor commits what is queued.
+  }
+  std::unique_ptr<RunStore> store = Open();
+  ASSERT_NE(store, nullptr);
+  std::vector<RunRow> runs = LoadRuns(*store);
+  ASSERT_EQ(runs.size(), 1u);
+  ExpectSameMetadata(runs[0], run_a);
+  EXPECT_EQ(runs[0].steps_stored, 10000);
+  EXPECT_EQ(runs[0].last_step, 9999);
+  ExpectSameSteps(ReadSteps(*store, "a"), steps_a);
+  ExpectSameSteps(ReadSteps(*store, "a", 4000, 4200), MakeSteps(4000, 4200));
+  std::vector<EventRow> events = ReadEvents(*store, "a");
+  ASSERT_EQ(events.size(), 1u);
+  ExpectSameEvent(events[0], event);
+}
+
+TEST_F(PostgresStoreTest, OpenRefusesANewerSchemaVersion) {
+  { ASSERT_NE(Open(), nullptr); }
+  Exec("UPDATE lossguard_schema SET version = 99");
+  absl::StatusOr<std::unique_ptr<RunStore>> store =
+      OpenPostgresStore(db_->conninfo());
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(store.status().message(), HasSubstr("schema version 99"));
+}
+
+TEST_F(PostgresStoreTest, UnreachableServerFailsNamingItWithoutPassword) {
+  absl::StatusOr<std::unique_ptr<RunStore>> store = OpenPostgresStore(
+      "postgresql://someone:secret@127.0.0.1:1/nowhere?connect_timeout=5");
+  ASSERT_FALSE(store.ok());
+  EXPECT_THAT(store.status().message(), HasSubstr("127.0.0.1:1/nowhere"));
+  EXPECT_THAT(store.status().message(),
+              ::testing::Not(HasSubstr("secret")));
+}
+
+TEST_F(PostgresStoreTest, LostConnectionIsRetriedAndNothingIsLost) {
+  PostgresOptions options;
+  options.retry_initial_backoff_s = 0.01;
+  options.retry_max_backoff_s = 0.05;
+  std::unique_ptr<RunStore> store = Open(options);
+  ASSERT_NE(store, nullptr);
+  store->PutRun(MakeRun("r"));
+  store->AppendSteps("r", MakeSteps(0, 99));
+  ASSERT_TRUE(store->Flush().ok());
+  // The server drops every connection of the store (as a restart or a
+  // failover would); the next writes reconnect.
+  Exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+       "WHERE datname = current_database() AND pid <> pg_backend_pid()");
+  for (int64_t c = 1; c < 10; ++c) {
+    store->AppendSteps("r", MakeSteps(c * 100, c * 100 + 99));
+  }
+  absl::Status s = store->Flush();
+  if (!s.ok()) {  // the first attempt may fail and be retried
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+    while (store->Stats().queued_ops > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  ExpectSameSteps(ReadSteps(*store, "r"), MakeSteps(0, 999));
+}
+
+TEST_F(PostgresStoreTest, TwoDaemonsWritingOneRunNeverOverlap) {
+  // A daemon that lost its lease without noticing keeps writing the run
+  // that another daemon took over: whatever interleaving, the stored steps
+  // are each step once, in order.
+  std::unique_ptr<RunStore> a = Open();
+  std::unique_ptr<RunStore> b = Open();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  a->AppendSteps("r", MakeSteps(0, 99));
+  ASSERT_TRUE(a->Flush().ok());
+  b->AppendSteps("r", MakeSteps(50, 199));  // b resumes from what it read
+  ASSERT_TRUE(b->Flush().ok());
+  // a's cache says 99; the database says 199.
+  a->AppendSteps("r", MakeSteps(100, 249));
+  absl::Status s = a->Flush();
+  if (!s.ok()) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+    EXPECT_THAT(s.message(), HasSubstr("another daemon"));
+    while (a->Stats().queued_ops > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  EXPECT_EQ(StepNumbers(ReadSteps(*b, "r")), StepNumbers(MakeSteps(0, 249)));
+  std::vector<RunRow> runs = LoadRuns(*b);
+  ASSERT_EQ(runs.size(), 1u);
+  EXPECT_EQ(runs[0].steps_stored, 250);
+  EXPECT_EQ(runs[0].last_step, 249);
+}
+
+TEST_F(PostgresStoreTest, LeasesAreExclusiveUntilTheyExpire) {
+  std::unique_ptr<RunStore> a = Open();
+  std::unique_ptr<RunStore> b = Open();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  LeaseTable* la = a->leases();
+  LeaseTable* lb = b->leases();
+  ASSERT_NE(la, nullptr);
+  ASSERT_NE(lb, nullptr);
+
+  absl::StatusOr<std::optional<LeaseHolder>> none = la->Holder("r");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(none->has_value());
+
+  absl::StatusOr<LeaseHolder> got = la->Acquire("r", "da", "a:1", 30);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->owner, "da");
+  EXPECT_GT(got->expires_in_s, 25);
+  // Another daemon is told who holds it and where.
+  got = lb->Acquire("r", "db", "b:1", 30);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->owner, "da");
+  EXPECT_EQ(got->address, "a:1");
+  // The holder renews; the other cannot.
+  absl::StatusOr<std::vector<std::string>> lost =
+      la->Renew({"r", "never-held"}, "da", 30);
+  ASSERT_TRUE(lost.ok()) << lost.status();
+  EXPECT_THAT(*lost, ElementsAre("never-held"));
+  lost = lb->Renew({"r"}, "db", 30);
+  ASSERT_TRUE(lost.ok());
+  EXPECT_THAT(*lost, ElementsAre("r"));
+
+  // Expired (as if "da" died 30 s ago): "db" takes it over, and "da"
+  // learns at its next renewal that it lost it.
+  Exec("UPDATE run_leases SET expires_at = now() - interval '1 second'");
+  got = lb->Acquire("r", "db", "b:1", 30);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->owner, "db");
+  lost = la->Renew({"r"}, "da", 30);
+  ASSERT_TRUE(lost.ok());
+  EXPECT_THAT(*lost, ElementsAre("r"));
+
+  // Released by its holder, it is free for anyone at once; a release by
+  // another daemon does nothing.
+  ASSERT_TRUE(la->Release("r", "da").ok());
+  EXPECT_EQ((*la->Holder("r"))->owner, "db");
+  ASSERT_TRUE(lb->Release("r", "db").ok());
+  got = la->Acquire("r", "da", "a:1", 30);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->owner, "da");
+}
+
+TEST_F(PostgresStoreTest, SqliteAndMemoryStoresHaveNoLeases) {
+  TempDir dir;
+  std::unique_ptr<RunStore> sqlite = OpenOrFail(dir.path() + "/runs.db");
+  ASSERT_NE(sqlite, nullptr);
+  EXPECT_EQ(sqlite->leases(), nullptr);
+  EXPECT_EQ(NewMemoryStore()->leases(), nullptr);
 }
 
 }  // namespace

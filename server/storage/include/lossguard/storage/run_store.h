@@ -69,6 +69,8 @@ struct StoreStats {
   bool failing = false;  // a write is failing now (being retried)
 };
 
+class LeaseTable;
+
 // Durable home of every run's history.
 //
 // Writes (PutRun, AppendSteps, PutEvent) never block on I/O: they are queued
@@ -141,6 +143,49 @@ class RunStore {
   // Every event of `run_id`, ordered by (type, id).
   virtual absl::StatusOr<std::vector<EventRow>> ReadEvents(
       const std::string& run_id) = 0;
+
+  // The ownership leases of a store that several daemons share (the
+  // PostgreSQL store); nullptr for a store that one daemon owns alone.
+  virtual LeaseTable* leases() { return nullptr; }
+};
+
+// Who owns a run, in a fleet of daemons sharing one store.
+struct LeaseHolder {
+  std::string owner;    // the daemon's id
+  std::string address;  // where trainers reach it (host:port)
+  double expires_in_s = 0.0;  // by the database's clock; <= 0: expired
+};
+
+// Run ownership across daemons: a daemon holds a run's lease while it
+// serves the run's trainer and renews it; when the daemon dies the lease
+// expires and another daemon may take the run over. Expiry is judged by
+// the database's clock, so the daemons' clocks need not agree.
+//
+// Calls are synchronous round trips to the database: not for a gRPC
+// callback thread. Thread-safe.
+class LeaseTable {
+ public:
+  virtual ~LeaseTable() = default;
+  // Takes the lease on `run_id` for `owner` (reachable at `address`) for
+  // `ttl_s` seconds when it is free, expired or already `owner`'s (then it
+  // is renewed). Returns who holds it afterwards: `owner` on success,
+  // another daemon otherwise.
+  virtual absl::StatusOr<LeaseHolder> Acquire(const std::string& run_id,
+                                              const std::string& owner,
+                                              const std::string& address,
+                                              double ttl_s) = 0;
+  // Renews `owner`'s leases on `run_ids` for `ttl_s`; returns the ids
+  // among them that `owner` no longer holds (taken over after expiring).
+  virtual absl::StatusOr<std::vector<std::string>> Renew(
+      const std::vector<std::string>& run_ids, const std::string& owner,
+      double ttl_s) = 0;
+  // Gives the lease up if `owner` holds it.
+  virtual absl::Status Release(const std::string& run_id,
+                               const std::string& owner) = 0;
+  // Who holds the lease on `run_id`, expired or not; nullopt when no one
+  // ever did.
+  virtual absl::StatusOr<std::optional<LeaseHolder>> Holder(
+      const std::string& run_id) = 0;
 };
 
 // Options of the SQLite store.
@@ -178,6 +223,32 @@ struct SqliteOptions {
 // starts its writer thread. The destructor flushes and stops the writer.
 absl::StatusOr<std::unique_ptr<RunStore>> OpenSqliteStore(
     const std::string& path, const SqliteOptions& options = SqliteOptions());
+
+// Options of the PostgreSQL store.
+struct PostgresOptions {
+  // Most writes committed in one transaction (steps count one each).
+  int max_ops_per_transaction = 4096;
+  // Nice value of the writer thread (see SqliteOptions::writer_nice).
+  int writer_nice = 10;
+  // A failing transaction (the server unreachable, restarting, failing
+  // over, out of disk) is retried after this long, doubling up to the
+  // maximum; nothing accepted is dropped meanwhile.
+  double retry_initial_backoff_s = 0.05;
+  double retry_max_backoff_s = 5.0;
+};
+
+// Connects to the PostgreSQL database `conninfo` (a postgresql:// URI or
+// libpq key=value pairs; a password may come from ~/.pgpass or
+// $PGPASSWORD), creates the schema if needed and starts the writer thread.
+// Several daemons may share one database; see leases(). The destructor
+// flushes and stops the writer.
+absl::StatusOr<std::unique_ptr<RunStore>> OpenPostgresStore(
+    const std::string& conninfo,
+    const PostgresOptions& options = PostgresOptions());
+
+// "postgresql host:port/dbname" of a conninfo, without user or password,
+// for logs and errors.
+std::string PostgresDisplayName(const std::string& conninfo);
 
 // A store that keeps everything in memory, with the same semantics (for
 // tests and for embedded use without persistence). Writes apply at once.
