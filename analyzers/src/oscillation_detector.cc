@@ -88,10 +88,16 @@ void OscillationDetector::OnPoint(const StepRecord& rec,
       rise_pending) {
     return;
   }
-  // Net progress across the recent windows.
+  // Net progress across the recent windows. A rise beyond the factor is a
+  // lasting rise (divergence's to judge). A fall is judged against the
+  // swing itself: the window means of a loss swinging by log_std move by
+  // about that much without any trend, so only a fall beyond the factor
+  // plus `oscillation_progress_swing_sds` swing stds is net progress.
   const size_t back = std::min<size_t>(recent - 1, means_.size() - 1);
   const double progress = means_.FromBack(back) - mean;
-  if (std::fabs(progress) > std::log(options_.oscillation_progress_factor)) {
+  const double allowed = std::log(options_.oscillation_progress_factor);
+  if (-progress > allowed ||
+      progress > allowed + options_.oscillation_progress_swing_sds * log_std) {
     return;
   }
 

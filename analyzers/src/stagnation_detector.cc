@@ -69,7 +69,12 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   const int min_points = blown_up_ ? std::min(options_.stagnation_min_points,
                                               options_.stagnation_min_points_after_blowup)
                                    : options_.stagnation_min_points;
-  if (diverged || seen < min_points) return;
+  // Strong evidence may be judged from `stagnation_min_points_strong`
+  // points on (see the minimum below).
+  if (diverged ||
+      seen < std::min(min_points, options_.stagnation_min_points_strong)) {
+    return;
+  }
   // The window spans up to `history_blocks` blocks; judging it every
   // 1/kChecksPerWindow of its length keeps the amortized cost per step
   // constant however long the run.
@@ -150,10 +155,35 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
     candidate_since_ = -1;
     return;
   }
+  // Evidence strength: how many times over the window's change stays
+  // short of the stagnation threshold even at the top of its noise band.
+  // The threshold is the fall that would halve the loss in
+  // `stagnation_halving_ratio` x the run so far. The progress is the
+  // difference of two medians of a third of the window each; its standard
+  // error follows from the per-point noise: a median of m points has sd
+  // 1.2533 sigma / sqrt(m), the difference of two sqrt(2) times that, and
+  // point_sigma() (the sd of successive differences) is sqrt(2) sigma.
+  const double threshold_progress =
+      std::log(2.0) * span /
+      (options_.stagnation_halving_ratio * static_cast<double>(seen));
+  const double third_points =
+      std::max(1.0, static_cast<double>(covered) / 3.0);
+  const double progress_se =
+      1.2533 * track.point_sigma() / std::sqrt(third_points);
+  // |progress|: a window that rose says as little for a flat plateau as
+  // one that fell (noise, or a loss still settling after a blow-up).
+  const double upper = std::fabs(progress) +
+                       options_.stagnation_evidence_sigmas * progress_se;
+  const double strength =
+      std::max(1.0, upper > 0 ? threshold_progress / upper : kInf);
+  // A sequential test: the points needed before judging, and the growth
+  // the condition must survive, shrink with the strength of the evidence.
+  if (static_cast<double>(seen) * strength < min_points) return;
   if (candidate_since_ < 0) candidate_since_ = seen;
+  const double persist =
+      1.0 + (options_.stagnation_persist_factor - 1.0) / strength;
   if (static_cast<double>(seen) <
-      options_.stagnation_persist_factor *
-          static_cast<double>(candidate_since_)) {
+      persist * static_cast<double>(candidate_since_)) {
     return;
   }
   reported_level_ = tail;

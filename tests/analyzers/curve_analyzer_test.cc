@@ -590,6 +590,48 @@ TEST(CurveAnalyzerTest, LargeSwingsWithoutProgressAreOscillation) {
   EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kOscillation).size(), 1u);
 }
 
+// Swings of e^(+-0.8) about a level that keeps drifting down by a factor
+// 2.7 every 60 steps: between windows more than
+// `oscillation_progress_factor`, but within the swing. Chiefly swinging: reported, with the default
+// allowance of one swing std; with the allowance off (0), the drift counts
+// as net progress and nothing is reported.
+CurveSpec DriftingSwingSpec(int64_t points) {
+  CurveSpec spec;
+  spec.points = points;
+  spec.loss = [](int64_t i) {
+    const double t = static_cast<double>(i);
+    return kL0 * std::exp(-t / 60.0) *
+           std::exp(0.8 * std::sin(2 * kPi * t / 20.0));
+  };
+  return spec;
+}
+
+TEST(CurveAnalyzerTest, SwingsWhileDriftingDownAreOscillation) {
+  const std::vector<Diagnosis> ds = Analyze(Generate(DriftingSwingSpec(300)));
+  const std::vector<Diagnosis> osc = OfKind(ds, DiagnosisKind::kOscillation);
+  ASSERT_GE(osc.size(), 1u) << Describe(ds);
+  EXPECT_LE(osc[0].step, 210) << Describe(osc);
+  EXPECT_THAT(osc[0].evidence, HasSubstr("net change -"));
+
+  AnalyzerOptions strict;
+  strict.oscillation_progress_swing_sds = 0.0;
+  EXPECT_FALSE(Has(Analyze(Generate(DriftingSwingSpec(300)), strict),
+                   DiagnosisKind::kOscillation));
+}
+
+// The allowance is for falls only: the same swings about a level rising
+// by 2.7x every 60 steps are a lasting rise, not oscillation.
+TEST(CurveAnalyzerTest, SwingsWhileRisingAreNotOscillation) {
+  CurveSpec spec;
+  spec.points = 300;
+  spec.loss = [](int64_t i) {
+    const double t = static_cast<double>(i);
+    return kL0 * std::exp(t / 60.0) *
+           std::exp(0.8 * std::sin(2 * kPi * t / 20.0));
+  };
+  EXPECT_FALSE(Has(Analyze(Generate(spec)), DiagnosisKind::kOscillation));
+}
+
 TEST(CurveAnalyzerTest, OscillationClearsWhenSwingsStop) {
   CurveAnalyzer a;
   const std::vector<Diagnosis> ds =
@@ -662,6 +704,58 @@ TEST(CurveAnalyzerTest, FlatAtInitialLossIsStagnation) {
   EXPECT_FALSE(Has(ds, DiagnosisKind::kDivergence)) << Describe(ds);
   EXPECT_FALSE(Has(ds, DiagnosisKind::kOscillation)) << Describe(ds);
   EXPECT_EQ(OfKind(a.Active(), DiagnosisKind::kStagnation).size(), 1u);
+}
+
+// Evidence-scaled confirmation: a loss flat at its initial level with the
+// quiet noise of a dead or starved model (1%) clears the stagnation
+// threshold many times over even at the top of its noise band, so it is
+// decided from `stagnation_min_points_strong` points on, before
+// `stagnation_min_points`; a noisy one (10%) is a marginal case and waits
+// the full minimum and persistence, as before.
+TEST(CurveAnalyzerTest, QuietFlatLossIsStagnationSooner) {
+  const AnalyzerOptions o;
+  CurveSpec quiet = FlatSpec(1000);
+  quiet.loss_noise = 0.01;
+  const std::vector<Diagnosis> q =
+      OfKind(Analyze(Generate(quiet)), DiagnosisKind::kStagnation);
+  ASSERT_GE(q.size(), 1u);
+  EXPECT_GE(q[0].step, o.stagnation_min_points_strong - 1) << Describe(q);
+  EXPECT_LT(q[0].step, o.stagnation_min_points - 1) << Describe(q);
+  EXPECT_NEAR(q[0].loss_at_onset, kL0, 0.05 * kL0);
+
+  // The same curve with the scaling off (no strength can lower the
+  // minimum): decided no earlier than stagnation_min_points.
+  AnalyzerOptions off;
+  off.stagnation_min_points_strong = off.stagnation_min_points;
+  off.stagnation_persist_factor = 1.0;
+  const std::vector<Diagnosis> q_off =
+      OfKind(Analyze(Generate(quiet), off), DiagnosisKind::kStagnation);
+  ASSERT_GE(q_off.size(), 1u);
+  EXPECT_GE(q_off[0].step, o.stagnation_min_points - 1) << Describe(q_off);
+
+  CurveSpec noisy = FlatSpec(1000);
+  noisy.loss_noise = 0.1;
+  const std::vector<Diagnosis> n =
+      OfKind(Analyze(Generate(noisy)), DiagnosisKind::kStagnation);
+  ASSERT_GE(n.size(), 1u);
+  EXPECT_GE(n[0].step, o.stagnation_min_points - 1) << Describe(n);
+}
+
+// A loss that slowly rises through its noise at a high level is not strong
+// evidence of a plateau: the strength uses |change|, so a rising window
+// gets no shortcut (seen as stagnation only on the old schedule, if at all).
+TEST(CurveAnalyzerTest, RisingWindowIsNotStrongStagnationEvidence) {
+  CurveSpec spec;
+  spec.points = 200;
+  spec.loss = [](int64_t i) {
+    return kL0 * (1.0 + 0.004 * static_cast<double>(i));
+  };
+  spec.loss_noise = 0.01;
+  const AnalyzerOptions o;
+  for (const Diagnosis& d : OfKind(Analyze(Generate(spec)),
+                                   DiagnosisKind::kStagnation)) {
+    EXPECT_GE(d.step, o.stagnation_min_points - 1) << Describe({d});
+  }
 }
 
 // An LR 100x too large (lossguard-train, SGD at lr 5): the loss blows up

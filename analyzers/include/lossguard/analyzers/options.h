@@ -105,6 +105,15 @@ struct AnalyzerOptions {
   // ...when, over them, the smoothed loss neither fell nor rose by more
   // than this factor (no net progress, no lasting rise).
   double oscillation_progress_factor = 2.0;
+  // A fall counts as net progress only beyond that factor plus this many
+  // log-loss swing stds of the latest window: a loss swinging by 2x that
+  // drifts down by 2x over the same windows is chiefly swinging, and its
+  // swings (not the drift) are what an LR cut would fix. The allowance
+  // scales with the effect: a marginal swing gets almost none, a large one
+  // is reported while the loss still drifts down. Rises get no allowance
+  // (a lasting rise is divergence's to judge). 0 restores the symmetric
+  // rule.
+  double oscillation_progress_swing_sds = 1.0;
 
   // --- stagnation -----------------------------------------------------------
   // Fewest points before stagnation may be decided...
@@ -123,6 +132,21 @@ struct AnalyzerOptions {
   // The condition must hold again after the run has grown by this factor
   // since it first held ("for a long stretch", not one unlucky window)...
   double stagnation_persist_factor = 1.25;
+  // Evidence-scaled confirmation (a sequential test: the stronger the
+  // evidence, the sooner the decision). Strength s >= 1 is how many times
+  // the window's |change| plus this many standard errors of it (a
+  // one-sided 97.7% bound at 2) falls short of the stagnation threshold;
+  // s = 1 for a marginal case (or a noisy one). The factor's
+  // excess over 1 is divided by s, and so is `stagnation_min_points`, down
+  // to `stagnation_min_points_strong`: a loss flat well within its noise
+  // band is decided at once, a marginal one waits as long as before.
+  double stagnation_evidence_sigmas = 2.0;
+  // The fewest points for any evidence: a window of 24 points (half the
+  // run), thirds of 8 points whose medians shrug off 3 outliers each. A
+  // floor, because a start that is slow but real (a few % down in the
+  // first 50 steps) is the one case no noise bound tells from a plateau;
+  // 32 and 40 gave the same dev-corpus figures, 48 is the cautious choice.
+  int stagnation_min_points_strong = 48;
   // ...without clear progress in between: a halving time below this
   // fraction of the threshold.
   double stagnation_progress_fraction = 0.5;
