@@ -59,6 +59,18 @@ ABSL_FLAG(int, max_streams_per_client, 10000,
           "have open; 0: no limit");
 ABSL_FLAG(int64_t, max_runs_per_project, 0, "runs one project may hold; 0: no limit");
 ABSL_FLAG(int, max_message_mib, 64, "largest gRPC message accepted, in MiB");
+ABSL_FLAG(std::string, advertise, "",
+          "with a PostgreSQL --db shared by several daemons: host:port where "
+          "trainers reach this daemon (told to trainers of runs it serves); "
+          "empty: the --listen host (this machine's name for 0.0.0.0) and "
+          "the port listened on");
+ABSL_FLAG(std::string, replica_id, "",
+          "with a shared --db: this daemon's unique id in the fleet (a pod "
+          "name); empty: the advertised address");
+ABSL_FLAG(double, lease_s, 10.0,
+          "with a shared --db: a run's lease lasts this long unless renewed "
+          "(every lease_s/3); the runs of a daemon that died move to another "
+          "after at most this long");
 
 namespace {
 
@@ -131,6 +143,12 @@ int main(int argc, char** argv) {
     return Fail("--max_message_mib must be from 1 to 1024");
   }
   options.max_message_bytes = max_message_mib << 20;
+  options.advertise = absl::GetFlag(FLAGS_advertise);
+  options.replica_id = absl::GetFlag(FLAGS_replica_id);
+  options.lease_s = absl::GetFlag(FLAGS_lease_s);
+  if (!(options.lease_s >= 0.5 && options.lease_s <= 3600)) {
+    return Fail("--lease_s must be from 0.5 to 3600");
+  }
   if (!(options.shutdown_grace_s >= 0.0)) {
     return Fail("--shutdown_grace_s must be >= 0");
   }

@@ -668,6 +668,23 @@ TEST_P(RunStoreTest, PutRunReplacesMetadataAndIgnoresStepFields) {
   EXPECT_EQ(runs[0].steps_stored, 0);
 }
 
+TEST_P(RunStoreTest, LoadRunReadsOneRowOrNothing) {
+  store_->PutRun(MakeRun("a"));
+  store_->PutRun(MakeRun("b"));
+  store_->AppendSteps("b", MakeSteps(5, 14));
+  ASSERT_TRUE(store_->Flush().ok());
+  absl::StatusOr<std::optional<RunRow>> b = store_->LoadRun("b");
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_TRUE(b->has_value());
+  ExpectSameMetadata(**b, MakeRun("b"));
+  EXPECT_TRUE((*b)->has_steps);
+  EXPECT_EQ((*b)->last_step, 14);
+  EXPECT_EQ((*b)->steps_stored, 10);
+  absl::StatusOr<std::optional<RunRow>> none = store_->LoadRun("c");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(none->has_value());
+}
+
 TEST_P(RunStoreTest, EmptyAppendWritesNothing) {
   store_->AppendSteps("r", {});
   ASSERT_TRUE(store_->Flush().ok());

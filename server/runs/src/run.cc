@@ -196,6 +196,72 @@ absl::Status Run::Recover() {
   return absl::OkStatus();
 }
 
+absl::Status Run::Follow(const storage::RunRow& row) {
+  absl::MutexLock lock(&mu_);
+  // Metadata and state as the owner last stored them.
+  name_ = row.name;
+  tags_json_ = row.tags_json;
+  summary_.set_name(row.name);
+  summary_.clear_tags();
+  const nlohmann::json tags =
+      nlohmann::json::parse(row.tags_json, nullptr, /*allow_exceptions=*/false);
+  if (tags.is_object()) {
+    for (const auto& [k, v] : tags.items()) {
+      if (v.is_string()) (*summary_.mutable_tags())[k] = v.get<std::string>();
+    }
+  }
+  if (v1::Mode_IsValid(row.mode)) {
+    summary_.set_mode(static_cast<v1::Mode>(row.mode));
+  }
+  v1::RunConfig config;
+  if (config.ParseFromString(row.config)) config_ = std::move(config);
+  if (v1::RunState_IsValid(row.state) && row.state != v1::RUN_STATE_UNSPECIFIED) {
+    summary_.set_state(static_cast<v1::RunState>(row.state));
+  }
+  finished_ = row.state == v1::FINISHED;
+  summary_.set_updated_time(row.updated_time);
+
+  // The diagnoses and advice as stored (acks and outcomes included).
+  absl::StatusOr<std::vector<storage::EventRow>> events =
+      store_->ReadEvents(run_id_);
+  if (!events.ok()) return events.status();
+  diagnoses_.clear();
+  advice_.clear();
+  for (const storage::EventRow& e : *events) {
+    if (e.type == storage::EventRow::Type::kDiagnosis) {
+      v1::Diagnosis d;
+      if (d.ParseFromString(e.payload)) diagnoses_.push_back(std::move(d));
+      next_diagnosis_id_ = std::max(next_diagnosis_id_, e.id + 1);
+    } else {
+      v1::AdviceRecord r;
+      if (r.ParseFromString(e.payload)) advice_.push_back(std::move(r));
+      next_advice_id_ = std::max(next_advice_id_, e.id + 1);
+    }
+  }
+  while (diagnoses_.size() > static_cast<size_t>(options_->max_advice_in_memory)) {
+    diagnoses_.pop_front();
+  }
+  while (advice_.size() > static_cast<size_t>(options_->max_advice_in_memory)) {
+    advice_.pop_front();
+  }
+
+  // The steps stored since this copy's last one, through the analyzer.
+  const int64_t from = summary_.has_steps()
+                           ? summary_.last_step() + 1
+                           : std::numeric_limits<int64_t>::min();
+  absl::Status s = store_->ReadSteps(
+      run_id_, from, std::numeric_limits<int64_t>::max(),
+      [&](const storage::StepRow& row) {
+        mu_.AssertHeld();  // ReadSteps calls back here, under Follow's lock
+        FeedLocked(FromRow(row), nullptr, /*replaying=*/true);
+        return true;
+      });
+  if (!s.ok()) return s;
+  summary_.set_steps_stored(row.steps_stored);
+  if (row.has_steps) durable_step_.store(row.last_step);
+  return absl::OkStatus();
+}
+
 uint64_t Run::Attach(const v1::RunStart& start, v1::AttachAccepted* accepted) {
   absl::MutexLock lock(&mu_);
   const uint64_t session = next_session_++;

@@ -117,6 +117,53 @@ absl::StatusOr<std::shared_ptr<Run>> RunRegistry::FindOrCreate(
   return run;
 }
 
+void RunRegistry::Put(const storage::RunRow& row, std::shared_ptr<Run> run) {
+  absl::MutexLock lock(&mu_);
+  auto it = runs_.find(row.run_id);
+  if (it != runs_.end()) {
+    // The key sorts by the creation time this copy was made with.
+    order_.erase(Key{it->second->created_time(), row.run_id});
+    it->second = run;
+  } else {
+    ++project_runs_[row.project];
+    runs_[row.run_id] = run;
+  }
+  order_[Key{row.created_time, row.run_id}] = std::move(run);
+}
+
+absl::Status RunRegistry::Reload(const std::string& run_id) {
+  absl::StatusOr<std::optional<storage::RunRow>> row = store_->LoadRun(run_id);
+  if (!row.ok()) return row.status();
+  if (!row->has_value()) return absl::OkStatus();
+  v1::RunConfig config;
+  if (!config.ParseFromString((*row)->config)) {
+    return absl::DataLossError(
+        absl::StrCat("run ", run_id, ": stored config does not parse"));
+  }
+  auto run = std::make_shared<Run>(**row, config, options_, store_, clock_);
+  absl::Status s = run->Recover();
+  if (!s.ok()) return s;
+  Put(**row, std::move(run));
+  return absl::OkStatus();
+}
+
+absl::Status RunRegistry::Follow(const storage::RunRow& row) {
+  std::shared_ptr<Run> run = Find(row.run_id);
+  if (run != nullptr) return run->Follow(row);
+  v1::RunConfig config;
+  config.ParseFromString(row.config);  // Follow reads it again
+  // A copy with no steps yet, so that Follow replays them all.
+  storage::RunRow empty = row;
+  empty.has_steps = false;
+  empty.last_step = 0;
+  empty.steps_stored = 0;
+  run = std::make_shared<Run>(empty, config, options_, store_, clock_);
+  absl::Status s = run->Follow(row);
+  if (!s.ok()) return s;
+  Put(row, std::move(run));
+  return absl::OkStatus();
+}
+
 std::shared_ptr<Run> RunRegistry::Find(const std::string& run_id) const {
   absl::MutexLock lock(&mu_);
   auto it = runs_.find(run_id);

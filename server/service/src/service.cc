@@ -10,6 +10,8 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <deque>
@@ -73,6 +75,10 @@ const char* CodeName(grpc::StatusCode code) {
       return "ERROR";
   }
 }
+
+// Trailing metadata of an Attach refused because another daemon of the
+// fleet serves the run: that daemon's host:port.
+constexpr char kOwnerMetadata[] = "lossguard-owner";
 
 grpc::Status ShuttingDown() {
   return grpc::Status(grpc::StatusCode::UNAVAILABLE,
@@ -176,6 +182,9 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
 
   // Ends every open stream with UNAVAILABLE; later streams end at once.
   void BeginShutdown();
+  // Ends the Attach streams of `run_id` with UNAVAILABLE: this daemon lost
+  // the run's lease (fleet).
+  void EndRunStreams(const std::string& run_id);
   // Runs the queued work and joins the worker threads.
   void StopWorkers() { pool_.reset(); }
 
@@ -187,6 +196,10 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
   void Unregister(WatchReactor* r);
 
   const ServerOptions& options() const { return *options_; }
+  // The fleet this daemon is part of; nullptr when it serves alone.
+  runs::Fleet* fleet() { return fleet_; }
+  void set_fleet(runs::Fleet* fleet) { fleet_ = fleet; }
+  WorkerPool* pool() { return pool_.get(); }
   runs::RunRegistry* registry() { return registry_; }
   storage::RunStore* store() { return store_; }
   runs::Clock* clock() { return clock_; }
@@ -208,6 +221,7 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
   storage::RunStore* const store_;
   runs::Clock* const clock_;
   std::unique_ptr<WorkerPool> pool_;
+  runs::Fleet* fleet_ = nullptr;  // set before serving
   Metrics metrics_;
 
   absl::Mutex mu_;
@@ -240,7 +254,7 @@ class AttachReactor final
  public:
   AttachReactor(LossGuardServiceImpl* service,
                 grpc::CallbackServerContext* context)
-      : service_(service), peer_(context->peer()) {
+      : service_(service), context_(context), peer_(context->peer()) {
     {
       absl::MutexLock lock(&mailbox_->mu);
       mailbox_->reactor = this;
@@ -298,6 +312,10 @@ class AttachReactor final
       End(status, /*drain=*/false);
       return;
     }
+    if (defer_read_) {
+      defer_read_ = false;  // OnClaimed reads on, maybe already has
+      return;
+    }
     ReadNext();
   }
 
@@ -328,6 +346,13 @@ class AttachReactor final
     }
     service_->Unregister(this);
     if (!client_.empty()) service_->ReleaseStream(client_);
+    if (!claimed_run_.empty()) {
+      // The lease goes back (a database round trip) on a worker.
+      service_->pool()->Submit(
+          [fleet = service_->fleet(), run_id = claimed_run_] {
+            fleet->Release(run_id);
+          });
+    }
     grpc::StatusCode code;
     {
       absl::MutexLock lock(&mu_);
@@ -344,6 +369,14 @@ class AttachReactor final
 
   // Ends the stream from any thread (shutdown).
   void Abort(const grpc::Status& status) { End(status, /*drain=*/false); }
+  // Ends the stream if it serves `run_id` (from any thread).
+  void AbortIfRun(const std::string& run_id, const grpc::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (attached_run_ == nullptr || attached_run_->run_id() != run_id) return;
+    }
+    End(status, /*drain=*/false);
+  }
 
  private:
   grpc::Status Process() {
@@ -386,6 +419,72 @@ class AttachReactor final
     // the one it was created with (checked on what FindOrCreate returns).
     grpc::Status allowed = LossGuardServiceImpl::Check(caller_, start.project(), true);
     if (!allowed.ok()) return allowed;
+    if (runs::Fleet* fleet = service_->fleet(); fleet != nullptr) {
+      // The run's lease first (a database round trip, on a worker); reads
+      // wait until OnClaimed.
+      absl::Status valid =
+          runs::ValidateRunStart(start, service_->options().limits);
+      if (!valid.ok()) return ToGrpc(valid);
+      defer_read_ = true;
+      service_->pool()->Submit(
+          [fleet, mailbox = mailbox_, run_id = start.run_id()] {
+            absl::StatusOr<runs::Fleet::Claim> claim = fleet->Acquire(run_id);
+            bool delivered = false;
+            {
+              absl::MutexLock lock(&mailbox->mu);
+              if (mailbox->reactor != nullptr) {
+                mailbox->reactor->OnClaimed(claim);
+                delivered = true;
+              }
+            }
+            // The stream ended meanwhile: nobody will release it.
+            if (!delivered && claim.ok() && claim->ours) fleet->Release(run_id);
+          });
+      return grpc::Status::OK;
+    }
+    return Start(request_.start());
+  }
+
+  // The fleet's answer to this stream's start (on a worker thread, under
+  // the mailbox's lock).
+  void OnClaimed(const absl::StatusOr<runs::Fleet::Claim>& claim) {
+    const v1::RunStart& start = request_.start();
+    if (!claim.ok()) {
+      End(ToGrpc(claim.status()), /*drain=*/false);
+      return;
+    }
+    if (!claim->ours) {
+      // Served by another live daemon: say where (the C++ and Python
+      // clients reconnect there at once; others retry, and a load
+      // balancer hashing the run id sends them to the owner).
+      context_->AddTrailingMetadata(kOwnerMetadata, claim->holder.address);
+      Log(LogLevel::kInfo, "redirect",
+          {{"run_id", start.run_id()},
+           {"peer", peer_},
+           {"owner", claim->holder.owner},
+           {"address", claim->holder.address}});
+      End(grpc::Status(
+              grpc::StatusCode::UNAVAILABLE,
+              absl::StrFormat("run \"%s\" is served by daemon %s at %s (its "
+                              "lease runs %.1f s more); attach there",
+                              start.run_id(), claim->holder.owner,
+                              claim->holder.address,
+                              std::max(0.0, claim->holder.expires_in_s))),
+          /*drain=*/false);
+      return;
+    }
+    claimed_run_ = start.run_id();
+    grpc::Status s = Start(start);
+    if (!s.ok()) {
+      End(s, /*drain=*/false);
+      return;
+    }
+    ReadNext();
+  }
+
+  // Finds or creates the run and attaches this stream to it.
+  grpc::Status Start(const v1::RunStart& start) {
+    grpc::Status allowed;
     bool created = false;
     absl::StatusOr<std::shared_ptr<runs::Run>> run =
         service_->registry()->FindOrCreate(start, &created);
@@ -662,6 +761,7 @@ class AttachReactor final
   }
 
   LossGuardServiceImpl* const service_;
+  grpc::CallbackServerContext* const context_;
   const std::string peer_;
   const auth::Principal* caller_ = nullptr;  // nullptr: auth is off
   std::string client_;  // what max_streams_per_client counts; empty: none held
@@ -670,6 +770,11 @@ class AttachReactor final
   std::shared_ptr<runs::Run> run_;
   uint64_t session_ = 0;
   std::vector<v1::Advice> advice_;
+  // Fleet: OnStart handed the read on to OnClaimed (read path only); the
+  // run whose lease this stream holds, released when it ends (set by
+  // OnClaimed under the mailbox's lock, read in OnDone after taking it).
+  bool defer_read_ = false;
+  std::string claimed_run_;
   int64_t steps_ = 0;
   int64_t duplicates_ = 0;
 
@@ -873,6 +978,17 @@ void LossGuardServiceImpl::Unregister(WatchReactor* r) {
   watches_.erase(r);
 }
 
+void LossGuardServiceImpl::EndRunStreams(const std::string& run_id) {
+  absl::MutexLock lock(&mu_);
+  for (AttachReactor* r : attaches_) {
+    r->AbortIfRun(run_id,
+                  grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                               absl::StrCat("run \"", run_id,
+                                            "\" moved to another daemon of the "
+                                            "fleet; reconnect")));
+  }
+}
+
 void LossGuardServiceImpl::BeginShutdown() {
   absl::MutexLock lock(&mu_);
   shutting_down_ = true;
@@ -890,19 +1006,32 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetRunHealth(
     reactor->Finish(ToGrpc(caller.status()));
     return reactor;
   }
+  auto answer = [this, reactor, request, reply,
+                 caller = *caller](std::shared_ptr<runs::Run> run) {
+    if (run == nullptr) {
+      reactor->Finish(grpc::Status(
+          grpc::StatusCode::NOT_FOUND,
+          absl::StrCat("no run \"", request->run_id(), "\"")));
+      return;
+    }
+    if (grpc::Status s = Check(caller, run->project(), false); !s.ok()) {
+      reactor->Finish(s);
+      return;
+    }
+    *reply = run->Health();
+    reactor->Finish(grpc::Status::OK);
+  };
   std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
-  if (run == nullptr) {
-    reactor->Finish(grpc::Status(
-        grpc::StatusCode::NOT_FOUND,
-        absl::StrCat("no run \"", request->run_id(), "\"")));
+  if (run == nullptr && fleet_ != nullptr) {
+    // Maybe started at another daemon since the last sync: look in the
+    // store (a round trip, on a worker).
+    pool_->Submit([this, request, answer] {
+      fleet_->SyncRun(request->run_id()).IgnoreError();
+      answer(registry_->Find(request->run_id()));
+    });
     return reactor;
   }
-  if (grpc::Status s = Check(*caller, run->project(), false); !s.ok()) {
-    reactor->Finish(s);
-    return reactor;
-  }
-  *reply = run->Health();
-  reactor->Finish(grpc::Status::OK);
+  answer(std::move(run));
   return reactor;
 }
 
@@ -964,17 +1093,6 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetCurve(
     reactor->Finish(ToGrpc(caller.status()));
     return reactor;
   }
-  std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
-  if (run == nullptr) {
-    reactor->Finish(grpc::Status(
-        grpc::StatusCode::NOT_FOUND,
-        absl::StrCat("no run \"", request->run_id(), "\"")));
-    return reactor;
-  }
-  if (grpc::Status s = Check(*caller, run->project(), false); !s.ok()) {
-    reactor->Finish(s);
-    return reactor;
-  }
   const bool whole = request->from_step() == 0 && request->to_step() == 0;
   const int64_t from =
       whole ? std::numeric_limits<int64_t>::min() : request->from_step();
@@ -987,7 +1105,24 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetCurve(
     return reactor;
   }
   // Store reads block: they run on the workers.
-  pool_->Submit([this, reactor, reply, run, from, to, max_points] {
+  pool_->Submit([this, reactor, request, reply, caller = *caller, from, to,
+                 max_points] {
+    std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
+    if (run == nullptr && fleet_ != nullptr) {
+      // Maybe started at another daemon since the last sync.
+      fleet_->SyncRun(request->run_id()).IgnoreError();
+      run = registry_->Find(request->run_id());
+    }
+    if (run == nullptr) {
+      reactor->Finish(grpc::Status(
+          grpc::StatusCode::NOT_FOUND,
+          absl::StrCat("no run \"", request->run_id(), "\"")));
+      return;
+    }
+    if (grpc::Status s = Check(caller, run->project(), false); !s.ok()) {
+      reactor->Finish(s);
+      return;
+    }
     const v1::RunSummary summary = run->Summary();
     reply->set_run_id(run->run_id());
     if (!summary.has_steps()) {
@@ -1138,6 +1273,17 @@ ServerOptions WithAlertHook(ServerOptions options, Alerter* const* alerter) {
   return options;
 }
 
+// Where trainers reach a daemon listening on `listen` at `port`: the
+// listen host, or this machine's name when it listens on every address.
+std::string AdvertisedAddress(const std::string& listen, int port) {
+  std::string host = listen.substr(0, listen.rfind(':'));
+  if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") {
+    char name[256] = {};
+    host = gethostname(name, sizeof(name) - 1) == 0 ? name : "localhost";
+  }
+  return absl::StrCat(host, ":", port);
+}
+
 }  // namespace
 
 Daemon::Daemon(const ServerOptions& options, storage::RunStore* store,
@@ -1169,9 +1315,30 @@ absl::Status Daemon::Start() {
     alerter_ = std::make_unique<Alerter>(ao);
     alerter_raw_ = alerter_.get();
   }
-  s = registry_->Recover();
-  if (!s.ok()) return s;
-  Log(LogLevel::kInfo, "recovered", {{"runs", registry_->size()}});
+  if (store_->leases() != nullptr) {
+    // One of a fleet sharing the store: every run starts as a read-only
+    // copy; a trainer attaching here takes its run over (Fleet::Acquire).
+    runs::FleetOptions fo;
+    fo.replica_id = options_.replica_id;
+    fo.lease_s = options_.lease_s;
+    fo.renew_every_s = options_.lease_s / 3;
+    fo.sync_every_s = options_.fleet_sync_s;
+    if (!(fo.lease_s > 0) || !(fo.sync_every_s > 0)) {
+      return absl::InvalidArgumentError("lease_s and fleet_sync_s must be > 0");
+    }
+    fleet_ = std::make_unique<runs::Fleet>(
+        fo, registry_.get(), store_, [this](const std::string& run_id) {
+          Log(LogLevel::kWarning, "lease_lost", {{"run_id", run_id}});
+          if (service_ != nullptr) service_->EndRunStreams(run_id);
+        });
+    s = fleet_->Load();
+    if (!s.ok()) return s;
+    Log(LogLevel::kInfo, "fleet_loaded", {{"runs", registry_->size()}});
+  } else {
+    s = registry_->Recover();
+    if (!s.ok()) return s;
+    Log(LogLevel::kInfo, "recovered", {{"runs", registry_->size()}});
+  }
 
   static std::once_flag reflection_once;
   std::call_once(reflection_once, [] {
@@ -1181,6 +1348,7 @@ absl::Status Daemon::Start() {
 
   service_ = std::make_unique<LossGuardServiceImpl>(&options_, registry_.get(),
                                                     store_, clock_);
+  service_->set_fleet(fleet_.get());
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds =
       ServerCredentials(options_);
   if (!creds.ok()) {
@@ -1251,6 +1419,14 @@ absl::Status Daemon::Start() {
     Log(LogLevel::kInfo, "http_listening",
         {{"http", options_.http_listen}, {"port", http_->port()}});
   }
+  if (fleet_ != nullptr) {
+    const std::string address = options_.advertise.empty()
+                                    ? AdvertisedAddress(options_.listen, port_)
+                                    : options_.advertise;
+    fleet_->Start(address);
+    Log(LogLevel::kInfo, "fleet_member",
+        {{"replica_id", fleet_->replica_id()}, {"address", address}});
+  }
   server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
   running_ = true;
   Log(LogLevel::kInfo, "listening",
@@ -1276,6 +1452,8 @@ absl::Status Daemon::Shutdown() {
   service_->StopWorkers();
   if (alerter_ != nullptr) alerter_->Stop();  // sends what is queued
   absl::Status s = store_->Flush();
+  // Every run's steps are stored: other daemons may take them over now.
+  if (fleet_ != nullptr) fleet_->Stop();
   Log(LogLevel::kInfo, "stopped",
       {{"store", s.ok() ? "ok" : std::string(s.message())}});
   return s;

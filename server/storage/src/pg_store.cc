@@ -141,6 +141,10 @@ const std::vector<pg::Statement>& ReaderStatements() {
        "SELECT run_id, name, project, tags_json, config, mode, state, "
        "created_time, updated_time, step_count, last_step "
        "FROM runs ORDER BY run_id COLLATE \"C\""},
+      {"load_run",
+       "SELECT run_id, name, project, tags_json, config, mode, state, "
+       "created_time, updated_time, step_count, last_step "
+       "FROM runs WHERE run_id = $1"},
       // From the chunk that holds $2 (the last one starting at or before
       // it), to the last one starting at or before $3.
       {"read_steps",
@@ -322,6 +326,8 @@ class PgStore final : public BatchingStore {
   ~PgStore() override { StopWriter(); }
 
   absl::StatusOr<std::vector<RunRow>> LoadRuns() override;
+  absl::StatusOr<std::optional<RunRow>> LoadRun(
+      const std::string& run_id) override;
   absl::Status ReadSteps(
       const std::string& run_id, int64_t from_step, int64_t to_step,
       const std::function<bool(const StepRow&)>& fn) override;
@@ -564,6 +570,23 @@ void PgStore::ReleaseReader(std::unique_ptr<pg::Conn> conn) {
   }
 }
 
+RunRow RunRowOf(const pg::Result& r, int i) {
+  RunRow row;
+  row.run_id = r.String(i, 0);
+  row.name = r.String(i, 1);
+  row.project = r.String(i, 2);
+  row.tags_json = r.String(i, 3);
+  row.config = r.String(i, 4);
+  row.mode = r.Int4(i, 5);
+  row.state = r.Int4(i, 6);
+  row.created_time = r.Float8(i, 7);
+  row.updated_time = r.Float8(i, 8);
+  row.steps_stored = r.Int8(i, 9);
+  row.has_steps = !r.IsNull(i, 10);
+  row.last_step = row.has_steps ? r.Int8(i, 10) : 0;
+  return row;
+}
+
 absl::StatusOr<std::vector<RunRow>> PgStore::LoadRuns() {
   absl::StatusOr<ReaderLease> reader = AcquireReader();
   if (!reader.ok()) return reader.status();
@@ -572,23 +595,20 @@ absl::StatusOr<std::vector<RunRow>> PgStore::LoadRuns() {
   if (!r.ok()) return r.status();
   std::vector<RunRow> runs;
   runs.reserve(static_cast<size_t>(r->rows()));
-  for (int i = 0; i < r->rows(); ++i) {
-    RunRow row;
-    row.run_id = r->String(i, 0);
-    row.name = r->String(i, 1);
-    row.project = r->String(i, 2);
-    row.tags_json = r->String(i, 3);
-    row.config = r->String(i, 4);
-    row.mode = r->Int4(i, 5);
-    row.state = r->Int4(i, 6);
-    row.created_time = r->Float8(i, 7);
-    row.updated_time = r->Float8(i, 8);
-    row.steps_stored = r->Int8(i, 9);
-    row.has_steps = !r->IsNull(i, 10);
-    row.last_step = row.has_steps ? r->Int8(i, 10) : 0;
-    runs.push_back(std::move(row));
-  }
+  for (int i = 0; i < r->rows(); ++i) runs.push_back(RunRowOf(*r, i));
   return runs;
+}
+
+absl::StatusOr<std::optional<RunRow>> PgStore::LoadRun(
+    const std::string& run_id) {
+  absl::StatusOr<ReaderLease> reader = AcquireReader();
+  if (!reader.ok()) return reader.status();
+  absl::StatusOr<pg::Result> r =
+      (*reader)->RunRetryingOnce("load_run", pg::Params().Text(run_id),
+                                 absl::StrCat("load run ", run_id));
+  if (!r.ok()) return r.status();
+  if (r->rows() == 0) return std::optional<RunRow>();
+  return std::optional<RunRow>(RunRowOf(*r, 0));
 }
 
 absl::Status PgStore::ReadSteps(

@@ -105,6 +105,14 @@ class Run : public std::enable_shared_from_this<Run> {
   // repeated), loads advice history and rebuilds the policy's context.
   absl::Status Recover();
 
+  // Brings the copy of a run that another daemon owns (a fleet sharing one
+  // store) up to date with what the owner stored: metadata and state from
+  // `row` (its latest stored row), the stored diagnoses and advice, and the
+  // steps stored since this copy's last one, fed to the analyzer as a
+  // replay. Writes nothing to the store. Cost: the new steps, plus the
+  // run's events.
+  absl::Status Follow(const storage::RunRow& row);
+
   // A trainer attaches (or re-attaches). Updates name/project/tags/config/
   // mode from `start`, makes this the run's current session (an earlier
   // session is superseded) and fills `accepted`. Returns the session id.

@@ -69,6 +69,15 @@ class RunRegistry {
                                   int page_size,
                                   const std::string& page_token) const;
 
+  // Fleet (several daemons sharing one store). Replaces this daemon's copy
+  // of `run_id` with one rebuilt from the store as its owner rebuilds it
+  // after a restart (Run::Recover): the daemon is taking the run over.
+  // Does nothing for a run the store does not hold.
+  absl::Status Reload(const std::string& run_id);
+  // Brings this daemon's copy of a run that another daemon owns up to date
+  // with the store's `row` (Run::Follow), adding it when new here.
+  absl::Status Follow(const storage::RunRow& row);
+
   size_t size() const;
   // Every run (a snapshot), for shutdown and metrics.
   std::vector<std::shared_ptr<Run>> All() const;
@@ -93,6 +102,8 @@ class RunRegistry {
   absl::flat_hash_map<std::string, std::shared_ptr<Run>> runs_
       ABSL_GUARDED_BY(mu_);
   std::map<Key, std::shared_ptr<Run>> order_ ABSL_GUARDED_BY(mu_);
+  // Adds `run` made from `row`, or puts it in place of the run of its id.
+  void Put(const storage::RunRow& row, std::shared_ptr<Run> run);
   absl::flat_hash_map<std::string, size_t> project_runs_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "lossguard/auth/auth.h"
+#include "lossguard/runs/fleet.h"
 #include "lossguard/runs/run.h"
 #include "lossguard/runs/run_registry.h"
 #include "lossguard/storage/run_store.h"
@@ -69,6 +70,16 @@ struct ServerOptions {
   std::string tls_cert_file;
   std::string tls_key_file;
   std::string tls_client_ca_file;
+  // Fleet of daemons sharing one store (a store with leases: PostgreSQL;
+  // ignored otherwise). A run is served by the daemon holding its lease;
+  // see lossguard/runs/fleet.h. Empty replica_id: host:port of `advertise`;
+  // empty advertise: the listen address with the port listened on (set it
+  // when listening on 0.0.0.0 or behind NAT: it is what trainers are told
+  // to reach).
+  std::string replica_id;
+  std::string advertise;
+  double lease_s = 10.0;
+  double fleet_sync_s = 1.0;
 };
 
 class LossGuardServiceImpl;
@@ -113,6 +124,7 @@ class Daemon {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpFrontend> http_;
   std::unique_ptr<Alerter> alerter_;
+  std::unique_ptr<runs::Fleet> fleet_;  // with a shared store only
   int port_ = 0;
   bool running_ = false;
 };

@@ -140,6 +140,10 @@ class RunStore {
   virtual absl::Status ReadSteps(
       const std::string& run_id, int64_t from_step, int64_t to_step,
       const std::function<bool(const StepRow&)>& fn) = 0;
+  // One run's row, as LoadRuns fills it; nullopt for an unknown run. (The
+  // default scans LoadRuns; a store shared by daemons reads one row.)
+  virtual absl::StatusOr<std::optional<RunRow>> LoadRun(
+      const std::string& run_id);
   // Every event of `run_id`, ordered by (type, id).
   virtual absl::StatusOr<std::vector<EventRow>> ReadEvents(
       const std::string& run_id) = 0;
