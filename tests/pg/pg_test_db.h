@@ -75,6 +75,21 @@ class TestDatabase {
 
   // libpq conninfo of the new database; "" when there is no server.
   const std::string& conninfo() const { return conninfo_; }
+  // The same as a postgresql:// URI (what lossguardd --db takes).
+  std::string uri() const {
+    std::string host, port, user;
+    PQconninfoOption* opts = PQconninfoParse(server_.c_str(), nullptr);
+    for (PQconninfoOption* o = opts; o != nullptr && o->keyword != nullptr;
+         ++o) {
+      if (o->val == nullptr) continue;
+      const std::string k = o->keyword;
+      if (k == "host") host = o->val;
+      if (k == "port") port = o->val;
+      if (k == "user") user = o->val;
+    }
+    PQconninfoFree(opts);
+    return "postgresql://" + user + "@" + host + ":" + port + "/" + name_;
+  }
 
  private:
   std::string server_;

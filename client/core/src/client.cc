@@ -221,6 +221,9 @@ class Client::Impl {
   // the client stops. Returns true when the run finished (no reconnect).
   bool Session() {
     auto context = std::make_unique<grpc::ClientContext>();
+    // A redirect (the daemon that serves the run, in a fleet) is used for
+    // one session; after it, the configured server again.
+    std::unique_ptr<v1::LossGuard::Stub> redirect = std::move(redirect_stub_);
     {
       absl::MutexLock lock(&mu_);
       if (stop_) return true;
@@ -228,8 +231,10 @@ class Client::Impl {
       context_ = context.get();
       accepted_ = false;
       broken_ = false;
+      reader_ended_ = false;
     }
-    std::unique_ptr<Stream> stream = stub_->Attach(context.get());
+    v1::LossGuard::Stub* stub = redirect != nullptr ? redirect.get() : stub_.get();
+    std::unique_ptr<Stream> stream = stub->Attach(context.get());
     std::thread reader([this, s = stream.get()] { ReaderLoop(s); });
 
     bool finished = false;
@@ -266,15 +271,31 @@ class Client::Impl {
     {
       absl::MutexLock lock(&mu_);
       connected_ = false;
-      if (!finish_sent) context_->TryCancel();
+      // A stream the daemon ended (the reader saw its end) is not
+      // cancelled: Finish then returns the daemon's status and trailers.
+      if (!finish_sent && !reader_ended_) context_->TryCancel();
     }
     reader.join();
     const grpc::Status status = stream->Finish();
     // Finished only when the daemon ended the stream cleanly after our
     // finish: it has taken everything before it.
     finished = finish_sent && status.ok();
+    if (status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+        redirect == nullptr) {
+      // Another daemon of the fleet serves the run: go there next (once:
+      // a redirect from a redirect waits for the usual backoff).
+      const auto& trailers = context->GetServerTrailingMetadata();
+      auto owner = trailers.find("lossguard-owner");
+      if (owner != trailers.end() && !owner->second.empty()) {
+        const std::string address(owner->second.data(), owner->second.size());
+        absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+            CreateChannel(address, options_.credentials, ChannelArgs(options_));
+        if (channel.ok()) redirect_stub_ = v1::LossGuard::NewStub(*channel);
+      }
+    }
     absl::MutexLock lock(&mu_);
     context_ = nullptr;
+    if (redirect_stub_ != nullptr) ++stats_.redirects;
     if (!status.ok()) {
       stats_.last_error = absl::StrCat(status.error_code(), ": ",
                                        status.error_message());
@@ -402,6 +423,7 @@ class Client::Impl {
       if (advice && options_.on_advice) options_.on_advice(*advice);
     }
     absl::MutexLock lock(&mu_);
+    reader_ended_ = true;
     broken_ = true;
   }
 
@@ -421,6 +443,7 @@ class Client::Impl {
     std::mt19937_64 rng(std::random_device{}());
     for (;;) {
       if (Session()) return;
+      if (redirect_stub_ != nullptr) continue;  // to the run's daemon, at once
       absl::MutexLock lock(&mu_);
       if (stop_) return;
       if (stats_.connects > 0 && backoff > options_.initial_backoff &&
@@ -443,6 +466,8 @@ class Client::Impl {
   const ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::LossGuard::Stub> stub_;
+  // Where the last session was told to go (sender thread only).
+  std::unique_ptr<v1::LossGuard::Stub> redirect_stub_;
   std::thread sender_;
 
   mutable absl::Mutex mu_;
@@ -460,6 +485,7 @@ class Client::Impl {
   grpc::ClientContext* context_ ABSL_GUARDED_BY(mu_) = nullptr;
   bool accepted_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool reader_ended_ ABSL_GUARDED_BY(mu_) = false;  // the stream's reads ended
   bool connected_ ABSL_GUARDED_BY(mu_) = false;
   int64_t last_connects_ ABSL_GUARDED_BY(mu_) = 0;
   ClientStats stats_ ABSL_GUARDED_BY(mu_);

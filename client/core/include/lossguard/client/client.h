@@ -68,6 +68,9 @@ struct ClientStats {
   int64_t buffered_steps = 0;    // not yet confirmed by the daemon
   std::optional<int64_t> confirmed_step;  // last step the daemon holds
   int64_t advice_received = 0;
+  // Times a daemon of a fleet said another one serves the run (the client
+  // then attaches there once, at once, and falls back to `server` after).
+  int64_t redirects = 0;
   std::string last_error;        // why the last connection ended
 };
 
