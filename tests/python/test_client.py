@@ -339,5 +339,52 @@ class TorchGuardTest(unittest.TestCase):
         self.assertEqual(h.summary.steps_stored, 150)
 
 
+class FleetTest(unittest.TestCase):
+    """Two daemons on one PostgreSQL database: the client follows a redirect.
+
+    Needs the pg_server ctest fixture ($LOSSGUARD_TEST_PG_FILE)."""
+
+    def setUp(self):
+        conninfo_file = os.environ.get("LOSSGUARD_TEST_PG_FILE")
+        if not conninfo_file:
+            self.skipTest("no PostgreSQL test server (run under ctest)")
+        with open(conninfo_file) as f:
+            self.server = f.read().strip()
+        fields = dict(kv.split("=", 1) for kv in self.server.split())
+        self.db = f"lossguard_py_{os.getpid()}"
+        self.psql(f"CREATE DATABASE {self.db}")
+        uri = (f"postgresql://{fields['user']}@{fields['host']}:{fields['port']}/"
+               f"{self.db}")
+        self.a = Daemon(uri)
+        self.b = Daemon(uri)
+
+    def psql(self, sql):
+        subprocess.run(["psql", self.server, "-q", "-c", sql], check=True,
+                       capture_output=True)
+
+    def tearDown(self):
+        self.assertEqual(self.a.stop(), 0)
+        self.assertEqual(self.b.stop(), 0)
+        self.psql(f"DROP DATABASE {self.db} WITH (FORCE)")
+
+    def test_a_run_served_by_another_daemon_is_followed_there(self):
+        # A trainer attached at A holds run "r" there.
+        import queue
+        requests = queue.Queue()
+        requests.put(pb.AttachRequest(start=pb.RunStart(run_id="r")))
+        with grpc.insecure_channel(self.a.address) as ch:
+            held = pb_grpc.LossGuardStub(ch).Attach(iter(requests.get, None))
+            self.assertEqual(next(held).WhichOneof("kind"), "accepted")
+            # Pointed at B, the client is sent to A and trains there.
+            with lossguard.Client(self.b.address, "r") as client:
+                for step in range(50):
+                    client.report(step, 0.01, 1.0)
+                self.assertTrue(client.flush(WAIT))
+                self.assertGreaterEqual(client.stats.redirects, 1)
+                self.assertEqual(client.stats.confirmed_step, 49)
+            requests.put(None)
+            held.cancel()
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -27,6 +27,9 @@ class ClientStats:
     buffered_steps: int = 0      # not yet confirmed by the daemon
     confirmed_step: int = None   # last step the daemon holds
     advice_received: int = 0
+    # Times a daemon of a fleet said another one serves the run (the client
+    # then attaches there once, at once, and falls back to `server` after).
+    redirects: int = 0
     last_error: str = ""
 
 
@@ -126,10 +129,15 @@ class Client:
                 root_certificates=read(tls_ca) if tls_ca else None,
                 private_key=read(tls_key) if tls_key else None,
                 certificate_chain=read(tls_cert) if tls_cert else None)
-            self._channel = grpc.secure_channel(server, creds, options=channel_options)
+            self._new_channel = lambda target: grpc.secure_channel(
+                target, creds, options=channel_options)
         else:
-            self._channel = grpc.insecure_channel(server, options=channel_options)
+            self._new_channel = lambda target: grpc.insecure_channel(
+                target, options=channel_options)
+        self._channel = self._new_channel(server)
         self._stub = pb_grpc.LossGuardStub(self._channel)
+        # Where the last session was told to go (client thread only).
+        self._redirect = None
         self._session = None
         self._thread = threading.Thread(target=self._run, name="lossguard-client",
                                         daemon=True)
@@ -291,11 +299,15 @@ class Client:
             self._broken = False
             self._sent = 0
         session.requests.put(pb.AttachRequest(start=self._start))
+        # A redirect (the daemon that serves the run, in a fleet) is used
+        # for one session; after it, the configured server again.
+        redirect, self._redirect = self._redirect, None
+        stub = pb_grpc.LossGuardStub(redirect) if redirect else self._stub
         # wait_for_ready: the call waits (polling the channel) for the daemon
         # instead of failing at once while the channel is in backoff, so a
         # daemon that comes back is found as soon as it listens.
-        call = self._stub.Attach(iter(session), wait_for_ready=True,
-                                 metadata=self._metadata)
+        call = stub.Attach(iter(session), wait_for_ready=redirect is None,
+                           metadata=self._metadata)
         session.call = call
         reader = threading.Thread(target=self._read, args=(call,), daemon=True)
         reader.start()
@@ -347,6 +359,16 @@ class Client:
             session.requests.put(None)
             call.cancel()
         reader.join()
+        if redirect is not None:
+            redirect.close()
+        elif call.code() == grpc.StatusCode.UNAVAILABLE:
+            # Another daemon of the fleet serves the run: go there next
+            # (once: a redirect from a redirect waits for the backoff).
+            owner = dict(call.trailing_metadata() or ()).get("lossguard-owner")
+            if owner:
+                self._redirect = self._new_channel(owner)
+                with self._cv:
+                    self._stats.redirects += 1
         ok = finish_sent and call.code() == grpc.StatusCode.OK
         with self._cv:
             self._session = None
@@ -365,6 +387,8 @@ class Client:
             except Exception as e:  # never let the client thread die silently
                 with self._cv:
                     self._stats.last_error = repr(e)
+            if self._redirect is not None:
+                continue  # to the run's daemon, at once
             with self._cv:
                 if self._stop:
                     return
