@@ -1,5 +1,7 @@
 #include "client/cli/fleet.h"
 
+#include "grpc/health/v1/health.grpc.pb.h"
+
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
@@ -283,6 +285,35 @@ absl::StatusOr<std::unique_ptr<v1::LossGuard::StubInterface>> ConnectTo(
       CreateChannel(server, credentials, grpc::ChannelArguments());
   if (!channel.ok()) return channel.status();
   return std::unique_ptr<v1::LossGuard::StubInterface>(v1::LossGuard::NewStub(*channel));
+}
+
+absl::StatusOr<std::string> Probe(const std::string& server,
+                                  const Credentials& credentials,
+                                  const std::string& service, bool json) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      CreateChannel(server, credentials, grpc::ChannelArguments());
+  if (!channel.ok()) return channel.status();
+  std::unique_ptr<grpc::health::v1::Health::Stub> stub =
+      grpc::health::v1::Health::NewStub(*channel);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
+  grpc::health::v1::HealthCheckResponse resp;
+  grpc::Status s = stub->Check(&ctx, req, &resp);
+  if (!s.ok()) return FromGrpc(s, server, "health check");
+  const std::string status =
+      grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status());
+  if (resp.status() != grpc::health::v1::HealthCheckResponse::SERVING) {
+    return absl::UnavailableError(
+        absl::StrCat(server, ": ", service.empty() ? "the server" : service,
+                     " is ", status));
+  }
+  if (json) {
+    return nlohmann::json({{"service", service}, {"status", status}}).dump() +
+           "\n";
+  }
+  return status + "\n";
 }
 
 absl::StatusOr<std::string> Runs(v1::LossGuard::StubInterface& stub,

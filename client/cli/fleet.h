@@ -47,6 +47,13 @@ absl::StatusOr<std::string> Runs(v1::LossGuard::StubInterface& stub,
 // `lossguard health RUN`: the run's summary, config, active diagnoses with
 // their evidence, and its advice history with status and outcome; with
 // `json`, the RunHealth message as JSON.
+// Asks the daemon's standard gRPC health service whether `service` (empty:
+// the server as a whole) is SERVING: OK with "SERVING" (or JSON), else
+// Unavailable naming the status. A liveness or readiness probe.
+absl::StatusOr<std::string> Probe(const std::string& server,
+                                  const Credentials& credentials,
+                                  const std::string& service, bool json);
+
 absl::StatusOr<std::string> Health(v1::LossGuard::StubInterface& stub,
                                    const std::string& server,
                                    const std::string& run_id, bool json);

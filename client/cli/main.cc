@@ -2,7 +2,7 @@
 //
 //   lossguard analyze FILE.csv [--json]
 //   lossguard lr-find FILE.csv [--json]
-//   lossguard runs|health RUN|watch RUN|plot RUN|import FILE.csv
+//   lossguard runs|health RUN|watch RUN|plot RUN|import FILE.csv|probe
 //             [--server ADDR] ...
 //   lossguard help [COMMAND]
 //
@@ -69,6 +69,8 @@ against a running lossguardd (--server ADDR, default $LOSSGUARD_SERVER or
   import FILE                send a curve file (CSV or TensorBoard event
                              file) to the daemon as a run, to be diagnosed
                              and plotted (never steered)
+  probe [--service NAME]     exit 0 when the daemon's gRPC health service
+                             says SERVING (a liveness/readiness probe)
 
   a daemon with tokens or TLS: --token T (default $LOSSGUARD_TOKEN),
   --tls-ca CA.pem (default $LOSSGUARD_TLS_CA), and for mTLS --tls-cert
@@ -106,6 +108,17 @@ with its status (sent, applied, rejected) and outcome (improved, no_change,
 worsened).
 
   --json  the RunHealth message as JSON (proto field names)
+)";
+
+constexpr std::string_view kProbeUsage =
+    R"(usage: lossguard probe [--server ADDR] [--service NAME] [--json]
+
+Asks the daemon's standard gRPC health service (grpc.health.v1) whether it
+serves: prints SERVING and exits 0, or says what it is and exits 1. For
+liveness and readiness probes (deploy/k8s).
+
+  --service NAME  the service to ask about (default lossguard.v1.LossGuard;
+                  "" for the server as a whole)
 )";
 
 constexpr std::string_view kWatchUsage =
@@ -199,6 +212,7 @@ std::optional<std::string_view> CommandUsage(std::string_view command) {
   if (command == "lr-find") return kLrFindUsage;
   if (command == "runs") return kRunsUsage;
   if (command == "health") return kHealthUsage;
+  if (command == "probe") return kProbeUsage;
   if (command == "watch") return kWatchUsage;
   if (command == "plot") return kPlotUsage;
   if (command == "import") return kImportUsage;
@@ -377,6 +391,7 @@ int main(int argc, char** argv) {
               {"lr-find", {}},
               {"runs", {"--server", "--project", "--state", kTok, kCa, kCert, kKey}},
               {"health", {"--server", kTok, kCa, kCert, kKey}},
+              {"probe", {"--server", "--service", kTok, kCa, kCert, kKey}},
               {"watch", {"--server", kTok, kCa, kCert, kKey}},
               {"plot", {"--server", "-o", "--max-points", kTok, kCa, kCert, kKey}},
               {"import", {"--server", "--run-id", "--project", "--loss-tag",
@@ -397,7 +412,7 @@ int main(int argc, char** argv) {
     return UsageError("unknown option '--linear'", *usage);
   }
   const bool remote = command != "analyze" && command != "lr-find" && command != "token";
-  const size_t wanted = command == "runs" ? 0 : 1;
+  const size_t wanted = command == "runs" || command == "probe" ? 0 : 1;
   if (positional.size() != wanted) {
     const std::string what = command == "analyze" || command == "lr-find" ||
                                      command == "import"
@@ -430,6 +445,12 @@ int main(int argc, char** argv) {
     std::cout << *out;
     return kExitOk;
   };
+  if (command == "probe") {
+    const std::string service = opts.count("--service")
+                                    ? opts["--service"]
+                                    : std::string("lossguard.v1.LossGuard");
+    return print(lossguard::cli::Probe(server, creds, service, json));
+  }
   if (command == "import") {
     lossguard::cli::ImportOptions io;
     io.server = server;

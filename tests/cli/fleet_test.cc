@@ -173,6 +173,24 @@ TEST_F(FleetTest, ImportOfABadFileSendsNothingAndNamesTheLine) {
   EXPECT_TRUE(nlohmann::json::parse(*runs)["runs"].empty()) << *runs;
 }
 
+TEST_F(FleetTest, ProbeSaysServingOrWhyNot) {
+  absl::StatusOr<std::string> up =
+      Probe(server_, Credentials(), "lossguard.v1.LossGuard", false);
+  ASSERT_TRUE(up.ok()) << up.status();
+  EXPECT_EQ(*up, "SERVING\n");
+  up = Probe(server_, Credentials(), "", true);
+  ASSERT_TRUE(up.ok()) << up.status();
+  EXPECT_THAT(*up, HasSubstr("\"status\":\"SERVING\""));
+  absl::StatusOr<std::string> unknown =
+      Probe(server_, Credentials(), "no.such.Service", false);
+  EXPECT_FALSE(unknown.ok());
+  daemon_->Shutdown().IgnoreError();
+  absl::StatusOr<std::string> down =
+      Probe(server_, Credentials(), "lossguard.v1.LossGuard", false);
+  EXPECT_FALSE(down.ok());
+  EXPECT_THAT(down.status().message(), HasSubstr(server_));
+}
+
 TEST_F(FleetTest, ImportWithNoDaemonFailsNamingTheServer) {
   ImportOptions io;
   io.server = "127.0.0.1:1";  // nothing listens on port 1

@@ -14,6 +14,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "lossguard/v1/lossguard.grpc.pb.h"
@@ -105,6 +106,22 @@ std::string ValidUtf8(std::string_view s) {
     } else {
       out.append("\xEF\xBF\xBD");
       ++i;
+    }
+  }
+  return out;
+}
+
+constexpr char kRunIdHeader[] = "lossguard-run-id";
+
+// `s` as a gRPC header value (printable ASCII): other bytes and '%' are
+// percent-encoded, so every run id maps to one value.
+std::string HeaderValue(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c >= 0x20 && c < 0x7f && c != '%') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      absl::StrAppendFormat(&out, "%%%02X", c);
     }
   }
   return out;
@@ -233,6 +250,9 @@ class Client::Impl {
       broken_ = false;
       reader_ended_ = false;
     }
+    // The run id as a header, so a load balancer in front of a fleet can
+    // keep each run on one daemon (deploy/k8s: Envoy's ring hash on it).
+    context->AddMetadata(kRunIdHeader, HeaderValue(options_.run_id));
     v1::LossGuard::Stub* stub = redirect != nullptr ? redirect.get() : stub_.get();
     std::unique_ptr<Stream> stream = stub->Attach(context.get());
     std::thread reader([this, s = stream.get()] { ReaderLoop(s); });

@@ -78,6 +78,11 @@ class Client:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {sorted(_MODES)}")
         self._server = server
+        # Printable ASCII for a header: other bytes and "%" percent-encoded,
+        # as the C++ client does.
+        self._run_id_header = "".join(
+            chr(b) if 0x20 <= b < 0x7f and b != 0x25 else f"%{b:02X}"
+            for b in run_id.encode("utf-8"))
         self._start = pb.RunStart(run_id=run_id, name=name or run_id,
                                   project=project, tags=dict(tags or {}),
                                   mode=_MODES[mode])
@@ -306,8 +311,11 @@ class Client:
         # wait_for_ready: the call waits (polling the channel) for the daemon
         # instead of failing at once while the channel is in backoff, so a
         # daemon that comes back is found as soon as it listens.
+        # The run id as a header, so a load balancer in front of a fleet
+        # can keep each run on one daemon (deploy/k8s: Envoy's ring hash).
+        metadata = list(self._metadata or ()) + [("lossguard-run-id", self._run_id_header)]
         call = stub.Attach(iter(session), wait_for_ready=redirect is None,
-                           metadata=self._metadata)
+                           metadata=metadata)
         session.call = call
         reader = threading.Thread(target=self._read, args=(call,), daemon=True)
         reader.start()
