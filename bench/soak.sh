@@ -7,6 +7,7 @@
 # the check.
 #
 #   bash bench/soak.sh [STREAMS=1000] [RATE=100] [SECONDS=180]
+#   SOAK_DB=postgresql://user@host:port/db bash bench/soak.sh ...  (PostgreSQL)
 #
 # Needs the build (build/bin). A benchmark, not a test: CI does not run it.
 set -euo pipefail
@@ -16,7 +17,7 @@ rate=${2:-100}
 seconds=${3:-180}
 work=$(mktemp -d)
 trap 'kill "$daemon_pid" 2>/dev/null || true; wait "$daemon_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
-build/bin/lossguardd --listen=127.0.0.1:0 --http= --db="$work/soak.db" \
+build/bin/lossguardd --listen=127.0.0.1:0 --http= --db="${SOAK_DB:-$work/soak.db}" \
   --log_level=warning >"$work/d.out" 2>"$work/d.err" &
 daemon_pid=$!
 for _ in $(seq 100); do

@@ -1328,6 +1328,50 @@ TEST_F(PostgresStoreTest, LeasesAreExclusiveUntilTheyExpire) {
   EXPECT_EQ(got->owner, "da");
 }
 
+TEST_F(PostgresStoreTest, CopyStoreMovesASqliteDatabaseAndCanBeRunAgain) {
+  TempDir dir;
+  std::unique_ptr<RunStore> sqlite = OpenOrFail(dir.path() + "/runs.db");
+  ASSERT_NE(sqlite, nullptr);
+  std::vector<StepRow> steps_a = MakeSteps(0, 9999);
+  steps_a[7].loss = kNaN;
+  sqlite->PutRun(MakeRun("a"));
+  sqlite->AppendSteps("a", steps_a);
+  sqlite->PutEvent(MakeEvent("a", EventRow::Type::kDiagnosis, 1, 40, "d"));
+  sqlite->PutEvent(MakeEvent("a", EventRow::Type::kAdvice, 1, 41, "x"));
+  sqlite->PutRun(MakeRun("b"));  // no steps
+  ASSERT_TRUE(sqlite->Flush().ok());
+
+  std::unique_ptr<RunStore> pg = Open();
+  ASSERT_NE(pg, nullptr);
+  int progress_calls = 0;
+  absl::StatusOr<CopyStats> copied =
+      CopyStore(*sqlite, *pg, [&](const RunRow&, const CopyStats&) {
+        ++progress_calls;
+      });
+  ASSERT_TRUE(copied.ok()) << copied.status();
+  EXPECT_EQ(copied->runs, 2);
+  EXPECT_EQ(copied->steps, 10000);
+  EXPECT_EQ(copied->events, 2);
+  EXPECT_EQ(progress_calls, 2);
+  std::vector<RunRow> runs = LoadRuns(*pg);
+  ASSERT_EQ(runs.size(), 2u);
+  ExpectSameMetadata(runs[0], MakeRun("a"));
+  EXPECT_EQ(runs[0].steps_stored, 10000);
+  ExpectSameMetadata(runs[1], MakeRun("b"));
+  EXPECT_FALSE(runs[1].has_steps);
+  ExpectSameSteps(ReadSteps(*pg, "a"), steps_a);
+  std::vector<EventRow> events = ReadEvents(*pg, "a");
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[1].payload, "x");
+
+  // Again (an interrupted copy rerun): nothing is doubled.
+  ASSERT_TRUE(CopyStore(*sqlite, *pg).ok());
+  runs = LoadRuns(*pg);
+  EXPECT_EQ(runs[0].steps_stored, 10000);
+  EXPECT_EQ(ReadSteps(*pg, "a").size(), 10000u);
+  EXPECT_EQ(ReadEvents(*pg, "a").size(), 2u);
+}
+
 TEST_F(PostgresStoreTest, SqliteAndMemoryStoresHaveNoLeases) {
   TempDir dir;
   std::unique_ptr<RunStore> sqlite = OpenOrFail(dir.path() + "/runs.db");

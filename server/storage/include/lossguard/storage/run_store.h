@@ -254,6 +254,24 @@ absl::StatusOr<std::unique_ptr<RunStore>> OpenPostgresStore(
 // for logs and errors.
 std::string PostgresDisplayName(const std::string& conninfo);
 
+// What CopyStore copied.
+struct CopyStats {
+  int64_t runs = 0;
+  int64_t steps = 0;
+  int64_t events = 0;
+};
+
+// Copies every run of `from` (metadata, steps, events) into `to`, then
+// flushes `to`: how a SQLite database moves to PostgreSQL (lossguard-
+// migrate). Steps `to` already holds for a run are kept (AppendSteps skips
+// them), so an interrupted copy can simply be run again. `progress` (may be
+// empty) hears of each run copied. Reads `from` run by run; memory stays
+// bounded by one run's events and one batch of steps.
+absl::StatusOr<CopyStats> CopyStore(
+    RunStore& from, RunStore& to,
+    const std::function<void(const RunRow&, const CopyStats&)>& progress =
+        nullptr);
+
 // A store that keeps everything in memory, with the same semantics (for
 // tests and for embedded use without persistence). Writes apply at once.
 std::unique_ptr<RunStore> NewMemoryStore();
