@@ -200,6 +200,17 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
   runs::Fleet* fleet() { return fleet_; }
   void set_fleet(runs::Fleet* fleet) { fleet_ = fleet; }
   WorkerPool* pool() { return pool_.get(); }
+  // The run `run_id`; in a fleet, one this daemon has not synced yet is
+  // looked up in the store (it may have started at another daemon since
+  // the last sync): a round trip, for a worker thread. nullptr: unknown.
+  std::shared_ptr<runs::Run> FindOrSync(const std::string& run_id) {
+    std::shared_ptr<runs::Run> run = registry_->Find(run_id);
+    if (run == nullptr && fleet_ != nullptr) {
+      fleet_->SyncRun(run_id).IgnoreError();
+      run = registry_->Find(run_id);
+    }
+    return run;
+  }
   runs::RunRegistry* registry() { return registry_; }
   storage::RunStore* store() { return store_; }
   runs::Clock* clock() { return clock_; }
@@ -1023,11 +1034,9 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetRunHealth(
   };
   std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
   if (run == nullptr && fleet_ != nullptr) {
-    // Maybe started at another daemon since the last sync: look in the
-    // store (a round trip, on a worker).
+    // A round trip to the store: on a worker.
     pool_->Submit([this, request, answer] {
-      fleet_->SyncRun(request->run_id()).IgnoreError();
-      answer(registry_->Find(request->run_id()));
+      answer(FindOrSync(request->run_id()));
     });
     return reactor;
   }
@@ -1107,12 +1116,7 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetCurve(
   // Store reads block: they run on the workers.
   pool_->Submit([this, reactor, request, reply, caller = *caller, from, to,
                  max_points] {
-    std::shared_ptr<runs::Run> run = registry_->Find(request->run_id());
-    if (run == nullptr && fleet_ != nullptr) {
-      // Maybe started at another daemon since the last sync.
-      fleet_->SyncRun(request->run_id()).IgnoreError();
-      run = registry_->Find(request->run_id());
-    }
+    std::shared_ptr<runs::Run> run = FindOrSync(request->run_id());
     if (run == nullptr) {
       reactor->Finish(grpc::Status(
           grpc::StatusCode::NOT_FOUND,

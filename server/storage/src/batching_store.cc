@@ -96,8 +96,19 @@ StoreStats BatchingStore::Stats() const {
   return stats;
 }
 
-void BatchingStore::KeepNewSteps(std::vector<StepRow>& out, size_t start,
-                                 std::optional<int64_t>* last_step) {
+void BatchingStore::StepCollector::Add(std::vector<WriteOp>& batch,
+                                       size_t index, int64_t key,
+                                       std::optional<int64_t>* last_step) {
+  StepsWrite& write = std::get<StepsWrite>(batch[index].write);
+  auto [it, added] = index_.try_emplace(key, runs_.size());
+  if (added) runs_.push_back({key, write.run_id, {}, index});
+  std::vector<StepRow>& out = runs_[it->second].steps;
+  const size_t start = out.size();
+  if (start == 0) {
+    out = std::move(write.steps);
+  } else {
+    out.insert(out.end(), write.steps.begin(), write.steps.end());
+  }
   size_t kept = start;
   for (size_t i = start; i < out.size(); ++i) {
     if (last_step->has_value() && out[i].step <= **last_step) continue;
@@ -106,6 +117,18 @@ void BatchingStore::KeepNewSteps(std::vector<StepRow>& out, size_t start,
     ++kept;
   }
   out.resize(kept);
+}
+
+void BatchingStore::StepCollector::GiveBack(std::vector<WriteOp>& batch) {
+  for (Pending& p : runs_) {
+    std::get<StepsWrite>(batch[p.source_op].write).steps = std::move(p.steps);
+  }
+  Clear();
+}
+
+void BatchingStore::StepCollector::Clear() {
+  runs_.clear();
+  index_.clear();
 }
 
 void BatchingStore::WriterLoop() {

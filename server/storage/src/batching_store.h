@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "lossguard/storage/run_store.h"
@@ -69,11 +70,34 @@ class BatchingStore : public RunStore {
                               std::function<void()> resume) override;
   StoreStats Stats() const override;
 
-  // Keeps, of out[start..], only the steps above `*last_step` (updating it
-  // to the last one kept), in place: a resend after a reconnect duplicates
-  // nothing, and every stored range follows the previous one.
-  static void KeepNewSteps(std::vector<StepRow>& out, size_t start,
-                           std::optional<int64_t>* last_step);
+  // The new steps of each run in the transaction being built: a backend's
+  // CommitBatch adds every StepsWrite here, then writes runs() as chunks.
+  // Writer thread only.
+  class StepCollector {
+   public:
+    struct Pending {
+      int64_t key = 0;  // the backend's key of the run
+      std::string run_id;
+      std::vector<StepRow> steps;
+      size_t source_op = 0;  // the op whose steps were moved into `steps`
+    };
+    // Adds the steps of batch[index] (a StepsWrite) for the run with `key`,
+    // keeping only those above `*last_step` (updated to the last one kept):
+    // a resend after a reconnect duplicates nothing, and every stored range
+    // follows the previous one. A run's first append in the batch (the
+    // usual case) is moved in whole, then compacted in place.
+    void Add(std::vector<WriteOp>& batch, size_t index, int64_t key,
+             std::optional<int64_t>* last_step);
+    const std::vector<Pending>& runs() const { return runs_; }
+    // The transaction failed: moves the steps back into their ops (a retry
+    // filters them again), then clears.
+    void GiveBack(std::vector<WriteOp>& batch);
+    void Clear();
+
+   private:
+    std::vector<Pending> runs_;
+    absl::flat_hash_map<int64_t, size_t> index_;  // key -> runs_
+  };
 
  protected:
   explicit BatchingStore(const BatchingOptions& options);

@@ -340,12 +340,6 @@ class PgStore final : public BatchingStore {
     int64_t key = 0;  // runs.id
     std::optional<int64_t> last_step;
   };
-  struct PendingSteps {
-    int64_t key = 0;
-    std::string run_id;
-    std::vector<StepRow> steps;
-    size_t source_op = 0;  // whose steps were moved here
-  };
 
   // Returns a reader connection to the pool when the read ends.
   class ReaderLease {
@@ -390,8 +384,7 @@ class PgStore final : public BatchingStore {
   // Only the writer thread touches these while it runs.
   std::unique_ptr<pg::Conn> writer_;
   absl::flat_hash_map<std::string, CachedRun> run_cache_;
-  std::vector<PendingSteps> pending_;
-  absl::flat_hash_map<int64_t, size_t> pending_index_;  // key -> pending_
+  StepCollector pending_;
 
   PgLeaseTable leases_;
 
@@ -433,18 +426,14 @@ absl::Status PgStore::CommitBatch(std::vector<WriteOp>& batch,
   if (s.ok()) s = WritePendingSteps(inserted_steps);
   if (s.ok()) s = writer_->Exec("COMMIT", "commit");
   if (!s.ok()) {
-    for (PendingSteps& p : pending_) {  // give the moved steps back
-      std::get<StepsWrite>(batch[p.source_op].write).steps =
-          std::move(p.steps);
-    }
+    pending_.GiveBack(batch);  // for a retry
     if (writer_->InTransaction()) {
       writer_->Exec("ROLLBACK", "rollback").IgnoreError();
     }
     *inserted_steps = 0;
     run_cache_.clear();  // it saw the rolled-back steps and rows
   }
-  pending_.clear();
-  pending_index_.clear();
+  pending_.Clear();
   return s;
 }
 
@@ -485,16 +474,7 @@ absl::Status PgStore::Apply(std::vector<WriteOp>& batch, size_t index) {
     absl::StatusOr<CachedRun*> found = FindRun(steps->run_id);
     if (!found.ok()) return found.status();
     CachedRun& run = **found;
-    auto [it, added] = pending_index_.try_emplace(run.key, pending_.size());
-    if (added) pending_.push_back({run.key, steps->run_id, {}, index});
-    std::vector<StepRow>& out = pending_[it->second].steps;
-    const size_t start = out.size();
-    if (start == 0) {
-      out = std::move(steps->steps);
-    } else {
-      out.insert(out.end(), steps->steps.begin(), steps->steps.end());
-    }
-    KeepNewSteps(out, start, &run.last_step);
+    pending_.Add(batch, index, run.key, &run.last_step);
     return absl::OkStatus();
   }
   const EventRow& event = std::get<EventRow>(op.write);
@@ -515,7 +495,7 @@ absl::Status PgStore::Apply(std::vector<WriteOp>& batch, size_t index) {
 }
 
 absl::Status PgStore::WritePendingSteps(int64_t* inserted_steps) {
-  for (const PendingSteps& p : pending_) {
+  for (const StepCollector::Pending& p : pending_.runs()) {
     const std::span<const StepRow> steps(p.steps);
     for (size_t i = 0; i < steps.size(); i += kMaxChunkSteps) {
       const std::span<const StepRow> chunk =

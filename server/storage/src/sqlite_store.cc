@@ -430,15 +430,6 @@ class SqliteStore final : public BatchingStore {
     std::optional<int64_t> last_step;
   };
 
-  // A run's new steps in the transaction being built.
-  struct PendingSteps {
-    int64_t key = 0;
-    std::string run_id;
-    std::vector<StepRow> steps;
-    // The op whose steps were moved into `steps` (given back if the
-    // transaction fails; a retry filters them again by last step).
-    size_t source_op = 0;
-  };
 
   // Returns a reader to the pool when the read ends.
   class ReaderLease {
@@ -493,8 +484,7 @@ class SqliteStore final : public BatchingStore {
   // cleared when a transaction fails, so it only holds committed state.
   Writer writer_state_;
   absl::flat_hash_map<std::string, CachedRun> run_cache_;
-  std::vector<PendingSteps> pending_;
-  absl::flat_hash_map<int64_t, size_t> pending_index_;  // key -> pending_
+  StepCollector pending_;
 
   absl::Mutex readers_mu_;
   std::vector<std::unique_ptr<Reader>> idle_readers_
@@ -725,11 +715,7 @@ absl::Status SqliteStore::CommitBatch(std::vector<WriteOp>& batch,
   if (s.ok()) s = WritePendingSteps(inserted_steps);
   if (s.ok()) s = w.conn->Run(w.commit, "commit");
   if (!s.ok()) {
-    // Give the moved steps back, for a retry.
-    for (PendingSteps& p : pending_) {
-      std::get<StepsWrite>(batch[p.source_op].write).steps =
-          std::move(p.steps);
-    }
+    pending_.GiveBack(batch);  // for a retry
     // Some errors (SQLITE_FULL, I/O errors) already rolled back.
     if (sqlite3_get_autocommit(w.conn->db()) == 0) {
       w.conn->Run(w.rollback, "rollback").IgnoreError();
@@ -737,8 +723,7 @@ absl::Status SqliteStore::CommitBatch(std::vector<WriteOp>& batch,
     *inserted_steps = 0;
     run_cache_.clear();  // it saw the rolled-back steps and rows
   }
-  pending_.clear();
-  pending_index_.clear();
+  pending_.Clear();
   return s;
 }
 
@@ -808,18 +793,7 @@ absl::Status SqliteStore::Apply(std::vector<WriteOp>& batch, size_t index) {
     absl::StatusOr<CachedRun*> found = FindRun(steps->run_id);
     if (!found.ok()) return found.status();
     CachedRun& run = **found;
-    auto [it, added] = pending_index_.try_emplace(run.key, pending_.size());
-    if (added) pending_.push_back({run.key, steps->run_id, {}, index});
-    std::vector<StepRow>& out = pending_[it->second].steps;
-    // The run's first append in this transaction (the usual case) is moved
-    // in whole, then compacted in place.
-    const size_t start = out.size();
-    if (start == 0) {
-      out = std::move(steps->steps);
-    } else {
-      out.insert(out.end(), steps->steps.begin(), steps->steps.end());
-    }
-    KeepNewSteps(out, start, &run.last_step);
+    pending_.Add(batch, index, run.key, &run.last_step);
     return absl::OkStatus();
   }
 
@@ -845,7 +819,7 @@ absl::Status SqliteStore::Apply(std::vector<WriteOp>& batch, size_t index) {
 
 absl::Status SqliteStore::WritePendingSteps(int64_t* inserted_steps) {
   Writer& w = writer_state_;
-  for (const PendingSteps& p : pending_) {
+  for (const StepCollector::Pending& p : pending_.runs()) {
     absl::Status s = WriteRunSteps(*w.conn, w.add_chunk, w.count_steps, p.key,
                                    p.run_id, p.steps);
     if (!s.ok()) return s;
