@@ -163,6 +163,43 @@ TEST_F(FleetTest, AnAttachAtANonOwnerIsSentToTheOwner) {
   held->Finish().IgnoreError();
 }
 
+TEST_F(FleetTest, ARunWhoseDaemonDiedReadsDetachedElsewhere) {
+  auto a = StartDaemon();
+  auto b = StartDaemon();
+  ASSERT_GT(a->port(), 0);
+  ASSERT_GT(b->port(), 0);
+  auto stub_a = Stub(a->port());
+  grpc::ClientContext ctx;
+  auto stream = stub_a->Attach(&ctx);
+  v1::AttachRequest start;
+  start.mutable_start()->set_run_id("lonely");
+  ASSERT_TRUE(stream->Write(start));
+  v1::AttachResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  v1::AttachRequest steps;
+  for (int64_t i = 0; i < 20; ++i) {
+    v1::Step* st = steps.mutable_steps()->add_steps();
+    st->set_step(i);
+    st->set_lr(0.01);
+    st->set_loss(2.0 / (1.0 + static_cast<double>(i)));
+  }
+  ASSERT_TRUE(stream->Write(steps));
+  // B sees the run served (attached at A), then, once A is dead and its
+  // lease has expired, nobody serving it.
+  ASSERT_TRUE(Eventually([&] {
+    std::optional<v1::RunHealth> h = Health(b->port(), "lonely");
+    return h.has_value() && h->summary().last_step() == 19 &&
+           h->summary().state() != v1::DETACHED;
+  }));
+  EXPECT_EQ(a->Kill(), 128 + SIGKILL);
+  ASSERT_TRUE(Eventually([&] {
+    std::optional<v1::RunHealth> h = Health(b->port(), "lonely");
+    return h.has_value() && h->summary().state() == v1::DETACHED;
+  }));
+  ctx.TryCancel();
+  stream->Finish().IgnoreError();
+}
+
 TEST_F(FleetTest, KillingTheOwnerOf20RunsMovesThemAndLosesNothing) {
   auto a = StartDaemon();
   auto b = StartDaemon();

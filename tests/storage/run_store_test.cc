@@ -1318,6 +1318,16 @@ TEST_F(PostgresStoreTest, LeasesAreExclusiveUntilTheyExpire) {
   ASSERT_TRUE(lost.ok());
   EXPECT_THAT(*lost, ElementsAre("r"));
 
+  absl::StatusOr<std::vector<std::string>> live = la->LiveRuns();
+  ASSERT_TRUE(live.ok()) << live.status();
+  EXPECT_THAT(*live, ElementsAre("r"));
+  ASSERT_TRUE(la->Acquire("s", "da", "a:1", 30).ok());
+  Exec("UPDATE run_leases SET expires_at = now() - interval '1 second' "
+       "WHERE run_id = 's'");
+  live = la->LiveRuns();
+  ASSERT_TRUE(live.ok());
+  EXPECT_THAT(*live, ElementsAre("r"));  // "s" expired
+
   // Released by its holder, it is free for anyone at once; a release by
   // another daemon does nothing.
   ASSERT_TRUE(la->Release("r", "da").ok());

@@ -3,6 +3,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 
@@ -67,35 +68,56 @@ void Fleet::Stop() {
 }
 
 absl::StatusOr<Fleet::Claim> Fleet::Acquire(const std::string& run_id) {
-  absl::MutexLock lock(&mu_);
-  if (!started_) {
-    return absl::UnavailableError("this daemon is starting; reconnect");
+  std::string replica_id, address;
+  double lease_s = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!started_) {
+      return absl::UnavailableError("this daemon is starting; reconnect");
+    }
+    // Another stream of this run is being claimed here: wait for it.
+    auto settled = [this, &run_id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return !acquiring_.contains(run_id);
+    };
+    mu_.Await(absl::Condition(&settled));
+    replica_id = options_.replica_id;
+    address = options_.address;
+    lease_s = options_.lease_s;
+    Claim claim;
+    if (auto it = held_.find(run_id); it != held_.end()) {
+      // Another stream of a run served here (a trainer reconnecting before
+      // its old stream ended): the lease is ours and renewed by the loop.
+      ++it->second;
+      claim.ours = true;
+      claim.holder = {replica_id, address, lease_s};
+      return claim;
+    }
+    // Not synced meanwhile; the database work below runs unlocked, so
+    // taking over many runs at once (a daemon died) proceeds in parallel.
+    acquiring_.insert(run_id);
   }
   Claim claim;
-  if (auto it = held_.find(run_id); it != held_.end()) {
-    // Another stream of a run served here (a trainer reconnecting before
-    // its old stream ended): the lease is ours and renewed by the loop.
-    ++it->second;
-    claim.ours = true;
-    claim.holder = {options_.replica_id, options_.address, options_.lease_s};
-    return claim;
+  absl::Status s;
+  absl::StatusOr<storage::LeaseHolder> holder =
+      leases_->Acquire(run_id, replica_id, address, lease_s);
+  if (!holder.ok()) {
+    s = holder.status();
+  } else {
+    claim.holder = *holder;
+    claim.ours = holder->owner == replica_id;
   }
-  absl::StatusOr<storage::LeaseHolder> holder = leases_->Acquire(
-      run_id, options_.replica_id, options_.address, options_.lease_s);
-  if (!holder.ok()) return holder.status();
-  claim.holder = *holder;
-  if (holder->owner != options_.replica_id) return claim;
-  // Taken (or taken back): rebuild the run from what the store holds, which
-  // includes what another daemon wrote while it served the run. Our own
-  // writes still queued for it go first.
-  store_->Flush().IgnoreError();
-  absl::Status s = registry_->Reload(run_id);
-  if (!s.ok()) {
-    leases_->Release(run_id, options_.replica_id).IgnoreError();
-    return s;
+  if (s.ok() && claim.ours) {
+    // Taken (or taken back): rebuild the run from what the store holds,
+    // which includes what another daemon wrote while it served the run.
+    // Our own writes still queued for it go first.
+    store_->Flush().IgnoreError();
+    s = registry_->Reload(run_id);
+    if (!s.ok()) leases_->Release(run_id, replica_id).IgnoreError();
   }
-  held_[run_id] = 1;
-  claim.ours = true;
+  absl::MutexLock lock(&mu_);
+  acquiring_.erase(run_id);
+  if (!s.ok()) return s;
+  if (claim.ours) held_[run_id] = 1;
   return claim;
 }
 
@@ -125,12 +147,24 @@ absl::Status Fleet::SyncRun(const std::string& run_id) {
   if (!row->has_value()) {
     return absl::NotFoundError(absl::StrCat("no run \"", run_id, "\""));
   }
+  absl::StatusOr<std::optional<storage::LeaseHolder>> holder =
+      leases_->Holder(run_id);
+  if (!holder.ok()) return holder.status();
+  const bool live = holder->has_value() && (*holder)->expires_in_s > 0;
   absl::MutexLock lock(&mu_);
-  return SyncRowLocked(**row);
+  return SyncRowLocked(**row, live);
 }
 
-absl::Status Fleet::SyncRowLocked(const storage::RunRow& row) {
-  if (held_.contains(row.run_id)) return absl::OkStatus();
+absl::Status Fleet::SyncRowLocked(const storage::RunRow& stored, bool live) {
+  if (held_.contains(stored.run_id) || acquiring_.contains(stored.run_id)) {
+    return absl::OkStatus();
+  }
+  // A run nobody serves (its daemon died, or its trainer left) reads as
+  // DETACHED, whatever its serving daemon last stored.
+  storage::RunRow row = stored;
+  if (!live && row.state != static_cast<int>(v1::FINISHED)) {
+    row.state = static_cast<int>(v1::DETACHED);
+  }
   if (std::shared_ptr<Run> run = registry_->Find(row.run_id)) {
     const v1::RunSummary s = run->Summary();
     if (s.has_steps() == row.has_steps && s.last_step() == row.last_step &&
@@ -145,12 +179,18 @@ absl::Status Fleet::SyncRowLocked(const storage::RunRow& row) {
 }
 
 absl::Status Fleet::SyncAll() {
+  // Leases first: a run whose lease appears after this read is served, and
+  // the next sync shows it so.
+  absl::StatusOr<std::vector<std::string>> live_runs = leases_->LiveRuns();
+  if (!live_runs.ok()) return live_runs.status();
+  const absl::flat_hash_set<std::string> live(live_runs->begin(),
+                                              live_runs->end());
   absl::StatusOr<std::vector<storage::RunRow>> rows = store_->LoadRuns();
   if (!rows.ok()) return rows.status();
   absl::Status first;
   for (const storage::RunRow& row : *rows) {
     absl::MutexLock lock(&mu_);  // per run: attaches need not wait long
-    absl::Status s = SyncRowLocked(row);
+    absl::Status s = SyncRowLocked(row, live.contains(row.run_id));
     if (!s.ok() && first.ok()) first = s;
   }
   return first;

@@ -186,6 +186,8 @@ const std::vector<pg::Statement>& LeaseStatements() {
        "WHERE run_id = ANY($1::text[]) AND owner = $2 RETURNING run_id"},
       {"release",
        "DELETE FROM run_leases WHERE run_id = $1 AND owner = $2"},
+      {"live_runs",
+       "SELECT run_id FROM run_leases WHERE expires_at > now()"},
       {"holder",
        "SELECT owner, address, "
        "EXTRACT(EPOCH FROM expires_at - now())::float8 "
@@ -296,6 +298,17 @@ class PgLeaseTable final : public LeaseTable {
         ->Run("release", pg::Params().Text(run_id).Text(owner),
               absl::StrCat("release the lease on run ", run_id))
         .status();
+  }
+
+  absl::StatusOr<std::vector<std::string>> LiveRuns() override {
+    absl::MutexLock lock(&mu_);
+    absl::StatusOr<pg::Result> r =
+        conn_->RunRetryingOnce("live_runs", pg::Params(), "list live leases");
+    if (!r.ok()) return r.status();
+    std::vector<std::string> runs;
+    runs.reserve(static_cast<size_t>(r->rows()));
+    for (int i = 0; i < r->rows(); ++i) runs.push_back(r->String(i, 0));
+    return runs;
   }
 
   absl::StatusOr<std::optional<LeaseHolder>> Holder(

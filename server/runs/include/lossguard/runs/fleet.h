@@ -7,6 +7,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -94,8 +95,10 @@ class Fleet {
   void Loop();
   void RenewAll();
   absl::Status SyncAll();
-  // Follows `row` unless this daemon holds the run or its copy is current.
-  absl::Status SyncRowLocked(const storage::RunRow& row)
+  // Follows `row` unless this daemon holds the run (or is taking it) or
+  // its copy is current. `live`: some daemon holds an unexpired lease on
+  // it (else it reads as DETACHED unless finished).
+  absl::Status SyncRowLocked(const storage::RunRow& row, bool live)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   FleetOptions options_ ABSL_GUARDED_BY(mu_);  // address, id set by Start
@@ -104,11 +107,14 @@ class Fleet {
   storage::LeaseTable* const leases_;
   const LostCallback on_lost_;
 
-  // Serializes ownership changes with syncing (a run is never followed
-  // while it is being taken over). Held across database calls for one run.
+  // Guards ownership (held_, acquiring_): a run is never followed while it
+  // is served or being taken over here. Held across the database reads of
+  // one run's sync, not across an Acquire's lease call or reload.
   mutable absl::Mutex mu_;
   // Runs whose lease this daemon holds -> their open Attach streams here.
   absl::flat_hash_map<std::string, int> held_ ABSL_GUARDED_BY(mu_);
+  // Runs an Acquire is taking (database work in progress, unlocked).
+  absl::flat_hash_set<std::string> acquiring_ ABSL_GUARDED_BY(mu_);
   bool started_ ABSL_GUARDED_BY(mu_) = false;
 
   absl::Mutex stop_mu_;

@@ -186,6 +186,8 @@ class LeaseTable {
   // Gives the lease up if `owner` holds it.
   virtual absl::Status Release(const std::string& run_id,
                                const std::string& owner) = 0;
+  // The runs whose lease someone holds and has not let expire.
+  virtual absl::StatusOr<std::vector<std::string>> LiveRuns() = 0;
   // Who holds the lease on `run_id`, expired or not; nullopt when no one
   // ever did.
   virtual absl::StatusOr<std::optional<LeaseHolder>> Holder(
