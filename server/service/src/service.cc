@@ -1017,7 +1017,7 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetRunHealth(
     reactor->Finish(ToGrpc(caller.status()));
     return reactor;
   }
-  auto answer = [this, reactor, request, reply,
+  auto answer = [reactor, request, reply,
                  caller = *caller](std::shared_ptr<runs::Run> run) {
     if (run == nullptr) {
       reactor->Finish(grpc::Status(
