@@ -1,12 +1,13 @@
 // A lossguardd child process for tests of the built binary: started on a
 // port the OS picks (or a given address, to restart on the same port), its
-// stdout read for the port line, stopped by SIGTERM or killed by SIGKILL.
+// stdout read for the port line, stopped by SIGTERM or killed by SIGKILL,
+// and killed with the test process if that dies first.
 
 #ifndef LOSSGUARD_TESTS_SERVER_DAEMON_PROCESS_H_
 #define LOSSGUARD_TESTS_SERVER_DAEMON_PROCESS_H_
 
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -30,10 +31,6 @@ class DaemonProcess {
                              "--http=127.0.0.1:0"}) {
     int out[2];
     if (pipe(out) != 0) return;
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addclose(&actions, out[0]);
     std::vector<std::string> args = {LOSSGUARDD_BIN,
                                      absl::StrCat("--listen=", listen),
                                      absl::StrCat("--db=", db),
@@ -42,11 +39,20 @@ class DaemonProcess {
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (posix_spawn(&pid_, args[0].c_str(), &actions, nullptr, argv.data(),
-                    environ) != 0) {
-      pid_ = -1;
+    const pid_t parent = getpid();
+    pid_ = fork();
+    if (pid_ == 0) {
+      // The child: only async-signal-safe calls until exec. It dies with
+      // the test (a test that crashes leaves no daemon holding ctest's
+      // output pipe open).
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(127);
+      dup2(out[1], STDOUT_FILENO);
+      close(out[0]);
+      close(out[1]);
+      execve(argv[0], argv.data(), environ);
+      _exit(127);
     }
-    posix_spawn_file_actions_destroy(&actions);
     close(out[1]);
     stdout_ = fdopen(out[0], "r");
     char line[256];
