@@ -71,6 +71,9 @@ ABSL_FLAG(double, lease_s, 10.0,
           "with a shared --db: a run's lease lasts this long unless renewed "
           "(every lease_s/3); the runs of a daemon that died move to another "
           "after at most this long");
+ABSL_FLAG(double, fleet_sync_s, 1.0,
+          "with a shared --db: how often the runs other daemons serve are "
+          "refreshed from the database (what reads here see)");
 
 namespace {
 
@@ -146,6 +149,10 @@ int main(int argc, char** argv) {
   options.advertise = absl::GetFlag(FLAGS_advertise);
   options.replica_id = absl::GetFlag(FLAGS_replica_id);
   options.lease_s = absl::GetFlag(FLAGS_lease_s);
+  options.fleet_sync_s = absl::GetFlag(FLAGS_fleet_sync_s);
+  if (!(options.fleet_sync_s >= 0.05 && options.fleet_sync_s <= 3600)) {
+    return Fail("--fleet_sync_s must be from 0.05 to 3600");
+  }
   if (!(options.lease_s >= 0.5 && options.lease_s <= 3600)) {
     return Fail("--lease_s must be from 0.5 to 3600");
   }
