@@ -697,6 +697,58 @@ TEST(AdvicePolicyTest, StarvedRunGetsAnLrRampWhoseEndIsNotHeldBack) {
   EXPECT_EQ(bounded.ramp_steps, 48);  // 1.1^48 = 97.0 <= 100 < 1.1^49
 }
 
+TEST(AdvicePolicyTest, StuckTooSoonAfterACutComesBackWhenTheCutHadItsSteps) {
+  // A blow-up cut at step 81; the run is stuck at its initial loss again at
+  // 94, before min_steps_seen (20) steps showed the cut's effect: blocked,
+  // deferred, and decided again at 101, not after the 100-step cooldown.
+  PolicyOptions o;
+  RunContext ctx;
+  for (int64_t s = 0; s < 82; ++s) {
+    ObserveStep({.step = s, .lr = 15.0, .loss = s == 8 ? 34.5 : 2.30}, o,
+                &ctx);
+  }
+  Diagnosis first = Diag(DiagnosisKind::kStagnation, 81);
+  first.loss_at_onset = 2.30;
+  Advice cut = Decide(first, ctx, o);
+  ASSERT_TRUE(cut.restore_checkpoint);
+  ObserveAdvice(first, cut, &ctx);
+  for (int64_t s = 82; s <= 94; ++s) {
+    ObserveStep({.step = s, .lr = 1.5, .loss = 2.30}, o, &ctx);
+  }
+  Diagnosis early = Diag(DiagnosisKind::kStagnation, 94);
+  early.loss_at_onset = 2.30;
+  Advice blocked = Decide(early, ctx, o);
+  ASSERT_EQ(blocked.blocked_by, GuardRail::kCooldown);
+  ObserveAdvice(early, blocked, &ctx);
+  for (int64_t s = 95; s <= 100; ++s) {
+    ObserveStep({.step = s, .lr = 1.5, .loss = 2.30}, o, &ctx);
+    EXPECT_FALSE(DeferredDue(ctx, o)) << s;
+  }
+  ObserveStep({.step = 101, .lr = 1.5, .loss = 2.30}, o, &ctx);
+  ASSERT_TRUE(DeferredDue(ctx, o));
+  std::vector<Diagnosis> due = TakeDeferred({early}, o, &ctx);
+  ASSERT_EQ(due.size(), 1u);
+  EXPECT_EQ(due[0].step, 101);
+  EXPECT_THAT(due[0].evidence, HasSubstr("given its steps to show"));
+  Advice second = Decide(due[0], ctx, o);
+  EXPECT_EQ(second.action, ActionKind::kScaleLr);
+  EXPECT_NEAR(second.lr_to, 0.15, 1e-12);
+  EXPECT_FALSE(DeferredDue(ctx, o));
+
+  // A deferred stagnation that is no longer damage (the run made progress)
+  // or a deferred oscillation waits for the whole cooldown, as before.
+  RunContext other = ctx;
+  other.deferred_kinds =
+      (1u << static_cast<unsigned>(DiagnosisKind::kStagnation)) |
+      (1u << static_cast<unsigned>(DiagnosisKind::kOscillation));
+  Diagnosis progress = early;
+  progress.loss_at_onset = 1.2;
+  EXPECT_TRUE(TakeDeferred({progress, Diag(DiagnosisKind::kOscillation, 94)},
+                           o, &other)
+                  .empty());
+  EXPECT_NE(other.deferred_kinds, 0u);  // kept for the cooldown's end
+}
+
 TEST(AdvicePolicyTest, CooldownDefersAnActionItDoesNotCancelIt) {
   PolicyOptions o;
   RunContext ctx;

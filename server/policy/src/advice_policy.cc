@@ -405,6 +405,25 @@ std::string_view ScheduleName(ScheduleHint hint) {
   return "unknown";
 }
 
+// An LR cut for a blow-up (the LR is still at or below the ceiling it set)
+// after which the run diverges again or stays stuck at its initial loss,
+// damaged: the cut was not enough, and waiting out the cooldown would spend
+// the run's budget at an LR known to be too large. The cut's effect is
+// given min_steps_seen steps to show.
+static bool CutNotEnough(const Diagnosis& d, const RunContext& ctx,
+                         const PolicyOptions& options) {
+  if (!ctx.last_action_step.has_value() || !(ctx.lr_ceiling > 0.0) ||
+      !std::isfinite(ctx.lr) ||
+      ctx.lr > ctx.lr_ceiling * (1.0 + options.lr_tolerance) ||
+      analyzers::StepsBetween(*ctx.last_action_step, ctx.step) <
+          options.min_steps_seen) {
+    return false;
+  }
+  return d.kind == DiagnosisKind::kDivergence ||
+         (d.kind == DiagnosisKind::kStagnation &&
+          ReadStagnation(d, ctx, options).damaged());
+}
+
 Advice Decide(const Diagnosis& d, const RunContext& ctx,
               const PolicyOptions& options) {
   Advice a;
@@ -414,19 +433,7 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
       ctx.last_action_step.has_value()
           ? analyzers::StepsBetween(*ctx.last_action_step, ctx.step)
           : 0;
-  // An LR cut for a blow-up (the LR is still at or below the ceiling it
-  // set) after which the run diverges again or stays stuck at its initial
-  // loss, damaged: the cut was not enough, and waiting out the cooldown
-  // would spend the run's budget at an LR known to be too large. The cut's
-  // effect is given min_steps_seen steps to show.
-  const bool cut_not_enough =
-      ctx.last_action_step.has_value() && ctx.lr_ceiling > 0.0 &&
-      std::isfinite(ctx.lr) &&
-      ctx.lr <= ctx.lr_ceiling * (1.0 + options.lr_tolerance) &&
-      since_action >= options.min_steps_seen &&
-      (d.kind == DiagnosisKind::kDivergence ||
-       (d.kind == DiagnosisKind::kStagnation &&
-        ReadStagnation(d, ctx, options).damaged()));
+  const bool cut_not_enough = CutNotEnough(d, ctx, options);
   std::string why;
   if (d.kind == DiagnosisKind::kLossSpike) {
     why = Remedy(d, ctx, options, &a);
@@ -526,11 +533,30 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;
 }
 
+namespace {
+
+constexpr uint32_t Bit(DiagnosisKind k) { return 1u << static_cast<unsigned>(k); }
+
+bool CooledDown(const RunContext& ctx, const PolicyOptions& options) {
+  return !ctx.last_action_step.has_value() ||
+         analyzers::StepsBetween(*ctx.last_action_step, ctx.step) >=
+             options.cooldown_steps;
+}
+
+}  // namespace
+
 bool DeferredDue(const RunContext& ctx, const PolicyOptions& options) {
-  return ctx.deferred_kinds != 0 &&
-         (!ctx.last_action_step.has_value() ||
-          analyzers::StepsBetween(*ctx.last_action_step, ctx.step) >=
-              options.cooldown_steps);
+  if (ctx.deferred_kinds == 0) return false;
+  if (CooledDown(ctx, options)) return true;
+  // A divergence or stagnation that came while a cut for a blow-up was
+  // still being given its min_steps_seen steps is looked at again once they
+  // are over (TakeDeferred takes it if the cut was not enough), not after
+  // the whole cooldown.
+  return ctx.lr_ceiling > 0.0 &&
+         (ctx.deferred_kinds & (Bit(DiagnosisKind::kDivergence) |
+                                Bit(DiagnosisKind::kStagnation))) != 0 &&
+         analyzers::StepsBetween(*ctx.last_action_step, ctx.step) >=
+             options.min_steps_seen;
 }
 
 std::vector<Diagnosis> TakeDeferred(const std::vector<Diagnosis>& active,
@@ -538,16 +564,20 @@ std::vector<Diagnosis> TakeDeferred(const std::vector<Diagnosis>& active,
                                     RunContext* ctx) {
   std::vector<Diagnosis> due;
   if (!DeferredDue(*ctx, options)) return due;
+  const bool cooled = CooledDown(*ctx, options);
   for (const Diagnosis& d : active) {
-    if (ctx->deferred_kinds & (1u << static_cast<unsigned>(d.kind))) {
-      due.push_back(d);
-      due.back().step = ctx->step;
-      absl::StrAppendFormat(&due.back().evidence,
-                            "; still holds at step %d, after the cooldown",
-                            ctx->step);
-    }
+    if ((ctx->deferred_kinds & Bit(d.kind)) == 0) continue;
+    if (!cooled && !CutNotEnough(d, *ctx, options)) continue;
+    due.push_back(d);
+    due.back().step = ctx->step;
+    absl::StrAppendFormat(&due.back().evidence,
+                          cooled ? "; still holds at step %d, after the cooldown"
+                                 : "; still holds at step %d, after the cut was "
+                                   "given its steps to show",
+                          ctx->step);
+    if (!cooled) ctx->deferred_kinds &= ~Bit(d.kind);
   }
-  ctx->deferred_kinds = 0;
+  if (cooled) ctx->deferred_kinds = 0;
   return due;
 }
 

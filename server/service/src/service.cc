@@ -468,7 +468,13 @@ class AttachReactor final
       // Served by another live daemon: say where (the C++ and Python
       // clients reconnect there at once; others retry, and a load
       // balancer hashing the run id sends them to the owner).
-      context_->AddTrailingMetadata(kOwnerMetadata, claim->holder.address);
+      {
+        // Under mu_: Pump decides to Finish under it, so the trailer is
+        // added before any Finish (a cancel may be ending the call).
+        absl::MutexLock lock(&mu_);
+        if (end_status_) return;
+        context_->AddTrailingMetadata(kOwnerMetadata, claim->holder.address);
+      }
       Log(LogLevel::kInfo, "redirect",
           {{"run_id", start.run_id()},
            {"peer", peer_},

@@ -251,7 +251,10 @@ void ObserveAdvice(const analyzers::Diagnosis& d, const Advice& advice,
 // by it is deferred (ObserveAdvice records it). Once the cooldown is over,
 // TakeDeferred returns those of `active` (the analyzer's diagnoses that
 // still hold) whose kind was deferred, re-dated to `ctx.step`, and forgets
-// the deferral; the caller Decides on each as on a new diagnosis.
+// the deferral; the caller Decides on each as on a new diagnosis. After a
+// cut for a blow-up, a divergence or damaged stagnation deferred while the
+// cut was given its min_steps_seen steps comes back as soon as they are
+// over (the cut was not enough: see Decide), not after the cooldown.
 std::vector<analyzers::Diagnosis> TakeDeferred(
     const std::vector<analyzers::Diagnosis>& active,
     const PolicyOptions& options, RunContext* ctx);
