@@ -308,6 +308,23 @@ TEST_F(FleetTest, KillingTheOwnerOf20RunsMovesThemAndLosesNothing) {
       })) << RunId(r) << " at port " << port;
     }
   }
+  for (int r = 0; r < kRuns; r += 7) {
+    // The curve too, at a daemon that does not serve the run.
+    absl::StatusOr<std::optional<storage::LeaseHolder>> h =
+        leases->Holder(RunId(r));
+    ASSERT_TRUE(h.ok() && h->has_value()) << RunId(r);
+    const int port = (*h)->address == addr_b ? c->port() : b->port();
+    ASSERT_TRUE(Eventually([&] {
+      grpc::ClientContext ctx;
+      v1::GetCurveRequest req;
+      req.set_run_id(RunId(r));
+      req.set_max_points(100000);
+      v1::Curve curve;
+      return Stub(port)->GetCurve(&ctx, req, &curve).ok() &&
+             curve.total_points() == kSteps && curve.points_size() == kSteps &&
+             curve.points(kSteps - 1).step() == kSteps - 1;
+    })) << RunId(r) << " at port " << port;
+  }
   {
     grpc::ClientContext ctx;
     v1::ListRunsRequest req;
