@@ -570,11 +570,16 @@ std::vector<Diagnosis> TakeDeferred(const std::vector<Diagnosis>& active,
     if (!cooled && !CutNotEnough(d, *ctx, options)) continue;
     due.push_back(d);
     due.back().step = ctx->step;
-    absl::StrAppendFormat(&due.back().evidence,
-                          cooled ? "; still holds at step %d, after the cooldown"
-                                 : "; still holds at step %d, after the cut was "
-                                   "given its steps to show",
-                          ctx->step);
+    if (cooled) {
+      absl::StrAppendFormat(&due.back().evidence,
+                            "; still holds at step %d, after the cooldown",
+                            ctx->step);
+    } else {
+      absl::StrAppendFormat(&due.back().evidence,
+                            "; still holds at step %d, after the cut was "
+                            "given its steps to show",
+                            ctx->step);
+    }
     if (!cooled) ctx->deferred_kinds &= ~Bit(d.kind);
   }
   if (cooled) ctx->deferred_kinds = 0;
