@@ -145,6 +145,18 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
                      write ? "write" : "read", " project \"", project, "\""));
   }
 
+  // OK when `run` exists and `caller` may read it; NOT_FOUND naming
+  // `run_id`, or PERMISSION_DENIED.
+  static grpc::Status Readable(const runs::Run* run,
+                               const auth::Principal* caller,
+                               const std::string& run_id) {
+    if (run == nullptr) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          absl::StrCat("no run \"", run_id, "\""));
+    }
+    return Check(caller, run->project(), false);
+  }
+
   // Counts an Attach stream against its client's limit (the token with
   // auth, else the peer's host). False when the client is at the limit.
   bool AcquireStream(const std::string& client) {
@@ -847,12 +859,8 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::RunEvent> {
       return;
     }
     std::shared_ptr<runs::Run> run = service_->registry()->Find(request->run_id());
-    if (run == nullptr) {
-      Abort(grpc::Status(grpc::StatusCode::NOT_FOUND,
-                         absl::StrCat("no run \"", request->run_id(), "\"")));
-      return;
-    }
-    if (grpc::Status s = LossGuardServiceImpl::Check(*caller, run->project(), false);
+    if (grpc::Status s = LossGuardServiceImpl::Readable(run.get(), *caller,
+                                                        request->run_id());
         !s.ok()) {
       Abort(s);
       return;
@@ -1025,13 +1033,8 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetRunHealth(
   }
   auto answer = [reactor, request, reply,
                  caller = *caller](std::shared_ptr<runs::Run> run) {
-    if (run == nullptr) {
-      reactor->Finish(grpc::Status(
-          grpc::StatusCode::NOT_FOUND,
-          absl::StrCat("no run \"", request->run_id(), "\"")));
-      return;
-    }
-    if (grpc::Status s = Check(caller, run->project(), false); !s.ok()) {
+    if (grpc::Status s = Readable(run.get(), caller, request->run_id());
+        !s.ok()) {
       reactor->Finish(s);
       return;
     }
@@ -1123,13 +1126,8 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::GetCurve(
   pool_->Submit([this, reactor, request, reply, caller = *caller, from, to,
                  max_points] {
     std::shared_ptr<runs::Run> run = FindOrSync(request->run_id());
-    if (run == nullptr) {
-      reactor->Finish(grpc::Status(
-          grpc::StatusCode::NOT_FOUND,
-          absl::StrCat("no run \"", request->run_id(), "\"")));
-      return;
-    }
-    if (grpc::Status s = Check(caller, run->project(), false); !s.ok()) {
+    if (grpc::Status s = Readable(run.get(), caller, request->run_id());
+        !s.ok()) {
       reactor->Finish(s);
       return;
     }
