@@ -159,6 +159,71 @@ TEST_F(ClientTest, StreamsStepsAndAppliesAdvice) {
 // Strings that are not UTF-8 (a name, a tag, the finish reason) are sent
 // with U+FFFD in place of the bad bytes: the daemon could not parse them,
 // and would see the finish as a mere end of stream.
+// A daemon of a fleet that does not serve any run: it records the run-id
+// header of each Attach and refuses it, naming `owner` (when set) in the
+// trailer a fleet daemon sends.
+class RefusingService final : public v1::LossGuard::CallbackService {
+ public:
+  explicit RefusingService(std::string owner) : owner_(std::move(owner)) {}
+
+  grpc::ServerBidiReactor<v1::AttachRequest, v1::AttachResponse>* Attach(
+      grpc::CallbackServerContext* context) override {
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = context->client_metadata().find("lossguard-run-id");
+      headers_.push_back(it == context->client_metadata().end()
+                             ? std::string("(none)")
+                             : std::string(it->second.data(), it->second.size()));
+    }
+    class Refuse final
+        : public grpc::ServerBidiReactor<v1::AttachRequest, v1::AttachResponse> {
+     public:
+      Refuse(grpc::CallbackServerContext* context, const std::string& owner) {
+        if (!owner.empty()) context->AddTrailingMetadata("lossguard-owner", owner);
+        Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "served elsewhere"));
+      }
+      void OnDone() override { delete this; }
+    };
+    return new Refuse(context, owner_);
+  }
+
+  std::vector<std::string> headers() {
+    absl::MutexLock lock(&mu_);
+    return headers_;
+  }
+
+ private:
+  const std::string owner_;
+  absl::Mutex mu_;
+  std::vector<std::string> headers_ ABSL_GUARDED_BY(mu_);
+};
+
+TEST_F(ClientTest, FollowsAFleetRedirectAndSendsTheRunIdHeader) {
+  StartDaemon();
+  RefusingService refusing(absl::StrCat("127.0.0.1:", port_));
+  grpc::ServerBuilder builder;
+  int other_port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(),
+                           &other_port);
+  builder.RegisterService(&refusing);
+  std::unique_ptr<grpc::Server> other = builder.BuildAndStart();
+  ASSERT_GT(other_port, 0);
+
+  // Pointed at the refusing daemon, the client goes where it is told.
+  const std::string run_id = "r \xc3\xbc%";  // "r", space, u-umlaut, "%"
+  ClientOptions o = Options(run_id);
+  o.server = absl::StrCat("127.0.0.1:", other_port);
+  Client client(o);
+  for (int i = 0; i < 30; ++i) client.Report(i, 0.01, 1.0 / (1 + i));
+  ASSERT_TRUE(client.Flush(kWait)) << client.stats().last_error;
+  EXPECT_GE(client.stats().redirects, 1);
+  EXPECT_EQ(Health(run_id).summary().last_step(), 29);
+  // The header: printable ASCII as is, other bytes and "%" percent-encoded.
+  ASSERT_FALSE(refusing.headers().empty());
+  EXPECT_EQ(refusing.headers().front(), "r %C3%BC%25");
+  other->Shutdown();
+}
+
 TEST_F(ClientTest, StringsThatAreNotUtf8AreSentRepaired) {
   StartDaemon();
   ClientOptions o = Options("latin1");
