@@ -533,7 +533,8 @@ TEST(AdvicePolicyTest, StuckAtInitialLossAfterABlowUpIsDamageNotStarvation) {
   EXPECT_DOUBLE_EQ(b.lr_factor, 3.0);
   EXPECT_FALSE(b.restore_checkpoint);
   // After that cut, a later stagnation never raises the LR back above the
-  // LR the cut set (the run blew up above it).
+  // LR the cut set (the run blew up above it): flat at that LR, it is
+  // lowered instead.
   ObserveAdvice(d, a, &ctx);
   EXPECT_DOUBLE_EQ(ctx.lr_ceiling, 0.15);
   ctx.step = 400;
@@ -544,9 +545,10 @@ TEST(AdvicePolicyTest, StuckAtInitialLossAfterABlowUpIsDamageNotStarvation) {
   later.loss_at_onset = 0.57;  // progress since: not "stuck at the start"
   later.lr_at_onset = 0.15;
   Advice c = Decide(later, ctx, o);
-  EXPECT_EQ(c.action, ActionKind::kNone);
-  EXPECT_EQ(c.blocked_by, GuardRail::kLrBound);
-  EXPECT_THAT(c.reason, HasSubstr("after the blow-up"));
+  EXPECT_EQ(c.action, ActionKind::kScaleLr);
+  EXPECT_NEAR(c.lr_to, 0.015, 1e-12);
+  EXPECT_FALSE(c.restore_checkpoint);
+  EXPECT_THAT(c.explanation, HasSubstr("still too large to descend"));
 }
 
 // A cut for a blow-up that was not enough: the run is still stuck at its
@@ -747,6 +749,40 @@ TEST(AdvicePolicyTest, StuckTooSoonAfterACutComesBackWhenTheCutHadItsSteps) {
                            o, &other)
                   .empty());
   EXPECT_NE(other.deferred_kinds, 0u);  // kept for the cooldown's end
+}
+
+TEST(AdvicePolicyTest, PlateauAtTheLrCutToAfterABlowUpCutsAgain) {
+  // Blown up, cut to 1.5 at step 81; the loss then fell to a plateau far
+  // from converged. A raise would head back to the LR that blew it up:
+  // the policy lowers the LR instead, as ReduceLROnPlateau would.
+  PolicyOptions o;
+  RunContext ctx;
+  for (int64_t s = 0; s < 82; ++s) {
+    ObserveStep({.step = s, .lr = 15.0, .loss = s == 8 ? 34.5 : 2.30}, o,
+                &ctx);
+  }
+  Diagnosis first = Diag(DiagnosisKind::kStagnation, 81);
+  first.loss_at_onset = 2.30;
+  Advice cut = Decide(first, ctx, o);
+  ASSERT_TRUE(cut.restore_checkpoint);
+  ObserveAdvice(first, cut, &ctx);
+  for (int64_t s = 82; s <= 200; ++s) {
+    ObserveStep({.step = s, .lr = 1.5, .loss = 1.2}, o, &ctx);
+  }
+  Diagnosis plateau = Diag(DiagnosisKind::kStagnation, 200);
+  plateau.loss_at_onset = 1.2;
+  Advice a = Decide(plateau, ctx, o);
+  EXPECT_EQ(a.action, ActionKind::kScaleLr);
+  EXPECT_NEAR(a.lr_to, 0.15, 1e-12);
+  EXPECT_FALSE(a.restore_checkpoint);  // nothing was damaged
+  EXPECT_THAT(a.explanation, HasSubstr("still too large to descend"));
+  // Below the ceiling (the LR was lowered since) a plateau is raised as
+  // usual, up to the ceiling.
+  RunContext lower = ctx;
+  lower.lr = 0.5;
+  Advice raise = Decide(plateau, lower, o);
+  EXPECT_GT(raise.lr_to, 0.5);
+  EXPECT_LE(raise.lr_to, 1.5);
 }
 
 TEST(AdvicePolicyTest, CooldownDefersAnActionItDoesNotCancelIt) {

@@ -247,6 +247,108 @@ TEST_F(RunTest, AnLrRaiseThatMadeThingsWorseIsRolledBack) {
   EXPECT_TRUE(judged);
 }
 
+// A raise that blew the run up, answered by a cut that was applied: the
+// raise is judged WORSENED but not rolled back to the LR before it, which
+// would undo the cut's answer too (as for an LR ramp that found the edge
+// and was cut back: rolling it back to the starved LR cost the rescue
+// benchmark a run).
+TEST_F(RunTest, ARaiseAnsweredByALaterCutIsNotRolledBack) {
+  auto run = NewRun("r");
+  const uint64_t session = AttachAuto(run.get());
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  int64_t step = 0;
+  const double lr0 = 1e-5;
+  auto batch = [&](int64_t from, int64_t to, double lr, auto loss) {
+    v1::StepBatch b;
+    for (int64_t s = from; s < to; ++s) {
+      v1::Step* p = b.add_steps();
+      p->set_step(s);
+      p->set_lr(lr);
+      p->set_loss(loss(s) * (1.0 + 0.01 * std::sin(0.7 * static_cast<double>(s))));
+    }
+    return b;
+  };
+  auto ack = [&](const v1::Advice& a) {
+    v1::AdviceAck k;
+    k.set_advice_id(a.advice_id());
+    k.set_applied(true);
+    k.set_effective_step(step);
+    ASSERT_TRUE(run->Ack(session, k).ok());
+  };
+  auto first_action = [&]() -> const v1::Advice* {
+    for (const auto& a : advice) {
+      if (a.has_action()) return &a;
+    }
+    return nullptr;
+  };
+  // Stuck at chance with a tiny LR: raised.
+  while (step < 3000 && first_action() == nullptr) {
+    ASSERT_TRUE(run->Ingest(session, batch(step, step + 10, lr0,
+                                           [](int64_t) { return 2.303; }),
+                            &advice, &dups).ok());
+    step += 10;
+  }
+  ASSERT_NE(first_action(), nullptr);
+  const uint64_t raise_id = first_action()->advice_id();
+  ack(*first_action());
+  advice.clear();
+  // At the raised LR the loss blows up: a cut (clipping may come first),
+  // applied.
+  auto first_cut = [&]() -> const v1::Advice* {
+    for (const auto& a : advice) {
+      if (a.action().has_scale_lr() || a.action().has_set_lr()) return &a;
+    }
+    return nullptr;
+  };
+  const int64_t blow = step;
+  std::vector<v1::Advice> later;  // every advice after the raise
+  while (step < blow + 300 && first_cut() == nullptr) {
+    for (const auto& a : advice) {
+      if (a.has_action()) ack(a);
+    }
+    later.insert(later.end(), advice.begin(), advice.end());
+    advice.clear();
+    ASSERT_TRUE(run->Ingest(
+        session, batch(step, step + 10, 1000 * lr0,
+                       [&](int64_t s) {
+                         // Non-finite at once: a divergence that is acted
+                         // on whatever the cooldown.
+                         return s < blow + 5 ? 2.303 * std::pow(1.5, s - blow)
+                                             : std::nan("");
+                       }),
+        &advice, &dups).ok());
+    step += 10;
+  }
+  ASSERT_NE(first_cut(), nullptr) << "no cut for the blow-up";
+  // The cut came while the raise's outcome window was still open.
+  ASSERT_LT(first_cut()->at_step(), blow + options_.policy.outcome_steps);
+  const int64_t cut_step = first_cut()->at_step();
+  ack(*first_cut());
+  later.insert(later.end(), advice.begin(), advice.end());
+  // Then the raise's outcome window closes (worse than before it).
+  for (int64_t end = step + options_.policy.outcome_steps + 20; step < end;
+       step += 10) {
+    advice.clear();
+    ASSERT_TRUE(run->Ingest(session, batch(step, step + 10, 100 * lr0,
+                                           [](int64_t) { return 3.0; }),
+                            &advice, &dups).ok());
+    later.insert(later.end(), advice.begin(), advice.end());
+  }
+  for (const auto& a : later) {
+    EXPECT_NE(a.rolls_back(), raise_id) << "at step " << a.at_step() << " (blow-up at "
+                                        << blow << ", cut at " << cut_step << ")";
+  }
+  bool judged = false;
+  const v1::RunHealth health = run->Health();
+  for (const auto& r : health.advice()) {
+    if (r.advice().advice_id() == raise_id) {
+      judged = r.outcome() != v1::PENDING;
+    }
+  }
+  EXPECT_TRUE(judged);
+}
+
 TEST_F(RunTest, ACutFollowedByAWorseLossIsNotRolledBack) {
   auto run = NewRun("r");
   const uint64_t session = AttachAuto(run.get());

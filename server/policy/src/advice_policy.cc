@@ -246,6 +246,20 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
               a);
         return "";
       }
+      if (ctx.lr_ceiling > 0.0 &&
+          ctx.lr >= ctx.lr_ceiling * (1.0 - o.lr_tolerance)) {
+        // Flat at the LR a blow-up was cut to: every raise (towards the
+        // peak, a restart) stops there, since it would head back to the LR
+        // that blew the run up. The one LR move left is down, as
+        // ReduceLROnPlateau does on a plateau. (Stagnation is only decided
+        // far from converged.)
+        MoveLr(o.divergence_lr_factor, ctx, o, a);
+        return absl::StrFormat(
+            "the loss is flat at the LR %g it was cut to after blowing up, "
+            "and a raise would head back to the LR that blew it up: the LR "
+            "is still too large to descend, so ",
+            ctx.lr);
+      }
       const bool decaying = ctx.schedule == ScheduleHint::kDecaying;
       const bool still_decaying =
           decaying && d.lr_at_onset > 0.0 &&
@@ -288,6 +302,7 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
                          : o.stagnation_lr_factor,
                  ctx, o, a);
           if (starved) return absl::StrCat(starved_why, ", so ");
+
           return ctx.schedule == ScheduleHint::kConstant
                      ? absl::StrFormat("the LR is constant at %g, so ", ctx.lr)
                      : "";

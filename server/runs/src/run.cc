@@ -584,6 +584,26 @@ bool RaisedTheLr(const v1::Action& action, double lr_before, double lr_now) {
 
 }  // namespace
 
+bool Run::LaterLrActionAppliedLocked(uint64_t advice_id) const {
+  for (const v1::AdviceRecord& r : advice_) {
+    // Applied, or sent and not yet acked (it will be, in AUTO mode).
+    if (r.advice().advice_id() <= advice_id ||
+        (r.status() != v1::APPLIED && r.status() != v1::SENT)) {
+      continue;
+    }
+    switch (r.advice().action().kind_case()) {
+      case v1::Action::kScaleLr:
+      case v1::Action::kSetLr:
+      case v1::Action::kRampLr:
+      case v1::Action::kRestartCosine:
+        return true;
+      default:
+        break;
+    }
+  }
+  return false;
+}
+
 void Run::RollBackLocked(const PendingOutcome& p, const std::string& evidence,
                          const v1::Step& step, std::vector<v1::Advice>* to_send) {
   const v1::Advice& original = p.record.advice();
@@ -654,9 +674,13 @@ void Run::TrackOutcomesLocked(const v1::Step& step, std::vector<v1::Advice>* to_
     // An LR raise that made things worse is undone (in ADVISE and AUTO:
     // only they apply actions). A cut that did is not: the loss went on
     // rising despite it, and the policy cuts again (cut_not_enough).
+    // Not when a later LR action was applied (or sent) meanwhile (a cut
+    // for the blow-up the raise led to): it answered the raise already,
+    // and going back to the LR before the raise would undo it too.
     const bool roll_back = outcome == v1::WORSENED &&
                            RaisedTheLr(p.record.advice().action(),
-                                       p.record.lr_when_sent(), step.lr());
+                                       p.record.lr_when_sent(), step.lr()) &&
+                           !LaterLrActionAppliedLocked(p.advice_id);
     v1::RunEvent e;
     e.set_step(step.step());
     e.set_time(clock_->Now());

@@ -200,6 +200,10 @@ class Run : public std::enable_shared_from_this<Run> {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TrackOutcomesLocked(const v1::Step& step, std::vector<v1::Advice>* to_send)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether an LR action advised after `advice_id` has been applied or is
+  // waiting for its ack.
+  bool LaterLrActionAppliedLocked(uint64_t advice_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PersistAdviceLocked(const v1::AdviceRecord& rec)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Sets the outcome on `p.record` and on the in-memory copy (if still
