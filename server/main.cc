@@ -16,7 +16,6 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "lossguard/service/log.h"
 #include "lossguard/service/service.h"
@@ -169,8 +168,7 @@ int main(int argc, char** argv) {
   std::string db_name = db;
   if (db == ":memory:") {
     store = lossguard::storage::NewMemoryStore();
-  } else if (absl::StartsWith(db, "postgresql://") ||
-             absl::StartsWith(db, "postgres://")) {
+  } else if (lossguard::storage::IsPostgresUri(db)) {
     db_name = lossguard::storage::PostgresDisplayName(db);
     auto opened = lossguard::storage::OpenPostgresStore(db);
     if (!opened.ok()) return Fail(std::string(opened.status().message()));

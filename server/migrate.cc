@@ -17,7 +17,6 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "absl/strings/match.h"
 #include "lossguard/storage/run_store.h"
 
 ABSL_FLAG(std::string, from, "", "the source: a SQLite file or postgresql://...");
@@ -27,7 +26,7 @@ namespace {
 
 absl::StatusOr<std::unique_ptr<lossguard::storage::RunStore>> Open(
     const std::string& db, bool create) {
-  if (absl::StartsWith(db, "postgresql://") || absl::StartsWith(db, "postgres://")) {
+  if (lossguard::storage::IsPostgresUri(db)) {
     return lossguard::storage::OpenPostgresStore(db);
   }
   if (!create && !std::filesystem::exists(db)) {

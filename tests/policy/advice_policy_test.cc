@@ -699,21 +699,27 @@ TEST(AdvicePolicyTest, StarvedRunGetsAnLrRampWhoseEndIsNotHeldBack) {
   EXPECT_EQ(bounded.ramp_steps, 48);  // 1.1^48 = 97.0 <= 100 < 1.1^49
 }
 
+// A run at LR 15 that blew up at step 8 (2.30 -> 34.5) and is stuck at
+// its initial loss: at step 81 the policy cuts it to 1.5 and restores a
+// checkpoint (the context then holds the cut and its LR ceiling).
+void BlowUpAndCut(const PolicyOptions& o, RunContext* ctx) {
+  for (int64_t s = 0; s < 82; ++s) {
+    ObserveStep({.step = s, .lr = 15.0, .loss = s == 8 ? 34.5 : 2.30}, o, ctx);
+  }
+  Diagnosis first = Diag(DiagnosisKind::kStagnation, 81);
+  first.loss_at_onset = 2.30;
+  Advice cut = Decide(first, *ctx, o);
+  ASSERT_TRUE(cut.restore_checkpoint);
+  ObserveAdvice(first, cut, ctx);
+}
+
 TEST(AdvicePolicyTest, StuckTooSoonAfterACutComesBackWhenTheCutHadItsSteps) {
   // A blow-up cut at step 81; the run is stuck at its initial loss again at
   // 94, before min_steps_seen (20) steps showed the cut's effect: blocked,
   // deferred, and decided again at 101, not after the 100-step cooldown.
   PolicyOptions o;
   RunContext ctx;
-  for (int64_t s = 0; s < 82; ++s) {
-    ObserveStep({.step = s, .lr = 15.0, .loss = s == 8 ? 34.5 : 2.30}, o,
-                &ctx);
-  }
-  Diagnosis first = Diag(DiagnosisKind::kStagnation, 81);
-  first.loss_at_onset = 2.30;
-  Advice cut = Decide(first, ctx, o);
-  ASSERT_TRUE(cut.restore_checkpoint);
-  ObserveAdvice(first, cut, &ctx);
+  ASSERT_NO_FATAL_FAILURE(BlowUpAndCut(o, &ctx));
   for (int64_t s = 82; s <= 94; ++s) {
     ObserveStep({.step = s, .lr = 1.5, .loss = 2.30}, o, &ctx);
   }
@@ -757,15 +763,7 @@ TEST(AdvicePolicyTest, PlateauAtTheLrCutToAfterABlowUpCutsAgain) {
   // the policy lowers the LR instead, as ReduceLROnPlateau would.
   PolicyOptions o;
   RunContext ctx;
-  for (int64_t s = 0; s < 82; ++s) {
-    ObserveStep({.step = s, .lr = 15.0, .loss = s == 8 ? 34.5 : 2.30}, o,
-                &ctx);
-  }
-  Diagnosis first = Diag(DiagnosisKind::kStagnation, 81);
-  first.loss_at_onset = 2.30;
-  Advice cut = Decide(first, ctx, o);
-  ASSERT_TRUE(cut.restore_checkpoint);
-  ObserveAdvice(first, cut, &ctx);
+  ASSERT_NO_FATAL_FAILURE(BlowUpAndCut(o, &ctx));
   for (int64_t s = 82; s <= 200; ++s) {
     ObserveStep({.step = s, .lr = 1.5, .loss = 1.2}, o, &ctx);
   }

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -67,6 +68,20 @@ class RunTest : public ::testing::Test {
       p->set_lr(0.5);
       p->set_loss(s < 200 ? 2.0 - 0.001 * s : 1.8 * std::pow(1.02, s - 200));
       p->set_grad_norm(1.0);
+    }
+    return b;
+  }
+
+  // Steps at `lr` whose loss is loss(step) with 1% minibatch noise, no
+  // trend of its own.
+  static v1::StepBatch Noisy(int64_t from, int64_t to, double lr,
+                             const std::function<double(int64_t)>& loss) {
+    v1::StepBatch b;
+    for (int64_t s = from; s < to; ++s) {
+      v1::Step* p = b.add_steps();
+      p->set_step(s);
+      p->set_lr(lr);
+      p->set_loss(loss(s) * (1.0 + 0.01 * std::sin(0.7 * static_cast<double>(s))));
     }
     return b;
   }
@@ -191,16 +206,8 @@ TEST_F(RunTest, AnLrRaiseThatMadeThingsWorseIsRolledBack) {
   int64_t dups = 0;
   int64_t step = 0;
   const double lr0 = 1e-5;
-  auto flat = [&](int64_t from, int64_t to, double lr, double loss) {
-    v1::StepBatch b;
-    for (int64_t s = from; s < to; ++s) {
-      v1::Step* p = b.add_steps();
-      p->set_step(s);
-      p->set_lr(lr);
-      // Minibatch noise around a level, no trend.
-      p->set_loss(loss * (1.0 + 0.01 * std::sin(0.7 * static_cast<double>(s))));
-    }
-    return b;
+  auto flat = [](int64_t from, int64_t to, double lr, double loss) {
+    return Noisy(from, to, lr, [loss](int64_t) { return loss; });
   };
   // Stuck at chance (ln 10) with a tiny LR: the policy raises the LR.
   while (step < 3000) {
@@ -259,16 +266,6 @@ TEST_F(RunTest, ARaiseAnsweredByALaterCutIsNotRolledBack) {
   int64_t dups = 0;
   int64_t step = 0;
   const double lr0 = 1e-5;
-  auto batch = [&](int64_t from, int64_t to, double lr, auto loss) {
-    v1::StepBatch b;
-    for (int64_t s = from; s < to; ++s) {
-      v1::Step* p = b.add_steps();
-      p->set_step(s);
-      p->set_lr(lr);
-      p->set_loss(loss(s) * (1.0 + 0.01 * std::sin(0.7 * static_cast<double>(s))));
-    }
-    return b;
-  };
   auto ack = [&](const v1::Advice& a) {
     v1::AdviceAck k;
     k.set_advice_id(a.advice_id());
@@ -284,7 +281,7 @@ TEST_F(RunTest, ARaiseAnsweredByALaterCutIsNotRolledBack) {
   };
   // Stuck at chance with a tiny LR: raised.
   while (step < 3000 && first_action() == nullptr) {
-    ASSERT_TRUE(run->Ingest(session, batch(step, step + 10, lr0,
+    ASSERT_TRUE(run->Ingest(session, Noisy(step, step + 10, lr0,
                                            [](int64_t) { return 2.303; }),
                             &advice, &dups).ok());
     step += 10;
@@ -310,7 +307,7 @@ TEST_F(RunTest, ARaiseAnsweredByALaterCutIsNotRolledBack) {
     later.insert(later.end(), advice.begin(), advice.end());
     advice.clear();
     ASSERT_TRUE(run->Ingest(
-        session, batch(step, step + 10, 1000 * lr0,
+        session, Noisy(step, step + 10, 1000 * lr0,
                        [&](int64_t s) {
                          // Non-finite at once: a divergence that is acted
                          // on whatever the cooldown.
@@ -330,7 +327,7 @@ TEST_F(RunTest, ARaiseAnsweredByALaterCutIsNotRolledBack) {
   for (int64_t end = step + options_.policy.outcome_steps + 20; step < end;
        step += 10) {
     advice.clear();
-    ASSERT_TRUE(run->Ingest(session, batch(step, step + 10, 100 * lr0,
+    ASSERT_TRUE(run->Ingest(session, Noisy(step, step + 10, 100 * lr0,
                                            [](int64_t) { return 3.0; }),
                             &advice, &dups).ok());
     later.insert(later.end(), advice.begin(), advice.end());

@@ -74,6 +74,22 @@ v1::Step FromRow(const storage::StepRow& row) {
   return step;
 }
 
+namespace {
+
+// The summary's tags from their stored form, a JSON object of strings
+// (anything else is ignored).
+void SetTagsFromJson(const std::string& tags_json, v1::RunSummary* summary) {
+  summary->clear_tags();
+  const nlohmann::json tags =
+      nlohmann::json::parse(tags_json, nullptr, /*allow_exceptions=*/false);
+  if (!tags.is_object()) return;
+  for (const auto& [k, v] : tags.items()) {
+    if (v.is_string()) (*summary->mutable_tags())[k] = v.get<std::string>();
+  }
+}
+
+}  // namespace
+
 Run::Run(const storage::RunRow& row, const v1::RunConfig& config,
          const RunOptions* options, storage::RunStore* store, Clock* clock)
     : run_id_(row.run_id),
@@ -90,14 +106,7 @@ Run::Run(const storage::RunRow& row, const v1::RunConfig& config,
   summary_.set_project(row.project);
   summary_.set_mode(v1::Mode_IsValid(row.mode) ? static_cast<v1::Mode>(row.mode)
                                                : v1::OBSERVE);
-  // Tags are stored as a JSON object of strings; anything else is ignored.
-  const nlohmann::json tags =
-      nlohmann::json::parse(row.tags_json, nullptr, /*allow_exceptions=*/false);
-  if (tags.is_object()) {
-    for (const auto& [k, v] : tags.items()) {
-      if (v.is_string()) (*summary_.mutable_tags())[k] = v.get<std::string>();
-    }
-  }
+  SetTagsFromJson(row.tags_json, &summary_);
   summary_.set_state(row.state == v1::FINISHED ? v1::FINISHED : v1::DETACHED);
   finished_ = row.state == v1::FINISHED;
   summary_.set_created_time(row.created_time);
@@ -202,14 +211,7 @@ absl::Status Run::Follow(const storage::RunRow& row) {
   name_ = row.name;
   tags_json_ = row.tags_json;
   summary_.set_name(row.name);
-  summary_.clear_tags();
-  const nlohmann::json tags =
-      nlohmann::json::parse(row.tags_json, nullptr, /*allow_exceptions=*/false);
-  if (tags.is_object()) {
-    for (const auto& [k, v] : tags.items()) {
-      if (v.is_string()) (*summary_.mutable_tags())[k] = v.get<std::string>();
-    }
-  }
+  SetTagsFromJson(row.tags_json, &summary_);
   if (v1::Mode_IsValid(row.mode)) {
     summary_.set_mode(static_cast<v1::Mode>(row.mode));
   }

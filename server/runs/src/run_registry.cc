@@ -60,23 +60,26 @@ RunRegistry::RunRegistry(const RunOptions* options, const RunLimits& limits,
                          storage::RunStore* store, Clock* clock)
     : options_(options), limits_(limits), store_(store), clock_(clock) {}
 
+absl::StatusOr<std::shared_ptr<Run>> RunRegistry::Rebuild(
+    const storage::RunRow& row) {
+  v1::RunConfig config;
+  if (!config.ParseFromString(row.config)) {
+    return absl::DataLossError(
+        absl::StrCat("run ", row.run_id, ": stored config does not parse"));
+  }
+  auto run = std::make_shared<Run>(row, config, options_, store_, clock_);
+  absl::Status s = run->Recover();
+  if (!s.ok()) return s;
+  return run;
+}
+
 absl::Status RunRegistry::Recover() {
   absl::StatusOr<std::vector<storage::RunRow>> rows = store_->LoadRuns();
   if (!rows.ok()) return rows.status();
   for (const storage::RunRow& row : *rows) {
-    v1::RunConfig config;
-    if (!config.ParseFromString(row.config)) {
-      return absl::DataLossError(
-          absl::StrCat("run ", row.run_id, ": stored config does not parse"));
-    }
-    auto run =
-        std::make_shared<Run>(row, config, options_, store_, clock_);
-    absl::Status s = run->Recover();
-    if (!s.ok()) return s;
-    absl::MutexLock lock(&mu_);
-    order_[Key{row.created_time, row.run_id}] = run;
-    ++project_runs_[row.project];
-    runs_[row.run_id] = std::move(run);
+    absl::StatusOr<std::shared_ptr<Run>> run = Rebuild(row);
+    if (!run.ok()) return run.status();
+    Put(row, *std::move(run));
   }
   return absl::OkStatus();
 }
@@ -135,15 +138,9 @@ absl::Status RunRegistry::Reload(const std::string& run_id) {
   absl::StatusOr<std::optional<storage::RunRow>> row = store_->LoadRun(run_id);
   if (!row.ok()) return row.status();
   if (!row->has_value()) return absl::OkStatus();
-  v1::RunConfig config;
-  if (!config.ParseFromString((*row)->config)) {
-    return absl::DataLossError(
-        absl::StrCat("run ", run_id, ": stored config does not parse"));
-  }
-  auto run = std::make_shared<Run>(**row, config, options_, store_, clock_);
-  absl::Status s = run->Recover();
-  if (!s.ok()) return s;
-  Put(**row, std::move(run));
+  absl::StatusOr<std::shared_ptr<Run>> run = Rebuild(**row);
+  if (!run.ok()) return run.status();
+  Put(**row, *std::move(run));
   return absl::OkStatus();
 }
 

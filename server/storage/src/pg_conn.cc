@@ -83,19 +83,9 @@ std::string DisplayName(const std::string& conninfo) {
 
 void Params::Add(std::string bytes, bool null) {
   values_.push_back(std::move(bytes));
-  nulls_.push_back(null);
-  Fix();
-}
-
-// The pointers into values_ move when it grows: rebuild them all.
-void Params::Fix() {
-  ptrs_.clear();
-  lengths_.clear();
-  formats_.assign(values_.size(), 1);
-  for (size_t i = 0; i < values_.size(); ++i) {
-    ptrs_.push_back(nulls_[i] ? nullptr : values_[i].data());
-    lengths_.push_back(static_cast<int>(values_[i].size()));
-  }
+  ptrs_.push_back(null ? nullptr : values_.back().data());
+  lengths_.push_back(static_cast<int>(values_.back().size()));
+  formats_.push_back(1);  // binary
 }
 
 Params& Params::Int8(int64_t v) {

@@ -8,6 +8,7 @@
 #include <libpq-fe.h>
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <optional>
 #include <string>
@@ -33,17 +34,16 @@ class Params {
   // A one-dimensional array (text[] or int8[]) for `= ANY($n)`.
   Params& TextArray(const std::vector<std::string>& v);
 
-  int size() const { return static_cast<int>(values_.size()); }
+  int size() const { return static_cast<int>(ptrs_.size()); }
   const char* const* values() const { return ptrs_.data(); }
   const int* lengths() const { return lengths_.data(); }
   const int* formats() const { return formats_.data(); }
 
  private:
   void Add(std::string bytes, bool null = false);
-  void Fix();
 
-  std::vector<std::string> values_;
-  std::vector<bool> nulls_;
+  // A deque: its elements never move as it grows, so ptrs_ stays valid.
+  std::deque<std::string> values_;
   std::vector<const char*> ptrs_;
   std::vector<int> lengths_;
   std::vector<int> formats_;

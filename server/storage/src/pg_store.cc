@@ -41,6 +41,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -282,8 +283,8 @@ class PgLeaseTable final : public LeaseTable {
                                 .Float8(ttl_s),
                    "renew leases");
     if (!r.ok()) return r.status();
-    absl::flat_hash_map<std::string, bool> renewed;
-    for (int i = 0; i < r->rows(); ++i) renewed[r->String(i, 0)] = true;
+    absl::flat_hash_set<std::string> renewed;
+    for (int i = 0; i < r->rows(); ++i) renewed.insert(r->String(i, 0));
     std::vector<std::string> lost;
     for (const std::string& id : run_ids) {
       if (!renewed.contains(id)) lost.push_back(id);

@@ -2,6 +2,10 @@
 
 namespace lossguard::storage {
 
+bool IsPostgresUri(const std::string& db) {
+  return db.starts_with("postgresql://") || db.starts_with("postgres://");
+}
+
 absl::StatusOr<std::optional<RunRow>> RunStore::LoadRun(
     const std::string& run_id) {
   absl::StatusOr<std::vector<RunRow>> runs = LoadRuns();

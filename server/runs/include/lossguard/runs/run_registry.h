@@ -102,6 +102,8 @@ class RunRegistry {
   absl::flat_hash_map<std::string, std::shared_ptr<Run>> runs_
       ABSL_GUARDED_BY(mu_);
   std::map<Key, std::shared_ptr<Run>> order_ ABSL_GUARDED_BY(mu_);
+  // A run made from its stored `row` and rebuilt (Run::Recover).
+  absl::StatusOr<std::shared_ptr<Run>> Rebuild(const storage::RunRow& row);
   // Adds `run` made from `row`, or puts it in place of the run of its id.
   void Put(const storage::RunRow& row, std::shared_ptr<Run> run);
   absl::flat_hash_map<std::string, size_t> project_runs_ ABSL_GUARDED_BY(mu_);

@@ -252,6 +252,10 @@ absl::StatusOr<std::unique_ptr<RunStore>> OpenPostgresStore(
     const std::string& conninfo,
     const PostgresOptions& options = PostgresOptions());
 
+// Whether a --db value names a PostgreSQL database (a postgresql:// or
+// postgres:// URI) rather than a SQLite file.
+bool IsPostgresUri(const std::string& db);
+
 // "postgresql host:port/dbname" of a conninfo, without user or password,
 // for logs and errors.
 std::string PostgresDisplayName(const std::string& conninfo);
