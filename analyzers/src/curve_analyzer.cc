@@ -129,6 +129,7 @@ void CurveAnalyzer::Impl::OnLoss(const StepRecord& rec) {
   divergence_.OnBlock(track_, oscillation_.TypicalSwing(), gradient_.level(),
                       this);
   stagnation_.OnBlock(track_, divergence_.diverged(), divergence_.best_level(),
+                      track_.finite_points() - divergence_.rearmed_at_points(),
                       this);
 }
 

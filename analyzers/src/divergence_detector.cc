@@ -49,12 +49,7 @@ void DivergenceDetector::ReportNonFinite(const StepRecord& rec, int64_t onset,
                                          const LossTrack& track,
                                          double grad_norm_level,
                                          Findings* findings) {
-  if (diverged_) {
-    const double lr = track.lr();
-    const bool cut = std::isfinite(lr) && std::isfinite(diverged_lr_) &&
-                     lr <= diverged_lr_ * options_.divergence_rearm_lr_fraction;
-    if (!cut) return;
-  }
+  if (diverged_ && !CutSinceDivergence(track)) return;
   diverged_ = true;
   diverged_lr_ = track.lr();
   Diagnosis d;
@@ -81,11 +76,30 @@ bool DivergenceDetector::LrClimbing(const LossTrack& track) const {
          track.lr() > rise_lr_ * options_.stagnation_lr_rise;
 }
 
+bool DivergenceDetector::CutSinceDivergence(const LossTrack& track) const {
+  const double lr = track.lr();
+  return std::isfinite(lr) && std::isfinite(diverged_lr_) &&
+         lr <= diverged_lr_ * options_.divergence_rearm_lr_fraction;
+}
+
 void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
                                  double grad_norm_level, Findings* findings) {
-  if (diverged_) return;
   const Block& b = track.last_block();
   const double level = track.smoothed_level();
+  if (diverged_) {
+    // Reported once; the LR cut that answers it starts a new run from here
+    // (the loss before it, blow-up included, is no reference for what the
+    // cut LR does), so every detector watches again.
+    if (!CutSinceDivergence(track) || !std::isfinite(level)) return;
+    diverged_ = false;
+    rearmed_at_points_ = track.finite_points();
+    best_level_ = level;
+    best_step_ = b.last_step;
+    best_level_lr_ = track.lr();
+    rise_blocks_ = 0;
+    follow_blocks_left_ = 0;
+    return;
+  }
   if (std::isnan(first_level_)) {
     first_level_ = b.level;
     first_step_ = b.last_step;

@@ -39,12 +39,18 @@ class DivergenceDetector {
   bool diverged() const { return diverged_; }
   // A rise is under way but not yet confirmed or dismissed.
   bool rise_pending() const { return rise_blocks_ > 0; }
+  // Finite points seen when the detector last re-armed after the LR cut
+  // that answered a divergence (0: never).
+  int64_t rearmed_at_points() const { return rearmed_at_points_; }
   // Best smoothed log-loss so far (+inf before the first block).
   double best_level() const { return best_level_; }
 
  private:
   // The LR has climbed since the best level the rise is measured from.
   bool LrClimbing(const LossTrack& track) const;
+  // The LR was cut since the divergence was reported (see
+  // AnalyzerOptions::divergence_rearm_lr_fraction).
+  bool CutSinceDivergence(const LossTrack& track) const;
   // Reports an immediate divergence (once, or again after an LR cut; see
   // AnalyzerOptions::divergence_rearm_lr_fraction).
   void ReportNonFinite(const StepRecord& rec, int64_t onset, double confidence,
@@ -68,6 +74,7 @@ class DivergenceDetector {
   double rise_base_ = kNaN;
   int follow_blocks_left_ = 0;
   double rise_lr_ = kNaN;  // LR at the best level the rise is measured from
+  int64_t rearmed_at_points_ = 0;
 };
 
 }  // namespace lossguard::analyzers

@@ -64,15 +64,17 @@ void StagnationDetector::OnPoint(const StepRecord& rec, const LossTrack& track,
 }
 
 void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
-                                 double best_level, Findings* findings) {
+                                 double best_level, int64_t since_points,
+                                 Findings* findings) {
   const int64_t seen = track.finite_points();
+  const int64_t since = std::min(seen, since_points);
   const int min_points = blown_up_ ? std::min(options_.stagnation_min_points,
                                               options_.stagnation_min_points_after_blowup)
                                    : options_.stagnation_min_points;
   // Strong evidence may be judged from `stagnation_min_points_strong`
   // points on (see the minimum below).
   if (diverged ||
-      seen < std::min(min_points, options_.stagnation_min_points_strong)) {
+      since < std::min(min_points, options_.stagnation_min_points_strong)) {
     return;
   }
   // The window spans up to `history_blocks` blocks; judging it every
@@ -80,8 +82,9 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   // constant however long the run.
   if (++blocks_since_check_ < last_window_blocks_ / kChecksPerWindow) return;
   blocks_since_check_ = 0;
-  const int64_t window_points = static_cast<int64_t>(
-      options_.stagnation_window_fraction * static_cast<double>(seen));
+  const int64_t window_points = std::min(
+      since, static_cast<int64_t>(options_.stagnation_window_fraction *
+                                  static_cast<double>(seen)));
   // Walk back over whole blocks covering the window.
   const RingBuffer<Block>& blocks = track.blocks();
   int nblocks = 0;
@@ -178,7 +181,7 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
       std::max(1.0, upper > 0 ? threshold_progress / upper : kInf);
   // A sequential test: the points needed before judging, and the growth
   // the condition must survive, shrink with the strength of the evidence.
-  if (static_cast<double>(seen) * strength < min_points) return;
+  if (static_cast<double>(since) * strength < min_points) return;
   if (candidate_since_ < 0) candidate_since_ = seen;
   const double persist =
       1.0 + (options_.stagnation_persist_factor - 1.0) / strength;

@@ -25,9 +25,12 @@ class StagnationDetector {
   // After each finite loss: the dead-model (constant loss) rule.
   void OnPoint(const StepRecord& rec, const LossTrack& track, bool diverged,
                double best_level, Findings* findings);
-  // After `track` closed a block.
+  // After `track` closed a block. `since_points`: the finite points seen
+  // since the divergence detector last re-armed (after the LR cut that
+  // answered a divergence), or all of them: the window never reaches back
+  // past that cut, and the minimum points count from it.
   void OnBlock(const LossTrack& track, bool diverged, double best_level,
-               Findings* findings);
+               int64_t since_points, Findings* findings);
 
  private:
   const AnalyzerOptions& options_;

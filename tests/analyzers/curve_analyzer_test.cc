@@ -244,6 +244,84 @@ TEST(CurveAnalyzerTest, NonFiniteDivergenceRearmsAfterAnLrCut) {
   EXPECT_THAT(steps, ElementsAre(30));
 }
 
+// A divergence answered by an LR cut: the loss falls again at the cut LR
+// (from where the weights were restored) and, at step 700, blows up again.
+// The cut re-arms every detector, so the second blow-up is reported (for a
+// second cut), and so is a recovered spike on the way; without the cut the
+// run is reported once and nothing after. (The cut LR is 0.1, the second
+// rise as steep as the first.)
+std::vector<StepRecord> DivergeCutDivergeAgain(bool cut) {
+  std::vector<StepRecord> recs;
+  for (int64_t s = 0; s < 900; ++s) {
+    const double t = static_cast<double>(s);
+    const double noise = 1.0 + 0.03 * std::sin(1.3 * t);
+    double loss;
+    if (s < 200) {
+      loss = ExpDecay(t, kL0, 0.3, 60.0);
+    } else if (s < 260) {
+      loss = ExpDecay(199.0, kL0, 0.3, 60.0) * std::exp(0.06 * (t - 199.0));
+    } else if (s < 700) {
+      loss = ExpDecay(t - 260.0, 0.8, 0.25, 80.0);
+      if (s >= 450 && s < 470) loss *= 3.0;  // a spike that recovers
+    } else {
+      loss = ExpDecay(440.0, 0.8, 0.25, 80.0) * std::exp(0.06 * (t - 699.0));
+    }
+    recs.push_back({.step = s, .lr = cut && s >= 260 ? 0.1 : 1.0,
+                    .loss = loss * noise});
+  }
+  return recs;
+}
+
+TEST(CurveAnalyzerTest, TheCutThatAnswersADivergenceRearmsTheDetectors) {
+  const std::vector<Diagnosis> with_cut = Analyze(DivergeCutDivergeAgain(true));
+  const std::vector<Diagnosis> div =
+      OfKind(with_cut, DiagnosisKind::kDivergence);
+  ASSERT_EQ(div.size(), 2u) << Describe(with_cut);
+  EXPECT_GT(div[0].step, 200);
+  EXPECT_LT(div[0].step, 260);
+  EXPECT_GT(div[1].step, 700);
+  EXPECT_GE(div[1].onset, 690) << div[1].evidence;
+  EXPECT_DOUBLE_EQ(div[1].lr_at_onset, 0.1);
+  const std::vector<Diagnosis> spikes =
+      OfKind(with_cut, DiagnosisKind::kLossSpike);
+  ASSERT_EQ(spikes.size(), 1u) << Describe(with_cut);
+  EXPECT_GT(spikes[0].step, 450);
+  EXPECT_LT(spikes[0].step, 520);
+  // Falling from its blown-up level after the cut is no stagnation.
+  EXPECT_FALSE(Has(with_cut, DiagnosisKind::kStagnation)) << Describe(with_cut);
+
+  const std::vector<Diagnosis> no_cut = Analyze(DivergeCutDivergeAgain(false));
+  ASSERT_EQ(OfKind(no_cut, DiagnosisKind::kDivergence).size(), 1u)
+      << Describe(no_cut);
+  for (const Diagnosis& d : no_cut) {
+    EXPECT_LE(d.step, div[0].step) << Describe({d});
+  }
+}
+
+// After a blow-up and the cut that answers it, the stagnation window starts
+// at the cut: a run stuck at its initial loss after the cut (damaged) is
+// reported once enough points after the cut show it, not from points before.
+TEST(CurveAnalyzerTest, StagnationAfterADivergenceCutCountsFromTheCut) {
+  std::vector<StepRecord> recs;
+  for (int64_t s = 0; s < 400; ++s) {
+    const double t = static_cast<double>(s);
+    double loss = kL0 * (1.0 + 0.01 * std::sin(1.7 * t));
+    if (s >= 10 && s < 40) loss = kL0 * std::exp(0.2 * (t - 9.0));
+    recs.push_back({.step = s, .lr = s >= 40 ? 0.1 : 1.0, .loss = loss});
+  }
+  const std::vector<Diagnosis> got = Analyze(recs);
+  const std::vector<Diagnosis> div = OfKind(got, DiagnosisKind::kDivergence);
+  ASSERT_EQ(div.size(), 1u) << Describe(got);
+  const std::vector<Diagnosis> st = OfKind(got, DiagnosisKind::kStagnation);
+  ASSERT_EQ(st.size(), 1u) << Describe(got);
+  const AnalyzerOptions defaults;
+  EXPECT_LT(div[0].step, 40);
+  EXPECT_GE(st[0].step, 40 + defaults.stagnation_min_points_after_blowup)
+      << st[0].evidence;
+  EXPECT_LE(st[0].step, 150) << st[0].evidence;
+  EXPECT_GE(st[0].onset, 40) << st[0].evidence;
+}
+
 // A run that blows up early (the loss 12x its initial value) and falls back
 // to its initial loss, where it stays (a model dead at chance), is stuck
 // long before the 64 points stagnation needs otherwise. The same blow-up
