@@ -633,6 +633,46 @@ TEST(AdvicePolicyTest, StuckWithCollapsedGradientsIsDamage) {
   EXPECT_DOUBLE_EQ(raise.lr_factor, 10.0);  // or the bolder plain raise
 }
 
+// A plain LR raise (a stagnation at a constant LR, x3) is watched like a
+// ramp: the blow-up it causes is answered at once, not after the cooldown,
+// for half a cooldown; a cut gets no such window, and a stagnation in the
+// window still waits.
+TEST(AdvicePolicyTest, BlowUpRightAfterARaiseIsNotHeldBack) {
+  PolicyOptions o;
+  RunContext ctx = Ctx();
+  Advice raise = Decide(Diag(DiagnosisKind::kStagnation, 500), ctx, o);
+  ASSERT_EQ(raise.action, ActionKind::kScaleLr) << raise.explanation;
+  ASSERT_DOUBLE_EQ(raise.lr_factor, 3.0);
+  EXPECT_TRUE(RaisesLr(raise, ctx));
+  EXPECT_EQ(raise.ramp_until, 500 + o.cooldown_steps / 2);
+  ObserveAdvice(Diag(DiagnosisKind::kStagnation, 500), raise, &ctx);
+  EXPECT_EQ(ctx.ramp_until, 550);
+  for (int64_t s = 501; s <= 530; ++s) {
+    ObserveStep({.step = s, .lr = 0.3, .loss = 1.0}, o, &ctx);
+  }
+  Advice cut = Decide(Diag(DiagnosisKind::kDivergence, 530), ctx, o);
+  EXPECT_EQ(cut.action, ActionKind::kScaleLr) << cut.explanation;
+  EXPECT_DOUBLE_EQ(cut.lr_factor, 0.1);
+  EXPECT_TRUE(cut.restore_checkpoint);
+  EXPECT_FALSE(RaisesLr(cut, ctx));
+  EXPECT_EQ(cut.ramp_until, 0);
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kStagnation, 530), ctx, o).blocked_by,
+            GuardRail::kCooldown);
+  // Past the window, the cooldown holds.
+  RunContext later = ctx;
+  for (int64_t s = 531; s <= 560; ++s) {
+    ObserveStep({.step = s, .lr = 0.3, .loss = 1.0}, o, &later);
+  }
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kDivergence, 560), later, o).blocked_by,
+            GuardRail::kCooldown);
+  // The cut ends the window; an oscillation right after it waits.
+  ObserveAdvice(Diag(DiagnosisKind::kDivergence, 530), cut, &ctx);
+  EXPECT_EQ(ctx.ramp_until, 0);
+  ObserveStep({.step = 531, .lr = 0.03, .loss = 1.0}, o, &ctx);
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kOscillation, 531), ctx, o).blocked_by,
+            GuardRail::kCooldown);
+}
+
 // A starved run gets a ramp up to starved_ramp_max_factor x its LR, never
 // past max_lr or the LR a blow-up was cut from; its end (a divergence, an
 // oscillation) is acted on at once, not after the cooldown.
@@ -789,13 +829,16 @@ TEST(AdvicePolicyTest, CooldownDefersAnActionItDoesNotCancelIt) {
   for (int64_t s = 0; s <= 100; ++s) {
     ObserveStep({.step = s, .lr = 0.5, .loss = 1.0}, o, &ctx);
   }
-  Diagnosis stag = Diag(DiagnosisKind::kStagnation, 100);
-  Advice first = Decide(stag, ctx, o);
-  ASSERT_NE(first.action, ActionKind::kNone);
-  ObserveAdvice(stag, first, &ctx);
+  // (A cut: a raise's own outcome would not wait, see
+  // BlowUpRightAfterARaiseIsNotHeldBack.)
+  Diagnosis over = Diag(DiagnosisKind::kOverfitting, 100);
+  Advice first = Decide(over, ctx, o);
+  ASSERT_EQ(first.action, ActionKind::kScaleLr);
+  ASSERT_LT(first.lr_factor, 1.0);
+  ObserveAdvice(over, first, &ctx);
   // An oscillation 20 steps later is blocked by the cooldown...
   for (int64_t s = 101; s <= 120; ++s) {
-    ObserveStep({.step = s, .lr = 1.5, .loss = 1.0}, o, &ctx);
+    ObserveStep({.step = s, .lr = 0.25, .loss = 1.0}, o, &ctx);
   }
   Diagnosis osc = Diag(DiagnosisKind::kOscillation, 120);
   Advice blocked = Decide(osc, ctx, o);
@@ -804,7 +847,7 @@ TEST(AdvicePolicyTest, CooldownDefersAnActionItDoesNotCancelIt) {
   EXPECT_FALSE(DeferredDue(ctx, o));
   // ...and comes back once the cooldown is over, if it still holds.
   for (int64_t s = 121; s <= 200; ++s) {
-    ObserveStep({.step = s, .lr = 1.5, .loss = 1.0}, o, &ctx);
+    ObserveStep({.step = s, .lr = 0.25, .loss = 1.0}, o, &ctx);
   }
   EXPECT_TRUE(DeferredDue(ctx, o));
   std::vector<Diagnosis> due = TakeDeferred({osc}, o, &ctx);

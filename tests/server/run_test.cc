@@ -418,5 +418,68 @@ TEST_F(RunTest, RecoveryClosesPendingOutcomesAndKeepsThePolicysMemory) {
   for (const auto& a : more) EXPECT_FALSE(a.has_action()) << a.DebugString();
 }
 
+// A raise advised before a restart keeps its watch window (the policy's
+// RunContext::ramp_until) across it: the blow-up it causes right after the
+// restart is acted on at once, not held back by the cooldown.
+TEST_F(RunTest, RecoveryKeepsTheWatchWindowOfARaise) {
+  options_.policy.starved_ramp = false;  // a plain x10 raise
+  auto run = NewRun("r");
+  uint64_t session = AttachAuto(run.get());
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  int64_t step = 0;
+  const double lr0 = 1e-5;
+  const v1::Advice* raise = nullptr;
+  while (raise == nullptr && step < 3000) {
+    advice.clear();
+    ASSERT_TRUE(run->Ingest(session, Noisy(step, step + 5, lr0,
+                                           [](int64_t) { return 2.303; }),
+                            &advice, &dups)
+                    .ok());
+    step += 5;
+    for (const auto& a : advice) {
+      if (a.has_action()) raise = &a;
+    }
+  }
+  ASSERT_NE(raise, nullptr) << "no action for a stagnating run";
+  ASSERT_TRUE(raise->action().has_scale_lr()) << raise->DebugString();
+  ASSERT_GT(raise->action().scale_lr().factor(), 1.0);
+  const int64_t raised_at = raise->at_step();
+  v1::AdviceAck ack;
+  ack.set_advice_id(raise->advice_id());
+  ack.set_applied(true);
+  ack.set_effective_step(step);
+  ASSERT_TRUE(run->Ack(session, ack).ok());
+  run->Detach(session);
+  run.reset();
+
+  auto rows = store_->LoadRuns();
+  ASSERT_TRUE(rows.ok());
+  ASSERT_EQ(rows->size(), 1u);
+  runs::Run again((*rows)[0], v1::RunConfig(), &options_, store_.get(), &clock_);
+  ASSERT_TRUE(again.Recover().ok());
+  session = AttachAuto(&again);
+  // The raised LR blows the run up: 15% more loss per step.
+  const v1::Advice* cut = nullptr;
+  const int64_t window_end = raised_at + options_.policy.cooldown_steps / 2;
+  for (int64_t from = step; cut == nullptr && from < window_end; from += 5) {
+    advice.clear();
+    ASSERT_TRUE(again.Ingest(session, Noisy(from, from + 5, 10 * lr0,
+                                            [step](int64_t s) {
+                                              return 2.303 * std::pow(1.15, s - step);
+                                            }),
+                             &advice, &dups)
+                    .ok());
+    for (const auto& a : advice) {
+      if (a.diagnosis().kind() == v1::DIVERGENCE) {
+        EXPECT_TRUE(a.has_action()) << a.DebugString();
+        cut = &a;
+      }
+    }
+  }
+  ASSERT_NE(cut, nullptr) << "no divergence diagnosed within the raise's window";
+  EXPECT_LT(cut->action().scale_lr().factor(), 1.0);
+}
+
 }  // namespace
 }  // namespace lossguard::runs

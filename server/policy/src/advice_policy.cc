@@ -367,6 +367,20 @@ int64_t RampUntil(int64_t at_step, int64_t steps, const PolicyOptions& options) 
                       0.5 * static_cast<double>(options.cooldown_steps));
 }
 
+bool RaisesLr(const Advice& a, const RunContext& ctx) {
+  switch (a.action) {
+    case ActionKind::kScaleLr:
+    case ActionKind::kSetLr:
+      return a.lr_to > a.lr_from;
+    case ActionKind::kRestartCosine:
+      return std::isfinite(ctx.lr) && a.eta_max > ctx.lr;
+    case ActionKind::kRampLr:
+      return true;
+    default:
+      return false;
+  }
+}
+
 bool EndsRamp(const Advice& a) {
   return a.action == ActionKind::kScaleLr || a.action == ActionKind::kSetLr ||
          a.action == ActionKind::kRestartCosine || a.restore_checkpoint;
@@ -483,6 +497,12 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
   } else {
     why = Remedy(d, ctx, options, &a);
   }
+  if (RaisesLr(a, ctx) && a.ramp_until == 0) {
+    // The raise's own outcome (a blow-up, swings) is answered at once, as a
+    // ramp's is: the raise is its likely cause, and waiting out the
+    // cooldown would spend the run at the LR that caused it.
+    a.ramp_until = RampUntil(a.at_step, 0, options);
+  }
   a.explanation =
       absl::StrCat(Situation(d), ": ", why, ActionPhrase(a, options), ".");
   return a;
@@ -539,7 +559,7 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   // A ramp is on until its steps are done and its end judged; another LR
   // action or a rollback ends it (as the guard stops ramping then), while
   // clipping on the way does not.
-  if (advice.action == ActionKind::kRampLr) {
+  if (advice.ramp_until > 0) {
     ctx->ramp_until = advice.ramp_until;
   } else if (EndsRamp(advice)) {
     ctx->ramp_until = 0;

@@ -156,14 +156,18 @@ absl::Status Run::Recover() {
       if (a.has_action()) {
         ctx->last_action_step = a.at_step();
         ++ctx->actions_taken;
-        // An LR ramp in progress keeps its cooldown exemption (see
-        // policy::RunContext::ramp_until); another LR action ends it.
+        // An LR raise being watched keeps its cooldown exemption (see
+        // policy::RunContext::ramp_until); another LR action ends it. (A
+        // set_lr does not say whether it raised the LR: taken as no raise.)
         const v1::Action& act = a.action();
         if (act.has_ramp_lr()) {
           ctx->ramp_until = policy::RampUntil(a.at_step(), act.ramp_lr().steps(),
                                               options_->policy);
+        } else if ((act.has_scale_lr() && act.scale_lr().factor() > 1.0) ||
+                   act.has_restart_cosine()) {
+          ctx->ramp_until = policy::RampUntil(a.at_step(), 0, options_->policy);
         } else if (act.has_scale_lr() || act.has_set_lr() ||
-                   act.has_restart_cosine() || act.restore_checkpoint()) {
+                   act.restore_checkpoint()) {
           ctx->ramp_until = 0;
         }
         if (a.diagnosis().kind() == v1::OVERFITTING) {

@@ -161,8 +161,10 @@ struct RunContext {
   // After an LR cut for a blow-up (restore_checkpoint), the LR it set: no
   // later raise or cosine restart goes above it (0: no ceiling).
   double lr_ceiling = 0.0;
-  // Until this step an LR ramp is on (or its end being judged): the
-  // diagnoses that end it are not held back by the cooldown (0: none).
+  // Until this step an LR raise lossguard advised is being watched (a
+  // ramp: while it is on and its end is judged; a raise or a cosine
+  // restart: half a cooldown): the divergence, oscillation or gradient
+  // explosion it may cause is not held back by the cooldown (0: none).
   int64_t ramp_until = 0;
   // The LR the range test over the ramp's points suggests (the middle of
   // its steepest descent; see policy::Advisor), once the ramp has ended or
@@ -194,7 +196,7 @@ struct Advice {
   double eta_min = 0.0;        // kRestartCosine: LR at the cycle's end
   double ramp_factor = 1.0;    // kRampLr: LR factor per step
   int64_t ramp_steps = 0;      // kRampLr: steps of the ramp
-  int64_t ramp_until = 0;      // kRampLr: RunContext::ramp_until it sets
+  int64_t ramp_until = 0;      // an LR raise: RunContext::ramp_until it sets
   GuardRail blocked_by = GuardRail::kNone;  // set when a guard rail blocked
   std::string reason;                       // kNone: why no action
   std::string explanation;                  // one sentence, with the numbers
@@ -236,6 +238,11 @@ int64_t RampUntil(int64_t at_step, int64_t steps, const PolicyOptions& options);
 // Whether `advice` ends an LR ramp in progress: another LR action or a
 // rollback does (the guards stop ramping then); clipping does not.
 bool EndsRamp(const Advice& advice);
+
+// Whether `advice` raises the LR of the run in `ctx`: a scale or set above
+// the LR now, a cosine restart above it, a ramp. Decide gives a raise a
+// watch window (Advice::ramp_until, RampUntil with no ramp steps).
+bool RaisesLr(const Advice& advice, const RunContext& ctx);
 
 // Brings `ctx` up to date with one more step fed to the analyzer.
 void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
