@@ -47,6 +47,22 @@ class RunTest : public ::testing::Test {
                                  &clock_);
   }
 
+  // The store's one run as a restarted daemon recovers it (null, with a
+  // test failure, if it cannot).
+  std::unique_ptr<runs::Run> Restarted() {
+    auto rows = store_->LoadRuns();
+    EXPECT_TRUE(rows.ok()) << rows.status();
+    if (!rows.ok() || rows->size() != 1) {
+      ADD_FAILURE() << "expected one stored run";
+      return nullptr;
+    }
+    auto run = std::make_unique<runs::Run>((*rows)[0], v1::RunConfig(), &options_,
+                                           store_.get(), &clock_);
+    const absl::Status s = run->Recover();
+    EXPECT_TRUE(s.ok()) << s;
+    return s.ok() ? std::move(run) : nullptr;
+  }
+
   static v1::StepBatch Steps(std::vector<int64_t> steps, double lr = 0.1,
                              double loss = 1.0) {
     v1::StepBatch b;
@@ -398,11 +414,9 @@ TEST_F(RunTest, RecoveryClosesPendingOutcomesAndKeepsThePolicysMemory) {
   run.reset();
 
   // "Restart": a new Run over the same store.
-  auto rows = store_->LoadRuns();
-  ASSERT_TRUE(rows.ok());
-  ASSERT_EQ(rows->size(), 1u);
-  runs::Run again((*rows)[0], v1::RunConfig(), &options_, store_.get(), &clock_);
-  ASSERT_TRUE(again.Recover().ok());
+  std::unique_ptr<runs::Run> again_run = Restarted();
+  ASSERT_NE(again_run, nullptr);
+  runs::Run& again = *again_run;
   const v1::RunHealth after = again.Health();
   EXPECT_EQ(after.summary().last_step(), before.summary().last_step());
   ASSERT_EQ(after.advice_size(), before.advice_size());
@@ -453,11 +467,9 @@ TEST_F(RunTest, RecoveryKeepsTheWatchWindowOfARaise) {
   run->Detach(session);
   run.reset();
 
-  auto rows = store_->LoadRuns();
-  ASSERT_TRUE(rows.ok());
-  ASSERT_EQ(rows->size(), 1u);
-  runs::Run again((*rows)[0], v1::RunConfig(), &options_, store_.get(), &clock_);
-  ASSERT_TRUE(again.Recover().ok());
+  std::unique_ptr<runs::Run> again_run = Restarted();
+  ASSERT_NE(again_run, nullptr);
+  runs::Run& again = *again_run;
   session = AttachAuto(&again);
   // The raised LR blows the run up: 15% more loss per step.
   const v1::Advice* cut = nullptr;
