@@ -871,6 +871,32 @@ TEST(CurveAnalyzerTest, FallBackToChanceAfterEarlyBlowUpIsStagnation) {
               ContainsRegex("1[0-2][0-9]% of the initial loss 2\\.[23]"));
 }
 
+// An LR so large that the first updates raise the loss by a fifth (not
+// the blow-up above) and the run then hovers at ~83% of its initial loss,
+// swinging, for good: L0 is the untrained model's loss (the first), not
+// the median of the first five, which would put the plateau at 72% of a
+// 17%-high L0, below where stagnation is "near the start". (Measured: an
+// Adam run at 100x its LR with bench/py_rescue.py, never diagnosed.)
+TEST(CurveAnalyzerTest, FirstUpdatesRaisingTheLossDoNotInflateL0) {
+  CurveSpec spec;
+  spec.points = 400;
+  spec.lr = [](int64_t) { return 0.1; };
+  spec.loss = [](int64_t i) {
+    static constexpr double kFirst[] = {1.0, 1.12, 1.25, 1.19, 1.17};
+    if (i < 5) return kL0 * kFirst[i];
+    if (i < 40) return kL0 * (1.17 - 0.34 * static_cast<double>(i - 5) / 35);
+    return 0.83 * kL0 * (1.0 + 0.06 * std::sin(0.05 * static_cast<double>(i)));
+  };
+  spec.loss_noise = 0.03;
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, Generate(spec));
+  const std::vector<Diagnosis> st = OfKind(ds, DiagnosisKind::kStagnation);
+  ASSERT_FALSE(st.empty()) << Describe(ds);
+  EXPECT_LE(st[0].step, 200) << Describe(st);
+  EXPECT_THAT(st[0].evidence, ContainsRegex("(7[5-9]|8[0-9]|9[0-5])% of the initial loss 2\\.[23]"))
+      << st[0].evidence;
+}
+
 // A run stuck at its initial loss is reported once and stays active while
 // the loss stays flat: minibatch noise does not clear it.
 TEST(CurveAnalyzerTest, StuckRunIsReportedOnceAndStaysActive) {

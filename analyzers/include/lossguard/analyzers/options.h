@@ -30,9 +30,13 @@ struct AnalyzerOptions {
   // ...unless that median is more than this factor above the very first
   // loss: then the first updates already blew the loss up (an LR far too
   // large), and L0 is the first loss (the untrained model's, before any
-  // update). A healthy run does not raise its loss by half in its first
-  // steps; a spike at one of them leaves the median alone.
-  double initial_blowup_factor = 1.5;
+  // update). A healthy run does not raise its loss by 10% in its first
+  // steps (an untrained model's loss hardly varies between minibatches);
+  // a spike at one of them leaves the median alone. (1.5 let an Adam run
+  // at 100x its LR, whose first updates raised the loss 17%, set L0 17%
+  // high: stuck at 83% of its true initial loss, it read as 72%, below
+  // the 75% stagnation asks, and was never diagnosed.)
+  double initial_blowup_factor = 1.1;
 
   // --- divergence ---------------------------------------------------------
   // A rise counts when the smoothed loss exceeds its best level by this
