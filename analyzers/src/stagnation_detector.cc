@@ -67,7 +67,8 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
                                  double best_level, int64_t since_points,
                                  Findings* findings) {
   const int64_t seen = track.finite_points();
-  const int64_t since = std::min(seen, since_points);
+  const int64_t since =
+      std::min({seen, since_points, seen - afresh_from_points_});
   const int min_points = blown_up_ ? std::min(options_.stagnation_min_points,
                                               options_.stagnation_min_points_after_blowup)
                                    : options_.stagnation_min_points;
@@ -125,6 +126,9 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
       // at that LR.
       findings->Clear(DiagnosisKind::kStagnation);
       candidate_since_ = -1;
+      // After the remedy the points before it say nothing about the new
+      // LR (or, after a rollback, about the restored weights).
+      if (moved) afresh_from_points_ = seen;
     }
     return;
   }

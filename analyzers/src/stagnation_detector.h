@@ -45,6 +45,9 @@ class StagnationDetector {
   int64_t candidate_since_ = -1;  // points seen when the condition first held
   double reported_level_ = kNaN;  // tail level when stagnation was reported
   double reported_lr_ = kNaN;     // LR when stagnation was reported
+  // Points seen when a report was cleared because the LR moved (the
+  // remedy applied): the judgement afresh looks only at points after it.
+  int64_t afresh_from_points_ = 0;
   std::vector<double> scratch_;
 };
 

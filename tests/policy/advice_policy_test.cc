@@ -633,6 +633,36 @@ TEST(AdvicePolicyTest, StuckWithCollapsedGradientsIsDamage) {
   EXPECT_DOUBLE_EQ(raise.lr_factor, 10.0);  // or the bolder plain raise
 }
 
+// A plateau far from converged at a constant LR is an LR too small (x3)...
+// unless the very first updates raised the loss: then the LR overshoots
+// from the start (measured: Adam at 100x its LR, stuck at 85% of its
+// initial loss with swings, raised x3 to 0.3 and lost what it had), and
+// the remedy is the cut.
+TEST(AdvicePolicyTest, StagnationAfterFirstUpdatesRaisedTheLossIsACut) {
+  PolicyOptions o;
+  auto run = [&](double rise) {
+    RunContext ctx;
+    const double first[] = {2.30, 2.30 * rise, 2.30 * rise * 1.05,
+                            2.30 * rise * 0.97, 2.30 * rise};
+    for (int64_t s = 0; s < 100; ++s) {
+      const double loss = s < 5 ? first[s] : 1.95;
+      ObserveStep({.step = s, .lr = 0.1, .loss = loss, .grad_norm = 1.0}, o, &ctx);
+    }
+    Diagnosis d = Diag(DiagnosisKind::kStagnation, 99);
+    d.loss_at_onset = 1.95;
+    return std::make_pair(ctx, Decide(d, ctx, o));
+  };
+  const auto [overshot_ctx, cut] = run(1.17);
+  EXPECT_NEAR(overshot_ctx.early_rise, 1.17, 1e-9);
+  ASSERT_EQ(cut.action, ActionKind::kScaleLr) << cut.explanation;
+  EXPECT_DOUBLE_EQ(cut.lr_factor, o.divergence_lr_factor);
+  EXPECT_THAT(cut.explanation, HasSubstr("the first updates raised the loss"));
+  EXPECT_THAT(cut.explanation, HasSubstr("1.17x the first"));
+  const auto [flat_ctx, raise] = run(0.99);
+  ASSERT_EQ(raise.action, ActionKind::kScaleLr) << raise.explanation;
+  EXPECT_DOUBLE_EQ(raise.lr_factor, o.stagnation_lr_factor);
+}
+
 // A plain LR raise (a stagnation at a constant LR, x3) is watched like a
 // ramp: the blow-up it causes is answered at once, not after the cooldown,
 // for half a cooldown; a cut gets no such window, and a stagnation in the

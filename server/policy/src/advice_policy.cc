@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 
 #include "absl/strings/match.h"
@@ -265,6 +266,17 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
           decaying && d.lr_at_onset > 0.0 &&
           ctx.lr < d.lr_at_onset * (1.0 - o.lr_tolerance);
       if (!still_decaying) {
+        if (!decaying && ctx.early_rise >= o.overshoot_rise_factor) {
+          // The very first updates raised the loss: too large an LR, which
+          // a raise would make worse.
+          MoveLr(o.divergence_lr_factor, ctx, o, a);
+          return absl::StrFormat(
+              "the first updates raised the loss (the median of the 2nd to "
+              "5th losses is %.2fx the first, %.4g) and it has made little "
+              "progress since: the LR %g overshoots from the start, too "
+              "large rather than too small, so ",
+              ctx.early_rise, ctx.early_losses[0], ctx.lr);
+        }
         if (!decaying) {
           // Not moved at all from the initial loss, nothing damaged (no
           // blow-up, gradients intact): the LR is starved by an order of
@@ -530,6 +542,17 @@ void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
   if (std::isfinite(rec.loss) && rec.loss > 0.0) {
     if (ctx->initial_loss <= 0.0) ctx->initial_loss = rec.loss;
     ctx->peak_loss = std::max(ctx->peak_loss, rec.loss);
+    constexpr int kEarly = std::size(RunContext{}.early_losses);
+    if (ctx->early_count < kEarly) {
+      ctx->early_losses[ctx->early_count++] = rec.loss;
+      if (ctx->early_count == kEarly) {
+        double later[kEarly - 1];
+        std::copy(ctx->early_losses + 1, ctx->early_losses + kEarly, later);
+        std::sort(later, later + kEarly - 1);
+        const double median = 0.5 * (later[1] + later[2]);
+        ctx->early_rise = median / ctx->early_losses[0];
+      }
+    }
   }
   if (ctx->initial_grad_norm <= 0.0 && rec.grad_norm.has_value() &&
       std::isfinite(*rec.grad_norm) && *rec.grad_norm > 0.0) {

@@ -101,6 +101,14 @@ struct PolicyOptions {
   // gradient norm (dead units pass no gradient; a starved run, which has
   // not moved, keeps its initial gradient norm).
   double damaged_grad_collapse = 2.0;
+  // A stagnation in a run whose first updates raised its loss (the median
+  // of its 2nd to 5th losses at least this factor above the first, the
+  // untrained model's) is an LR too large, overshooting from the start, not
+  // too small: it gets the divergence cut, never a raise. An untrained
+  // model's loss hardly varies between minibatches and a starved LR cannot
+  // move it, so a 10% rise in the first updates is the LR's doing (the
+  // analyzer's initial_blowup_factor reads it the same way).
+  double overshoot_rise_factor = 1.1;
   // A constant-LR run stuck at its initial loss with its gradients intact
   // (no blow-up, norm not collapsed) is starved by an order of magnitude or
   // more, by how much nothing in the curve says: it gets an LR range test
@@ -155,6 +163,12 @@ struct RunContext {
   double initial_loss = 0.0;
   double peak_loss = 0.0;
   double initial_grad_norm = 0.0;  // the first finite, positive one
+  // The first 5 finite, positive losses (ObserveStep) and, once they are
+  // in, the median of the 2nd to 5th over the first: above 1 when the
+  // first updates raised the loss (0: not known yet).
+  double early_losses[5] = {};
+  int early_count = 0;
+  double early_rise = 0.0;
   // Kinds whose diagnosis was blocked by the cooldown (bit = 1 << kind):
   // reconsidered once it ends, if they still hold (see TakeDeferred).
   uint32_t deferred_kinds = 0;
