@@ -658,6 +658,21 @@ TEST(AdvicePolicyTest, StagnationAfterFirstUpdatesRaisedTheLossIsACut) {
   EXPECT_DOUBLE_EQ(cut.lr_factor, o.divergence_lr_factor);
   EXPECT_THAT(cut.explanation, HasSubstr("the first updates raised the loss"));
   EXPECT_THAT(cut.explanation, HasSubstr("1.17x the first"));
+  // With a rollback, and the cut LR a ceiling: a later plateau is not read
+  // as an early decay to raise back.
+  EXPECT_TRUE(cut.restore_checkpoint);
+  RunContext after = overshot_ctx;
+  ObserveAdvice(Diag(DiagnosisKind::kStagnation, 99), cut, &after);
+  EXPECT_DOUBLE_EQ(after.lr_ceiling, 0.01);
+  for (int64_t s = 100; s < 400; ++s) {
+    ObserveStep({.step = s, .lr = 0.01, .loss = 1.95, .grad_norm = 1.0}, o, &after);
+  }
+  Diagnosis again = Diag(DiagnosisKind::kStagnation, 399);
+  again.loss_at_onset = 1.95;
+  again.lr_at_onset = 0.01;
+  const Advice later = Decide(again, after, o);
+  EXPECT_FALSE(later.action == ActionKind::kScaleLr && later.lr_factor > 1.0)
+      << later.explanation;
   const auto [flat_ctx, raise] = run(0.99);
   ASSERT_EQ(raise.action, ActionKind::kScaleLr) << raise.explanation;
   EXPECT_DOUBLE_EQ(raise.lr_factor, o.stagnation_lr_factor);

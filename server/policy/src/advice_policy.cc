@@ -268,8 +268,13 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       if (!still_decaying) {
         if (!decaying && ctx.early_rise >= o.overshoot_rise_factor) {
           // The very first updates raised the loss: too large an LR, which
-          // a raise would make worse.
+          // a raise would make worse. As after a blow-up, the weights it
+          // trained are restored and the LR it overshot at becomes the
+          // ceiling (a later plateau must not read the cut as an early
+          // decay to undo).
           MoveLr(o.divergence_lr_factor, ctx, o, a);
+          a->restore_checkpoint = a->action == ActionKind::kScaleLr ||
+                                  a->action == ActionKind::kSetLr;
           return absl::StrFormat(
               "the first updates raised the loss (the median of the 2nd to "
               "5th losses is %.2fx the first, %.4g) and it has made little "
