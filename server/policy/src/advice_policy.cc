@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <iterator>
 #include <limits>
 
 #include "absl/strings/match.h"
@@ -547,7 +546,7 @@ void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
   if (std::isfinite(rec.loss) && rec.loss > 0.0) {
     if (ctx->initial_loss <= 0.0) ctx->initial_loss = rec.loss;
     ctx->peak_loss = std::max(ctx->peak_loss, rec.loss);
-    constexpr int kEarly = std::size(RunContext{}.early_losses);
+    constexpr int kEarly = RunContext::kEarlyLosses;
     if (ctx->early_count < kEarly) {
       ctx->early_losses[ctx->early_count++] = rec.loss;
       if (ctx->early_count == kEarly) {

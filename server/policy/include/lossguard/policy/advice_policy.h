@@ -166,7 +166,8 @@ struct RunContext {
   // The first 5 finite, positive losses (ObserveStep) and, once they are
   // in, the median of the 2nd to 5th over the first: above 1 when the
   // first updates raised the loss (0: not known yet).
-  double early_losses[5] = {};
+  static constexpr int kEarlyLosses = 5;
+  double early_losses[kEarlyLosses] = {};
   int early_count = 0;
   double early_rise = 0.0;
   // Kinds whose diagnosis was blocked by the cooldown (bit = 1 << kind):
