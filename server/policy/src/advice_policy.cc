@@ -550,11 +550,17 @@ void ObserveStep(const analyzers::StepRecord& rec, const PolicyOptions& options,
     if (ctx->early_count < kEarly) {
       ctx->early_losses[ctx->early_count++] = rec.loss;
       if (ctx->early_count == kEarly) {
-        double later[kEarly - 1];
-        std::copy(ctx->early_losses + 1, ctx->early_losses + kEarly, later);
-        std::sort(later, later + kEarly - 1);
-        const double median = 0.5 * (later[1] + later[2]);
-        ctx->early_rise = median / ctx->early_losses[0];
+        // The median of the 2nd to 5th: the mean of the two middle ones.
+        double sum = 0.0;
+        double lo = ctx->early_losses[1];
+        double hi = ctx->early_losses[1];
+        for (int i = 1; i < kEarly; ++i) {
+          sum += ctx->early_losses[i];
+          lo = std::min(lo, ctx->early_losses[i]);
+          hi = std::max(hi, ctx->early_losses[i]);
+        }
+        static_assert(kEarly == 5, "the median below is of four values");
+        ctx->early_rise = 0.5 * (sum - lo - hi) / ctx->early_losses[0];
       }
     }
   }
