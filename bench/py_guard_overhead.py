@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 
-def load_images(data_dir, n):
-    with gzip.open(os.path.join(data_dir, "train-images-idx3-ubyte.gz")) as f:
+def load_images(data_dir, n, split="train"):
+    """The first `n` images of Fashion-MNIST's `split` ("train" or "t10k"),
+    normalised, and their labels."""
+    with gzip.open(os.path.join(data_dir, f"{split}-images-idx3-ubyte.gz")) as f:
         images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
-    with gzip.open(os.path.join(data_dir, "train-labels-idx1-ubyte.gz")) as f:
+    with gzip.open(os.path.join(data_dir, f"{split}-labels-idx1-ubyte.gz")) as f:
         labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)[:n]
     x = torch.from_numpy(images.astype(np.float32) / 255.0)
     return (x - 0.2860) / 0.3530, torch.from_numpy(labels.astype(np.int64))

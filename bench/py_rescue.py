@@ -20,7 +20,6 @@ TorchGuard(optimizer, client, model=model) with weight rollback, the loop
 of the README. Needs the package with its stubs (build/python).
 """
 import argparse
-import gzip
 import json
 import os
 import shlex
@@ -41,15 +40,6 @@ from py_guard_overhead import Cnn, load_images  # noqa: E402
 REFERENCE_LR = {"sgd": 0.05, "adam": 1e-3}
 FACTORS = [10, 30, 100, 300, 1 / 100, 1 / 300, 1 / 1000]
 METHODS = ["unattended", "plateau", "lossguard"]
-
-
-def load_test(data_dir, n):
-    with gzip.open(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz")) as f:
-        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
-    with gzip.open(os.path.join(data_dir, "t10k-labels-idx1-ubyte.gz")) as f:
-        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)[:n]
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    return (x - 0.2860) / 0.3530, torch.from_numpy(labels.astype(np.int64))
 
 
 def evaluate(model, x, y):
@@ -155,7 +145,7 @@ def main():
     args = ap.parse_args()
     sys.path.insert(0, args.pythonpath)
     torch.set_num_threads(args.threads)
-    data = (load_images(args.data_dir, 10000), load_test(args.data_dir, 2000))
+    data = (load_images(args.data_dir, 10000), load_images(args.data_dir, 2000, "t10k"))
 
     work = tempfile.mkdtemp(prefix="lossguard-pyrescue-")
     daemon_bin = shlex.split(args.daemon)
