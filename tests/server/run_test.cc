@@ -493,5 +493,73 @@ TEST_F(RunTest, RecoveryKeepsTheWatchWindowOfARaise) {
   EXPECT_LT(cut->action().scale_lr().factor(), 1.0);
 }
 
+// The LR ceiling a blow-up cut sets (policy::RunContext::lr_ceiling) holds
+// across a restart: a plateau after the restart at the LR the run was cut
+// to gets no raise back towards the LR that blew it up.
+TEST_F(RunTest, RecoveryKeepsTheLrCeilingOfABlowUpCut) {
+  auto run = NewRun("r");
+  uint64_t session = AttachAuto(run.get());
+  std::vector<v1::Advice> advice;
+  int64_t dups = 0;
+  int64_t step = 0;
+  // At LR 0.5 the loss rises from its initial 2.0 by 5% a step from step
+  // 10 on, and stays at 1.5x: a divergence (not a blow-up of 4x, after
+  // which a plateau would read as damage and be cut whatever the ceiling).
+  const auto blows_up = [](int64_t s) {
+    return s < 10 ? 2.0 : std::min(3.0, 2.0 * std::pow(1.05, s - 10));
+  };
+  const v1::Advice* cut = nullptr;
+  while (cut == nullptr && step < 2000) {
+    advice.clear();
+    ASSERT_TRUE(run->Ingest(session, Noisy(step, step + 10, 0.5, blows_up),
+                            &advice, &dups)
+                    .ok());
+    step += 10;
+    for (const auto& a : advice) {
+      if (a.has_action()) cut = &a;
+    }
+  }
+  ASSERT_NE(cut, nullptr) << "no action for a diverging run";
+  ASSERT_TRUE(cut->action().restore_checkpoint()) << cut->DebugString();
+  ASSERT_TRUE(cut->action().has_scale_lr()) << cut->DebugString();
+  const double cut_lr = 0.5 * cut->action().scale_lr().factor();
+  v1::AdviceAck ack;
+  ack.set_advice_id(cut->advice_id());
+  ack.set_applied(true);
+  ack.set_effective_step(step);
+  ASSERT_TRUE(run->Ack(session, ack).ok());
+  run->Detach(session);
+  run.reset();
+
+  std::unique_ptr<runs::Run> again_run = Restarted();
+  ASSERT_NE(again_run, nullptr);
+  runs::Run& again = *again_run;
+  session = AttachAuto(&again);
+  // Rolled back to its initial weights and cut, the run sits at its
+  // initial loss: a plateau far from converged, at the LR of the cut.
+  // Without the ceiling it would read as an LR too small, and be raised.
+  const v1::Advice* next = nullptr;
+  for (int64_t from = step; next == nullptr && from < step + 2000; from += 10) {
+    advice.clear();
+    ASSERT_TRUE(again.Ingest(session, Noisy(from, from + 10, cut_lr,
+                                            [](int64_t) { return 2.0; }),
+                             &advice, &dups)
+                    .ok());
+    for (const auto& a : advice) {
+      if (a.has_action()) next = &a;
+    }
+  }
+  ASSERT_NE(next, nullptr) << "no action for the plateau after the cut";
+  EXPECT_EQ(next->diagnosis().kind(), v1::STAGNATION) << next->DebugString();
+  EXPECT_FALSE(next->action().has_ramp_lr()) << next->DebugString();
+  EXPECT_FALSE(next->action().has_restart_cosine()) << next->DebugString();
+  if (next->action().has_scale_lr()) {
+    EXPECT_LT(next->action().scale_lr().factor(), 1.0) << next->DebugString();
+  }
+  if (next->action().has_set_lr()) {
+    EXPECT_LE(next->action().set_lr().lr(), cut_lr) << next->DebugString();
+  }
+}
+
 }  // namespace
 }  // namespace lossguard::runs

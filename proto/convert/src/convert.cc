@@ -101,6 +101,57 @@ v1::Advice ToProto(const policy::Advice& a, const Diagnosis& d,
   return p;
 }
 
+policy::Advice FromProto(const v1::Advice& p, double lr_when_sent,
+                         const policy::PolicyOptions& options) {
+  policy::Advice a;
+  a.diagnosis =
+      FromProto(p.diagnosis().kind()).value_or(DiagnosisKind::kDivergence);
+  a.at_step = p.at_step();
+  if (!p.has_action()) return a;
+  const v1::Action& act = p.action();
+  a.lr_from = lr_when_sent;
+  a.restore_checkpoint = act.restore_checkpoint();
+  a.clip_max_norm = act.grad_clip_max_norm();
+  switch (act.kind_case()) {
+    case v1::Action::kScaleLr:
+      a.action = ActionKind::kScaleLr;
+      a.lr_factor = act.scale_lr().factor();
+      a.lr_to = lr_when_sent * a.lr_factor;
+      break;
+    case v1::Action::kSetLr:
+      a.action = ActionKind::kSetLr;
+      a.lr_to = act.set_lr().lr();
+      break;
+    case v1::Action::kRestartCosine:
+      a.action = ActionKind::kRestartCosine;
+      a.t_0 = act.restart_cosine().t_0();
+      a.eta_max = act.restart_cosine().eta_max();
+      a.eta_min = act.restart_cosine().eta_min();
+      break;
+    case v1::Action::kEnableGradClip:
+      a.action = ActionKind::kEnableGradClip;
+      a.clip_max_norm = act.enable_grad_clip().max_norm();
+      break;
+    case v1::Action::kEarlyStop:
+      a.action = ActionKind::kEarlyStop;
+      break;
+    case v1::Action::kRampLr:
+      a.action = ActionKind::kRampLr;
+      a.ramp_factor = act.ramp_lr().factor_per_step();
+      a.ramp_steps = act.ramp_lr().steps();
+      a.ramp_until = policy::RampUntil(a.at_step, a.ramp_steps, options);
+      break;
+    case v1::Action::KIND_NOT_SET:
+      break;
+  }
+  policy::RunContext when_sent;
+  when_sent.lr = lr_when_sent;
+  if (a.ramp_until == 0 && policy::RaisesLr(a, when_sent)) {
+    a.ramp_until = policy::RampUntil(a.at_step, 0, options);
+  }
+  return a;
+}
+
 analyzers::StepRecord FromProto(const v1::Step& s) {
   analyzers::StepRecord r;
   r.step = s.step();

@@ -147,33 +147,16 @@ absl::Status Run::Recover() {
             "the daemon restarted before the outcome window closed");
         PersistAdviceLocked(r);
       }
-      // Rebuild the policy's memory of its own actions.
-      policy::RunContext* ctx = advisor_.mutable_context();
+      // Rebuild the policy's memory of its own actions, as Decide's
+      // caller recorded them (LR ceiling after a blow-up cut, the watch
+      // window of a raise or a ramp, counts, overfitting advised).
       const v1::Advice& a = r.advice();
-      if (a.diagnosis().kind() == v1::GRADIENT_EXPLOSION) {
-        ctx->grad_explosion_seen = true;
-      }
-      if (a.has_action()) {
-        ctx->last_action_step = a.at_step();
-        ++ctx->actions_taken;
-        // An LR raise being watched keeps its cooldown exemption (see
-        // policy::RunContext::ramp_until); another LR action ends it. (A
-        // set_lr does not say whether it raised the LR: taken as no raise.)
-        const v1::Action& act = a.action();
-        if (act.has_ramp_lr()) {
-          ctx->ramp_until = policy::RampUntil(a.at_step(), act.ramp_lr().steps(),
-                                              options_->policy);
-        } else if ((act.has_scale_lr() && act.scale_lr().factor() > 1.0) ||
-                   act.has_restart_cosine()) {
-          ctx->ramp_until = policy::RampUntil(a.at_step(), 0, options_->policy);
-        } else if (act.has_scale_lr() || act.has_set_lr() ||
-                   act.restore_checkpoint()) {
-          ctx->ramp_until = 0;
-        }
-        if (a.diagnosis().kind() == v1::OVERFITTING) {
-          ctx->overfitting_advised = true;
-        }
-      }
+      analyzers::Diagnosis d;
+      d.kind = FromProto(a.diagnosis().kind())
+                   .value_or(analyzers::DiagnosisKind::kDivergence);
+      d.step = a.diagnosis().step();
+      policy::ObserveAdvice(d, FromProto(a, r.lr_when_sent(), options_->policy),
+                            advisor_.mutable_context());
       advice_.push_back(std::move(r));
     }
   }

@@ -21,6 +21,14 @@ v1::Diagnosis ToProto(const analyzers::Diagnosis& d);
 // The policy's advice as a wire Advice (action unset for kNone).
 v1::Advice ToProto(const policy::Advice& a, const analyzers::Diagnosis& d,
                    uint64_t advice_id);
+// The inverse, for an advice read back from the store: what the policy
+// needs to remember it (policy::ObserveAdvice). `lr_when_sent` is the run's
+// LR when it was sent (AdviceRecord::lr_when_sent), from which the LR it
+// set and whether it raised the LR follow; a raise gets the watch window
+// Decide gave it (Advice::ramp_until). Not restored: the guard rail that
+// blocked it (so no cooldown deferral comes back), the words.
+policy::Advice FromProto(const v1::Advice& p, double lr_when_sent,
+                         const policy::PolicyOptions& options);
 analyzers::StepRecord FromProto(const v1::Step& s);
 // The inverse (no wall time).
 v1::Step ToProto(const analyzers::StepRecord& r);
