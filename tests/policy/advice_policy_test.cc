@@ -680,8 +680,9 @@ TEST(AdvicePolicyTest, StagnationAfterFirstUpdatesRaisedTheLossIsACut) {
 
 // A plain LR raise (a stagnation at a constant LR, x3) is watched like a
 // ramp: the blow-up it causes is answered at once, not after the cooldown,
-// for half a cooldown; a cut gets no such window, and a stagnation in the
-// window still waits.
+// for half a cooldown, by going back to the LR before the raise (which
+// becomes the ceiling), not x0.1 from the raised LR; a cut gets no such
+// window, and a stagnation in the window still waits.
 TEST(AdvicePolicyTest, BlowUpRightAfterARaiseIsNotHeldBack) {
   PolicyOptions o;
   RunContext ctx = Ctx();
@@ -695,10 +696,15 @@ TEST(AdvicePolicyTest, BlowUpRightAfterARaiseIsNotHeldBack) {
   for (int64_t s = 501; s <= 530; ++s) {
     ObserveStep({.step = s, .lr = 0.3, .loss = 1.0}, o, &ctx);
   }
+  EXPECT_DOUBLE_EQ(ctx.raise_from_lr, 0.1);
   Advice cut = Decide(Diag(DiagnosisKind::kDivergence, 530), ctx, o);
-  EXPECT_EQ(cut.action, ActionKind::kScaleLr) << cut.explanation;
-  EXPECT_DOUBLE_EQ(cut.lr_factor, 0.1);
+  EXPECT_EQ(cut.action, ActionKind::kSetLr) << cut.explanation;
+  EXPECT_DOUBLE_EQ(cut.lr_from, 0.3);
+  EXPECT_DOUBLE_EQ(cut.lr_to, 0.1);
   EXPECT_TRUE(cut.restore_checkpoint);
+  EXPECT_THAT(cut.explanation,
+              HasSubstr("30 steps after lossguard raised the LR from 0.1 to "
+                        "0.3, so set the LR back from 0.3 to 0.1"));
   EXPECT_FALSE(RaisesLr(cut, ctx));
   EXPECT_EQ(cut.ramp_until, 0);
   EXPECT_EQ(Decide(Diag(DiagnosisKind::kStagnation, 530), ctx, o).blocked_by,
@@ -710,10 +716,20 @@ TEST(AdvicePolicyTest, BlowUpRightAfterARaiseIsNotHeldBack) {
   }
   EXPECT_EQ(Decide(Diag(DiagnosisKind::kDivergence, 560), later, o).blocked_by,
             GuardRail::kCooldown);
-  // The cut ends the window; an oscillation right after it waits.
+  // Past the window, a divergence gets the plain x0.1 cut.
+  RunContext after_window = later;
+  after_window.last_action_step = 400;
+  const Advice plain =
+      Decide(Diag(DiagnosisKind::kDivergence, 560), after_window, o);
+  EXPECT_EQ(plain.action, ActionKind::kScaleLr) << plain.explanation;
+  EXPECT_DOUBLE_EQ(plain.lr_factor, 0.1);
+  // The cut ends the window and the raise's memory; the LR before the
+  // raise is the ceiling; an oscillation right after it waits.
   ObserveAdvice(Diag(DiagnosisKind::kDivergence, 530), cut, &ctx);
   EXPECT_EQ(ctx.ramp_until, 0);
-  ObserveStep({.step = 531, .lr = 0.03, .loss = 1.0}, o, &ctx);
+  EXPECT_DOUBLE_EQ(ctx.raise_from_lr, 0.0);
+  EXPECT_DOUBLE_EQ(ctx.lr_ceiling, 0.1);
+  ObserveStep({.step = 531, .lr = 0.1, .loss = 1.0}, o, &ctx);
   EXPECT_EQ(Decide(Diag(DiagnosisKind::kOscillation, 531), ctx, o).blocked_by,
             GuardRail::kCooldown);
 }

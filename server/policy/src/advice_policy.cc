@@ -97,10 +97,17 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
                           a.lr_from, a.lr_to);
       break;
     case ActionKind::kSetLr:
-      s = absl::StartsWith(a.lr_bound, "LR range test")
-              ? absl::StrFormat("set the LR from %g to %g", a.lr_from, a.lr_to)
-              : absl::StrFormat("set the LR from %g to %g, the %s bound",
-                                a.lr_from, a.lr_to, a.lr_bound);
+      if (a.lr_bound == "LR before the raise") {
+        s = absl::StrFormat("set the LR back from %g to %g, the LR before "
+                            "the raise",
+                            a.lr_from, a.lr_to);
+      } else {
+        s = absl::StartsWith(a.lr_bound, "LR range test")
+                ? absl::StrFormat("set the LR from %g to %g", a.lr_from,
+                                  a.lr_to)
+                : absl::StrFormat("set the LR from %g to %g, the %s bound",
+                                  a.lr_from, a.lr_to, a.lr_bound);
+      }
       break;
     case ActionKind::kRestartCosine:
       s = absl::StrFormat(
@@ -187,6 +194,27 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
         // The ramp blew up: its range test says where to land.
         a->restore_checkpoint = a->action == ActionKind::kSetLr;
         return absl::StrFormat("the LR ramp blew up; %s, so ", ctx.ramp_evidence);
+      }
+      if (ctx.raise_from_lr > 0.0 && ctx.step <= ctx.ramp_until &&
+          std::isfinite(ctx.lr) && ctx.lr > ctx.raise_from_lr) {
+        // The raise lossguard advised is the likely cause: back to the LR
+        // the run was stable at, not x0.1 from the raised one (which would
+        // land below it, on an LR already diagnosed as too small, and set
+        // the ceiling there). That LR becomes the ceiling.
+        a->action = ActionKind::kSetLr;
+        a->lr_from = ctx.lr;
+        a->lr_to = std::max(ctx.raise_from_lr, o.min_lr);
+        a->lr_bound = "LR before the raise";
+        a->restore_checkpoint = true;
+        if (ctx.grad_explosion_seen && grad_level > 0.0) {
+          a->clip_max_norm = o.clip_level_multiple * grad_level;
+        }
+        return absl::StrFormat(
+            "it came %d steps after lossguard raised the LR from %g to %g, "
+            "so ",
+            analyzers::StepsBetween(ctx.last_action_step.value_or(ctx.step),
+                                    ctx.step),
+            ctx.raise_from_lr, ctx.lr);
       }
       MoveLr(o.divergence_lr_factor, ctx, o, a);
       a->restore_checkpoint = a->action == ActionKind::kScaleLr ||
@@ -343,6 +371,7 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
         return "";
       }
       a->action = ActionKind::kRestartCosine;
+      a->lr_from = ctx.lr;
       a->eta_max = eta_max;
       a->eta_min = std::min(
           eta_max, std::max(o.min_lr, o.restart_eta_min_fraction * eta_max));
@@ -596,6 +625,12 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
     ctx->ramp_until = advice.ramp_until;
   } else if (EndsRamp(advice)) {
     ctx->ramp_until = 0;
+  }
+  if (advice.ramp_until > 0 && advice.action != ActionKind::kRampLr &&
+      advice.lr_from > 0.0) {
+    ctx->raise_from_lr = advice.lr_from;  // a one-shot raise
+  } else if (EndsRamp(advice) || advice.action == ActionKind::kRampLr) {
+    ctx->raise_from_lr = 0.0;
   }
   ctx->ramp_suggested_lr = 0.0;
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;

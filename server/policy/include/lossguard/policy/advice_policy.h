@@ -181,6 +181,10 @@ struct RunContext {
   // restart: half a cooldown): the divergence, oscillation or gradient
   // explosion it may cause is not held back by the cooldown (0: none).
   int64_t ramp_until = 0;
+  // The LR before lossguard's last one-shot raise (a scale or set above the
+  // LR then, a cosine restart; not a ramp), until another LR action: a
+  // divergence while the raise is watched goes back to it (0: none).
+  double raise_from_lr = 0.0;
   // The LR the range test over the ramp's points suggests (the middle of
   // its steepest descent; see policy::Advisor), once the ramp has ended or
   // blown up; 0: none. The next divergence, oscillation or stagnation
@@ -219,7 +223,9 @@ struct Advice {
 
 // Decides the advice for diagnosis `d` given the run context `ctx`:
 //   divergence         -> LR x0.1, plus gradient clipping if a gradient
-//                         explosion was seen before
+//                         explosion was seen before; within the watch
+//                         window of a raise lossguard advised, the LR
+//                         before that raise instead
 //   oscillation        -> LR x0.5
 //   stagnation         -> LR x3 when the LR is constant; LR x3 but no
 //                         higher than the largest LR seen when it was
