@@ -63,6 +63,23 @@ class RunTest : public ::testing::Test {
     return s.ok() ? std::move(run) : nullptr;
   }
 
+  // Acks advice `advice_id` of `session` as applied at `step`, detaches,
+  // and returns the run as a restarted daemon recovers it.
+  std::unique_ptr<runs::Run> AppliedThenRestarted(std::unique_ptr<runs::Run> run,
+                                                  uint64_t session,
+                                                  uint64_t advice_id,
+                                                  int64_t step) {
+    v1::AdviceAck ack;
+    ack.set_advice_id(advice_id);
+    ack.set_applied(true);
+    ack.set_effective_step(step);
+    const absl::Status s = run->Ack(session, ack);
+    EXPECT_TRUE(s.ok()) << s;
+    run->Detach(session);
+    run.reset();
+    return Restarted();
+  }
+
   static v1::StepBatch Steps(std::vector<int64_t> steps, double lr = 0.1,
                              double loss = 1.0) {
     v1::StepBatch b;
@@ -459,15 +476,8 @@ TEST_F(RunTest, RecoveryKeepsTheWatchWindowOfARaise) {
   ASSERT_TRUE(raise->action().has_scale_lr()) << raise->DebugString();
   ASSERT_GT(raise->action().scale_lr().factor(), 1.0);
   const int64_t raised_at = raise->at_step();
-  v1::AdviceAck ack;
-  ack.set_advice_id(raise->advice_id());
-  ack.set_applied(true);
-  ack.set_effective_step(step);
-  ASSERT_TRUE(run->Ack(session, ack).ok());
-  run->Detach(session);
-  run.reset();
-
-  std::unique_ptr<runs::Run> again_run = Restarted();
+  std::unique_ptr<runs::Run> again_run = AppliedThenRestarted(
+      std::move(run), session, raise->advice_id(), step);
   ASSERT_NE(again_run, nullptr);
   runs::Run& again = *again_run;
   session = AttachAuto(&again);
@@ -523,15 +533,8 @@ TEST_F(RunTest, RecoveryKeepsTheLrCeilingOfABlowUpCut) {
   ASSERT_TRUE(cut->action().restore_checkpoint()) << cut->DebugString();
   ASSERT_TRUE(cut->action().has_scale_lr()) << cut->DebugString();
   const double cut_lr = 0.5 * cut->action().scale_lr().factor();
-  v1::AdviceAck ack;
-  ack.set_advice_id(cut->advice_id());
-  ack.set_applied(true);
-  ack.set_effective_step(step);
-  ASSERT_TRUE(run->Ack(session, ack).ok());
-  run->Detach(session);
-  run.reset();
-
-  std::unique_ptr<runs::Run> again_run = Restarted();
+  std::unique_ptr<runs::Run> again_run = AppliedThenRestarted(
+      std::move(run), session, cut->advice_id(), step);
   ASSERT_NE(again_run, nullptr);
   runs::Run& again = *again_run;
   session = AttachAuto(&again);
