@@ -186,11 +186,17 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   // A sequential test: the points needed before judging, and the growth
   // the condition must survive, shrink with the strength of the evidence.
   if (static_cast<double>(since) * strength < min_points) return;
+  // The growth is counted over the points judged: since the start of the
+  // run, or since the remedy or re-arm that started the judgement afresh
+  // (a run cut at step 30 and stuck again is not asked to grow 25% over
+  // the 30 points before the cut, which say nothing about the new LR).
+  const int64_t judged_from = seen - since;
+  if (candidate_since_ < judged_from) candidate_since_ = -1;
   if (candidate_since_ < 0) candidate_since_ = seen;
   const double persist =
       1.0 + (options_.stagnation_persist_factor - 1.0) / strength;
-  if (static_cast<double>(seen) <
-      persist * static_cast<double>(candidate_since_)) {
+  if (static_cast<double>(seen - judged_from) <
+      persist * static_cast<double>(candidate_since_ - judged_from)) {
     return;
   }
   reported_level_ = tail;

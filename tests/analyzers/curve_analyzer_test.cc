@@ -372,12 +372,17 @@ TEST(CurveAnalyzerTest, StagnationIsJudgedAfreshAfterAnLrRaise) {
   // Judged afresh: on points after the raise only, the fewest any
   // evidence needs (the flat stretch before it says nothing of the new LR).
   EXPECT_GE(raised[1], 400 + AnalyzerOptions().stagnation_min_points_strong);
+  // ...and about as soon as the first judgement took (the confirmation's
+  // growth counts over the points since the raise, not since the start:
+  // 467 here, 483 when it counted from the start).
+  EXPECT_LE(raised[1], 400 + 1.5 * static_cast<double>(raised[0] + 1));
   EXPECT_EQ(run(false).size(), 1u);
   // A cut (the remedy for a run damaged by too large an LR) too: a run
   // still stuck at the cut LR is reported again, for a second cut.
   const std::vector<int64_t> cut = run(true, 0.1);
   ASSERT_EQ(cut.size(), 2u);
   EXPECT_GE(cut[1], 400 + AnalyzerOptions().stagnation_min_points_strong);
+  EXPECT_LE(cut[1], 400 + 1.5 * static_cast<double>(cut[0] + 1));
 }
 
 TEST(CurveAnalyzerTest, NanLrMeansNotLogged) {
