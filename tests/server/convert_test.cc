@@ -87,6 +87,19 @@ TEST(ConvertTest, AdviceReadBackKeepsWhatThePolicyRemembers) {
     EXPECT_EQ(back.ramp_until, policy::RampUntil(900, 0, options));
   }
   {
+    // Stored before AdviceRecord.lr_when_sent existed (0): a x3 scale is
+    // still known as a raise, with no LR to go back to and no ceiling.
+    Advice raise;
+    raise.diagnosis = DiagnosisKind::kStagnation;
+    raise.at_step = 300;
+    raise.action = ActionKind::kScaleLr;
+    raise.lr_factor = 3.0;
+    const Advice back = RoundTrip(raise, 0.0, options);
+    EXPECT_EQ(back.ramp_until, policy::RampUntil(300, 0, options));
+    EXPECT_DOUBLE_EQ(back.lr_from, 0.0);
+    EXPECT_DOUBLE_EQ(back.lr_to, 0.0);
+  }
+  {
     // A guard rail's advice carries no action, and its deferral is not
     // brought back.
     Advice blocked;
