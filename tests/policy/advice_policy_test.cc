@@ -734,6 +734,56 @@ TEST(AdvicePolicyTest, BlowUpRightAfterARaiseIsNotHeldBack) {
             GuardRail::kCooldown);
 }
 
+// Going back to the LR before a raise is only for a blow-up the raise can
+// have caused: not when the raise was not applied (the LR is still the one
+// before it), not when something else took the LR above what the raise set,
+// and never up to min_lr. The words count from the raise, not from a later
+// clip.
+TEST(AdvicePolicyTest, SetBackOnlyAfterTheRaiseThatWasApplied) {
+  PolicyOptions o;
+  RunContext ctx = Ctx();
+  const Advice raise = Decide(Diag(DiagnosisKind::kStagnation, 500), ctx, o);
+  ASSERT_EQ(raise.action, ActionKind::kScaleLr) << raise.explanation;
+  ObserveAdvice(Diag(DiagnosisKind::kStagnation, 500), raise, &ctx);
+  // A clip on the way does not end the raise's window.
+  Advice clip;
+  clip.diagnosis = DiagnosisKind::kGradientExplosion;
+  clip.at_step = 510;
+  clip.action = ActionKind::kEnableGradClip;
+  clip.clip_max_norm = 2.0;
+  ObserveAdvice(Diag(DiagnosisKind::kGradientExplosion, 510), clip, &ctx);
+  auto at_lr = [&](double lr) {
+    RunContext c = ctx;
+    for (int64_t s = 501; s <= 520; ++s) {
+      ObserveStep({.step = s, .lr = lr, .loss = 1.0}, o, &c);
+    }
+    return Decide(Diag(DiagnosisKind::kDivergence, 520), c, o);
+  };
+  const Advice back = at_lr(0.3);
+  EXPECT_EQ(back.action, ActionKind::kSetLr) << back.explanation;
+  EXPECT_DOUBLE_EQ(back.lr_to, 0.1);
+  EXPECT_THAT(back.explanation, HasSubstr("20 steps after lossguard raised "
+                                          "the LR from 0.1 to 0.3"));
+  for (const double lr : {0.1, 0.9}) {
+    SCOPED_TRACE(lr);
+    const Advice plain = at_lr(lr);
+    EXPECT_EQ(plain.action, ActionKind::kScaleLr) << plain.explanation;
+    EXPECT_DOUBLE_EQ(plain.lr_factor, 0.1);
+  }
+
+  // Raised from below min_lr: "back" would be a raise to min_lr.
+  RunContext low = Ctx();
+  low.lr = 1e-8;
+  low.max_lr_seen = 1e-8;
+  const Advice tiny = Decide(Diag(DiagnosisKind::kStagnation, 500), low, o);
+  ASSERT_TRUE(RaisesLr(tiny, low)) << tiny.explanation;
+  ObserveAdvice(Diag(DiagnosisKind::kStagnation, 500), tiny, &low);
+  ObserveStep({.step = 520, .lr = tiny.lr_to, .loss = 1.0}, o, &low);
+  const Advice answer = Decide(Diag(DiagnosisKind::kDivergence, 520), low, o);
+  EXPECT_FALSE(RaisesLr(answer, low)) << answer.explanation;
+  EXPECT_NE(answer.action, ActionKind::kSetLr) << answer.explanation;
+}
+
 // A starved run gets a ramp up to starved_ramp_max_factor x its LR, never
 // past max_lr or the LR a blow-up was cut from; its end (a divergence, an
 // oscillation) is acted on at once, not after the cooldown.

@@ -53,6 +53,7 @@ TEST(ConvertTest, AdviceReadBackKeepsWhatThePolicyRemembers) {
     raise.lr_to = 0.02;
     const Advice back = RoundTrip(raise, 0.01, options);
     EXPECT_EQ(back.action, ActionKind::kSetLr);
+    EXPECT_DOUBLE_EQ(back.lr_from, 0.01);
     EXPECT_DOUBLE_EQ(back.lr_to, 0.02);
     EXPECT_EQ(back.ramp_until, policy::RampUntil(300, 0, options));
     // The same set_lr sent at a larger LR lowered it: no watch window.
@@ -81,6 +82,7 @@ TEST(ConvertTest, AdviceReadBackKeepsWhatThePolicyRemembers) {
     restart.eta_min = 0.001;
     const Advice back = RoundTrip(restart, 0.01, options);
     EXPECT_EQ(back.action, ActionKind::kRestartCosine);
+    EXPECT_DOUBLE_EQ(back.lr_from, 0.01);
     EXPECT_EQ(back.t_0, 500);
     EXPECT_DOUBLE_EQ(back.eta_max, 0.1);
     EXPECT_DOUBLE_EQ(back.eta_min, 0.001);

@@ -450,10 +450,11 @@ TEST_F(RunTest, RecoveryClosesPendingOutcomesAndKeepsThePolicysMemory) {
 }
 
 // A raise advised before a restart keeps its watch window (the policy's
-// RunContext::ramp_until) across it: the blow-up it causes right after the
-// restart is acted on at once, not held back by the cooldown.
+// RunContext::ramp_until) and the LR before it across the restart: the
+// blow-up it causes right after the restart is acted on at once, not held
+// back by the cooldown, by going back to that LR.
 TEST_F(RunTest, RecoveryKeepsTheWatchWindowOfARaise) {
-  options_.policy.starved_ramp = false;  // a plain x10 raise
+  options_.policy.starved_ramp = false;  // a plain raise (x3), no ramp
   auto run = NewRun("r");
   uint64_t session = AttachAuto(run.get());
   std::vector<v1::Advice> advice;
@@ -476,6 +477,7 @@ TEST_F(RunTest, RecoveryKeepsTheWatchWindowOfARaise) {
   ASSERT_TRUE(raise->action().has_scale_lr()) << raise->DebugString();
   ASSERT_GT(raise->action().scale_lr().factor(), 1.0);
   const int64_t raised_at = raise->at_step();
+  const double raised_lr = lr0 * raise->action().scale_lr().factor();
   std::unique_ptr<runs::Run> again_run = AppliedThenRestarted(
       std::move(run), session, raise->advice_id(), step);
   ASSERT_NE(again_run, nullptr);
@@ -486,7 +488,7 @@ TEST_F(RunTest, RecoveryKeepsTheWatchWindowOfARaise) {
   const int64_t window_end = raised_at + options_.policy.cooldown_steps / 2;
   for (int64_t from = step; cut == nullptr && from < window_end; from += 5) {
     advice.clear();
-    ASSERT_TRUE(again.Ingest(session, Noisy(from, from + 5, 10 * lr0,
+    ASSERT_TRUE(again.Ingest(session, Noisy(from, from + 5, raised_lr,
                                             [step](int64_t s) {
                                               return 2.303 * std::pow(1.15, s - step);
                                             }),
@@ -500,7 +502,11 @@ TEST_F(RunTest, RecoveryKeepsTheWatchWindowOfARaise) {
     }
   }
   ASSERT_NE(cut, nullptr) << "no divergence diagnosed within the raise's window";
-  EXPECT_LT(cut->action().scale_lr().factor(), 1.0);
+  // The LR before the raise survived the restart too: the answer is to go
+  // back to it, with the rollback.
+  ASSERT_TRUE(cut->action().has_set_lr()) << cut->DebugString();
+  EXPECT_DOUBLE_EQ(cut->action().set_lr().lr(), lr0);
+  EXPECT_TRUE(cut->action().restore_checkpoint());
 }
 
 // The LR ceiling a blow-up cut sets (policy::RunContext::lr_ceiling) holds

@@ -195,15 +195,18 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
         a->restore_checkpoint = a->action == ActionKind::kSetLr;
         return absl::StrFormat("the LR ramp blew up; %s, so ", ctx.ramp_evidence);
       }
-      if (ctx.raise_from_lr > 0.0 && ctx.step <= ctx.ramp_until &&
-          std::isfinite(ctx.lr) && ctx.lr > ctx.raise_from_lr) {
+      if (ctx.raise_from_lr >= o.min_lr && ctx.step <= ctx.ramp_until &&
+          std::isfinite(ctx.lr) && ctx.lr > ctx.raise_from_lr &&
+          ctx.lr <= ctx.raise_to_lr * (1.0 + o.lr_tolerance)) {
         // The raise lossguard advised is the likely cause: back to the LR
         // the run was stable at, not x0.1 from the raised one (which would
         // land below it, on an LR already diagnosed as too small, and set
-        // the ceiling there). That LR becomes the ceiling.
+        // the ceiling there). That LR becomes the ceiling. (The LR still
+        // at the one before the raise: the raise was not applied. Above
+        // what it set: something else raised it.)
         a->action = ActionKind::kSetLr;
         a->lr_from = ctx.lr;
-        a->lr_to = std::max(ctx.raise_from_lr, o.min_lr);
+        a->lr_to = ctx.raise_from_lr;
         a->lr_bound = "LR before the raise";
         a->restore_checkpoint = true;
         if (ctx.grad_explosion_seen && grad_level > 0.0) {
@@ -212,9 +215,8 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
         return absl::StrFormat(
             "it came %d steps after lossguard raised the LR from %g to %g, "
             "so ",
-            analyzers::StepsBetween(ctx.last_action_step.value_or(ctx.step),
-                                    ctx.step),
-            ctx.raise_from_lr, ctx.lr);
+            analyzers::StepsBetween(ctx.raise_step, ctx.step),
+            ctx.raise_from_lr, ctx.raise_to_lr);
       }
       MoveLr(o.divergence_lr_factor, ctx, o, a);
       a->restore_checkpoint = a->action == ActionKind::kScaleLr ||
@@ -628,9 +630,15 @@ void ObserveAdvice(const Diagnosis& d, const Advice& advice, RunContext* ctx) {
   }
   if (advice.ramp_until > 0 && advice.action != ActionKind::kRampLr &&
       advice.lr_from > 0.0) {
-    ctx->raise_from_lr = advice.lr_from;  // a one-shot raise
+    // A one-shot raise.
+    ctx->raise_from_lr = advice.lr_from;
+    ctx->raise_to_lr = advice.action == ActionKind::kRestartCosine
+                           ? advice.eta_max
+                           : advice.lr_to;
+    ctx->raise_step = advice.at_step;
   } else if (EndsRamp(advice) || advice.action == ActionKind::kRampLr) {
     ctx->raise_from_lr = 0.0;
+    ctx->raise_to_lr = 0.0;
   }
   ctx->ramp_suggested_lr = 0.0;
   if (d.kind == DiagnosisKind::kOverfitting) ctx->overfitting_advised = true;

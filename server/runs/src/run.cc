@@ -147,9 +147,11 @@ absl::Status Run::Recover() {
             "the daemon restarted before the outcome window closed");
         PersistAdviceLocked(r);
       }
-      // Rebuild the policy's memory of its own actions, as Decide's
-      // caller recorded them (LR ceiling after a blow-up cut, the watch
-      // window of a raise or a ramp, counts, overfitting advised).
+      // Rebuild the policy's memory of its own actions through the same
+      // policy::ObserveAdvice as when they were sent (LR ceiling after a
+      // blow-up cut, the watch window of a raise or a ramp, the LR before
+      // a raise, counts, overfitting advised). Not rebuilt: cooldown
+      // deferrals, and the Advisor's range test over a ramp in progress.
       const v1::Advice& a = r.advice();
       analyzers::Diagnosis d;
       d.kind = FromProto(a.diagnosis().kind())

@@ -181,10 +181,14 @@ struct RunContext {
   // restart: half a cooldown): the divergence, oscillation or gradient
   // explosion it may cause is not held back by the cooldown (0: none).
   int64_t ramp_until = 0;
-  // The LR before lossguard's last one-shot raise (a scale or set above the
-  // LR then, a cosine restart; not a ramp), until another LR action: a
-  // divergence while the raise is watched goes back to it (0: none).
+  // lossguard's last one-shot raise (a scale or set above the LR then, a
+  // cosine restart; not a ramp), until another LR action: the LR before
+  // it, the LR it set (a restart: eta_max) and its step. A divergence while
+  // the raise is watched, with the LR above the first and at most the
+  // second, goes back to the LR before it (raise_from_lr 0: none).
   double raise_from_lr = 0.0;
+  double raise_to_lr = 0.0;
+  int64_t raise_step = 0;
   // The LR the range test over the ramp's points suggests (the middle of
   // its steepest descent; see policy::Advisor), once the ramp has ended or
   // blown up; 0: none. The next divergence, oscillation or stagnation
@@ -201,7 +205,7 @@ struct Advice {
   int64_t at_step = 0;  // the diagnosis's step
   ActionKind action = ActionKind::kNone;
   double lr_factor = 1.0;      // kScaleLr: new LR = lr_factor x lr_from
-  double lr_from = 0.0;        // kScaleLr, kSetLr: the LR now
+  double lr_from = 0.0;        // kScaleLr, kSetLr, kRestartCosine: the LR now
   double lr_to = 0.0;          // kScaleLr, kSetLr: the LR to use
   std::string lr_bound;        // kSetLr: the bound that stopped the move:
                                // "min_lr", "max_lr" or "max LR seen"
