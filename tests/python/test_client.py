@@ -303,11 +303,9 @@ class TorchGuardTest(unittest.TestCase):
         h = self.daemon.health("py-ramp")
         self.assertEqual(h.advice[0].status, pb.APPLIED)
 
-    def test_lightning_style_callback(self):
-        x, y, net, opt = problem()
-        client = lossguard.Client(self.daemon.address, "py-lightning", mode="auto",
-                                  max_batch_delay=0.001)
-        cb = lossguard.LossGuardCallback(client)
+    def _drive_lightning(self, cb, net, opt, x, y, steps, client):
+        """Lightning's hook order around each optimizer step, with a
+        validation every 50 batches; the losses."""
 
         class FakeTrainer:  # what the callback reads of a Lightning Trainer
             optimizers = [opt]
@@ -317,26 +315,69 @@ class TorchGuardTest(unittest.TestCase):
             callback_metrics = {}
 
         trainer = FakeTrainer()
-        for batch_idx in range(150):
+        losses, max_lr = [], 0.0
+        for batch_idx in range(steps):
+            cb.on_train_batch_start(trainer, net, None, batch_idx)
             loss = torch.nn.functional.mse_loss(net(x), y)
             opt.zero_grad()
             loss.backward()
-            cb.on_after_backward(trainer, net)          # Lightning's order
+            cb.on_after_backward(trainer, net)
             cb.on_before_optimizer_step(trainer, net, opt)
             opt.step()
             trainer.global_step += 1
             cb.on_train_batch_end(trainer, net, {"loss": loss}, None, batch_idx)
+            losses.append(float(loss))
+            max_lr = max(max_lr, opt.param_groups[0]["lr"])
             if batch_idx % 50 == 49:
                 trainer.callback_metrics = {"val_loss": torch.tensor(1.0)}
                 cb.on_validation_end(trainer, net)
             if batch_idx % 10 == 9:
                 client.flush(WAIT)
         cb.on_train_end(trainer, net)
+        return losses, max_lr
+
+    def test_lightning_style_callback(self):
+        x, y, net, opt = problem()
+        client = lossguard.Client(self.daemon.address, "py-lightning", mode="auto",
+                                  max_batch_delay=0.001)
+        cb = lossguard.LossGuardCallback(client)
+        self._drive_lightning(cb, net, opt, x, y, 150, client)
         self.assertTrue(any(applied for _, _, applied, _ in cb.guard.events))
         self.assertLess(opt.param_groups[0]["lr"], 10.0)
         h = self.daemon.health("py-lightning")
         self.assertEqual(h.summary.state, pb.FINISHED)
         self.assertEqual(h.summary.steps_stored, 150)
+
+    def test_lightning_callback_ramps_a_starved_run(self):
+        """The LR ramp (the remedy for an LR ~1000x too small) is applied
+        step by step from on_train_batch_start, as before_step in a plain
+        loop: the LR grows and the run learns."""
+        x, y, net, _ = problem()
+        opt = torch.optim.SGD([{"params": net.l1.parameters(), "lr": 1e-4},
+                               {"params": net.l2.parameters(), "lr": 1e-5}], lr=1e-4)
+        client = lossguard.Client(self.daemon.address, "py-lightning-ramp",
+                                  mode="auto", max_batch_delay=0.001)
+        cb = lossguard.LossGuardCallback(client)
+        losses, max_lr = self._drive_lightning(cb, net, opt, x, y, 300, client)
+        ramps = [n for _, a, applied, n in cb.guard.events
+                 if applied and a.action.WhichOneof("kind") == "ramp_lr"]
+        self.assertTrue(ramps, cb.guard.events)
+        self.assertGreater(max_lr, 500 * 1e-4)
+        self.assertAlmostEqual(opt.param_groups[1]["lr"] / opt.param_groups[0]["lr"], 0.1)
+        self.assertLess(losses[-1], 0.5 * losses[0])
+
+    def test_lightning_callback_rolls_back_with_the_cut(self):
+        """rollback=True: the LightningModule's weights come back from before
+        the blow-up with the LR cut, as TorchGuard(model=...) does."""
+        x, y, net, opt = problem()
+        client = lossguard.Client(self.daemon.address, "py-lightning-rollback",
+                                  mode="auto", max_batch_delay=0.001)
+        cb = lossguard.LossGuardCallback(client, rollback=True, snapshot_every=1)
+        losses, _ = self._drive_lightning(cb, net, opt, x, y, 300, client)
+        notes = [note for _, _, applied, note in cb.guard.events if applied]
+        self.assertTrue(any("rolled back" in n for n in notes), cb.guard.events)
+        self.assertTrue(all(torch.isfinite(p).all() for p in net.parameters()))
+        self.assertTrue(all(math.isfinite(v) for v in losses[-50:]), losses[-50:])
 
 
 class FleetTest(unittest.TestCase):

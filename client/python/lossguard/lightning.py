@@ -2,13 +2,17 @@
 
     trainer = pl.Trainer(callbacks=[LossGuardCallback(client)])
 
-It implements Lightning's hooks: on_train_batch_end reads the step's loss
-from `outputs` (a tensor or a dict with "loss"), on_after_backward measures
-the gradient norm, on_before_optimizer_step clips when clipping is on,
-on_validation_end reads `trainer.callback_metrics["val_loss"]`, and
-on_train_end finishes the run. Actions are applied to
-`trainer.optimizers[0]` as TorchGuard applies them; early_stop sets
-`trainer.should_stop`.
+It implements Lightning's hooks: on_train_batch_start sets the LR while a
+restart_cosine or ramp_lr action owns it (TorchGuard.before_step),
+on_train_batch_end reads the step's loss from `outputs` (a tensor or a dict
+with "loss"), on_after_backward measures the gradient norm,
+on_before_optimizer_step clips when clipping is on, on_validation_end reads
+`trainer.callback_metrics["val_loss"]`, and on_train_end finishes the run.
+Actions are applied to `trainer.optimizers[0]` as TorchGuard applies them;
+early_stop sets `trainer.should_stop`. With `rollback=True` the
+LightningModule's weights are snapshotted as TorchGuard(model=...) does
+(snapshots_kept + 1 copies of the model) and restored with an action that
+says restore_checkpoint.
 """
 
 import torch
@@ -18,32 +22,41 @@ from lossguard.torch_guard import TorchGuard, grad_norm
 
 class LossGuardCallback:
     def __init__(self, client, *, accept=None, clip_max_norm=None, on_advice=None,
-                 finish_on_train_end=True):
+                 finish_on_train_end=True, rollback=False, snapshot_every=50,
+                 snapshots_kept=3):
         self.client = client
         self._options = dict(accept=accept, clip_max_norm=clip_max_norm,
-                             on_advice=on_advice)
+                             on_advice=on_advice, snapshot_every=snapshot_every,
+                             snapshots_kept=snapshots_kept)
+        self._rollback = rollback
         self._finish = finish_on_train_end
         self.guard = None
         self._grad_norm = None
 
-    def _ensure_guard(self, trainer):
+    def _ensure_guard(self, trainer, pl_module):
         if self.guard is None:
             sched = None
             configs = getattr(trainer, "lr_scheduler_configs", None) or []
             if configs:
                 sched = getattr(configs[0], "scheduler", None)
             self.guard = TorchGuard(trainer.optimizers[0], self.client,
-                                    scheduler=sched, **self._options)
+                                    scheduler=sched,
+                                    model=pl_module if self._rollback else None,
+                                    **self._options)
         return self.guard
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # global_step: the optimizer step about to be taken.
+        self._ensure_guard(trainer, pl_module).before_step(int(trainer.global_step))
+
     def on_after_backward(self, trainer, pl_module):
-        guard = self._ensure_guard(trainer)
+        guard = self._ensure_guard(trainer, pl_module)
         params = [p for p in pl_module.parameters() if p.grad is not None]
         if params:
             self._grad_norm = grad_norm(params, params[0].device)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer, *args):
-        guard = self._ensure_guard(trainer)
+        guard = self._ensure_guard(trainer, pl_module)
         if guard.clip_max_norm is not None and self._grad_norm is not None:
             coef = (guard.clip_max_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
             for p in pl_module.parameters():
@@ -51,7 +64,7 @@ class LossGuardCallback:
                     p.grad.detach().mul_(coef.to(p.grad.dtype))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        guard = self._ensure_guard(trainer)
+        guard = self._ensure_guard(trainer, pl_module)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         step = int(trainer.global_step) - 1  # the optimizer step just taken
         norm = self._grad_norm
@@ -62,7 +75,7 @@ class LossGuardCallback:
             trainer.should_stop = True
 
     def on_validation_end(self, trainer, pl_module):
-        guard = self._ensure_guard(trainer)
+        guard = self._ensure_guard(trainer, pl_module)
         val = trainer.callback_metrics.get("val_loss")
         if val is not None:
             guard.report_validation(int(trainer.global_step) - 1, float(val))
