@@ -303,9 +303,10 @@ class TorchGuardTest(unittest.TestCase):
         h = self.daemon.health("py-ramp")
         self.assertEqual(h.advice[0].status, pb.APPLIED)
 
-    def _drive_lightning(self, cb, net, opt, x, y, steps, client):
-        """Lightning's hook order around each optimizer step, with a
-        validation every 50 batches; the losses."""
+    def _drive_lightning(self, cb, net, opt, x, y, steps, client, accumulate=1):
+        """Lightning's hook order for `steps` batches, an optimizer step
+        every `accumulate` of them, a validation every 50 batches; the
+        losses and the largest LR."""
 
         class FakeTrainer:  # what the callback reads of a Lightning Trainer
             optimizers = [opt]
@@ -319,12 +320,13 @@ class TorchGuardTest(unittest.TestCase):
         for batch_idx in range(steps):
             cb.on_train_batch_start(trainer, net, None, batch_idx)
             loss = torch.nn.functional.mse_loss(net(x), y)
-            opt.zero_grad()
-            loss.backward()
+            (loss / accumulate).backward()
             cb.on_after_backward(trainer, net)
-            cb.on_before_optimizer_step(trainer, net, opt)
-            opt.step()
-            trainer.global_step += 1
+            if batch_idx % accumulate == accumulate - 1:
+                cb.on_before_optimizer_step(trainer, net, opt)
+                opt.step()
+                opt.zero_grad()
+                trainer.global_step += 1
             cb.on_train_batch_end(trainer, net, {"loss": loss}, None, batch_idx)
             losses.append(float(loss))
             max_lr = max(max_lr, opt.param_groups[0]["lr"])
@@ -365,6 +367,27 @@ class TorchGuardTest(unittest.TestCase):
         self.assertGreater(max_lr, 500 * 1e-4)
         self.assertAlmostEqual(opt.param_groups[1]["lr"] / opt.param_groups[0]["lr"], 0.1)
         self.assertLess(losses[-1], 0.5 * losses[0])
+
+    def test_lightning_callback_reports_each_optimizer_step_once(self):
+        """accumulate_grad_batches=4: one report per optimizer step (no step
+        -1 for the first batches), and an LR ramp grows once per optimizer
+        step, not once per batch."""
+        x, y, net, _ = problem()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+        client = lossguard.Client(self.daemon.address, "py-lightning-accumulate",
+                                  mode="auto", max_batch_delay=0.001)
+        cb = lossguard.LossGuardCallback(client)
+        _, max_lr = self._drive_lightning(cb, net, opt, x, y, 800, client,
+                                          accumulate=4)
+        self.assertEqual(client.stats.rejected_steps, 0)
+        h = self.daemon.health("py-lightning-accumulate")
+        self.assertEqual(h.summary.steps_stored, 200)
+        self.assertEqual(h.summary.last_step, 199)
+        ramps = [a for _, a, applied, _ in cb.guard.events
+                 if applied and a.action.WhichOneof("kind") == "ramp_lr"]
+        self.assertTrue(ramps, cb.guard.events)
+        r = ramps[0].action.ramp_lr
+        self.assertLessEqual(max_lr, 1e-4 * r.factor_per_step ** r.steps * 1.001)
 
     def test_lightning_callback_rolls_back_with_the_cut(self):
         """rollback=True: the LightningModule's weights come back from before

@@ -9,7 +9,11 @@ with "loss"), on_after_backward measures the gradient norm,
 on_before_optimizer_step clips when clipping is on, on_validation_end reads
 `trainer.callback_metrics["val_loss"]`, and on_train_end finishes the run.
 Actions are applied to `trainer.optimizers[0]` as TorchGuard applies them;
-early_stop sets `trainer.should_stop`. With `rollback=True` the
+early_stop sets `trainer.should_stop`. With gradient accumulation
+(accumulate_grad_batches) one optimizer step spans several batches: it is
+reported once, when `trainer.global_step` has moved, with the mean loss of
+its batches and the norm of the accumulated gradient, and an LR ramp grows
+once per optimizer step. With `rollback=True` the
 LightningModule's weights are snapshotted as TorchGuard(model=...) does
 (snapshots_kept + 1 copies of the model) and restored with an action that
 says restore_checkpoint.
@@ -32,6 +36,10 @@ class LossGuardCallback:
         self._finish = finish_on_train_end
         self.guard = None
         self._grad_norm = None
+        self._started_step = None  # global_step at the last before_step
+        self._ended_step = None    # global_step at the last reported step
+        self._loss_sum = None      # the losses of the step's batches so far
+        self._loss_count = 0
 
     def _ensure_guard(self, trainer, pl_module):
         if self.guard is None:
@@ -46,8 +54,13 @@ class LossGuardCallback:
         return self.guard
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # global_step: the optimizer step about to be taken.
-        self._ensure_guard(trainer, pl_module).before_step(int(trainer.global_step))
+        guard = self._ensure_guard(trainer, pl_module)
+        step = int(trainer.global_step)  # the optimizer step about to be taken
+        if self._ended_step is None:
+            self._ended_step = step  # (a resumed run starts past 0)
+        if step != self._started_step:  # its first batch
+            self._started_step = step
+            guard.before_step(step)
 
     def on_after_backward(self, trainer, pl_module):
         guard = self._ensure_guard(trainer, pl_module)
@@ -66,7 +79,16 @@ class LossGuardCallback:
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         guard = self._ensure_guard(trainer, pl_module)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        step = int(trainer.global_step) - 1  # the optimizer step just taken
+        loss = loss.detach().reshape(()).to(torch.float64)
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_count += 1
+        global_step = int(trainer.global_step)
+        if self._ended_step is not None and global_step == self._ended_step:
+            return  # accumulating: no optimizer step was taken yet
+        self._ended_step = global_step
+        step = global_step - 1  # the optimizer step just taken
+        loss = self._loss_sum / self._loss_count
+        self._loss_sum, self._loss_count = None, 0
         norm = self._grad_norm
         guard._report_pending()
         guard._stage(step, loss, norm if norm is not None else torch.zeros(()))
