@@ -202,6 +202,47 @@ def problem():
     return x, y, net, opt
 
 
+class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
+    """An LR action scales what a torch scheduler computes its LR from, so
+    the schedule goes on from the corrected LR instead of undoing it at its
+    next step(). No daemon: the scaling alone."""
+
+    def check(self, make_scheduler, steps_before=5, steps_after=5):
+        def lrs(scale_at):
+            torch.manual_seed(0)
+            net = torch.nn.Linear(4, 1)
+            opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+            sched = make_scheduler(opt)
+            guard = lossguard.TorchGuard(opt, client=None, scheduler=sched)
+            out = []
+            for step in range(steps_before + steps_after):
+                if step == scale_at:
+                    guard._scale(0.1)
+                opt.step()
+                sched.step()
+                out.append(opt.param_groups[0]["lr"])
+            return out
+        plain, cut = lrs(-1), lrs(steps_before)
+        for a, b in zip(plain[steps_before:], cut[steps_before:]):
+            self.assertAlmostEqual(b, 0.1 * a, delta=1e-12 + 1e-9 * abs(a))
+
+    def test_one_cycle(self):
+        self.check(lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=1.0, total_steps=20))
+
+    def test_cyclic(self):
+        self.check(lambda opt: torch.optim.lr_scheduler.CyclicLR(
+            opt, base_lr=0.01, max_lr=1.0, step_size_up=4))
+
+    def test_lambda_and_cosine(self):
+        self.check(lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 1.0 / (1 + s)))
+        self.check(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=20))
+        self.check(lambda opt: torch.optim.lr_scheduler.StepLR(
+            opt, step_size=3, gamma=0.5))
+
+
 class TorchGuardTest(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.TemporaryDirectory()

@@ -244,10 +244,27 @@ class TorchGuard:
             self.on_advice(advice, applied)
         self.events.append((step, advice, applied, note))
 
+    # The LRs torch's schedulers compute from, kept in each param group:
+    # OneCycleLR's (its warmup start, peak and end), and the LR every
+    # scheduler records when it is created.
+    _GROUP_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
+
     def _scale(self, factor):
         self._set_lr(self.lr * factor)
-        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
-            self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
+        # The schedule goes on from the corrected LR: scale what the
+        # scheduler computes its LR from, or its next step() undoes the
+        # action (OneCycleLR sets the LR from its groups' max_lr etc.,
+        # CyclicLR from base_lrs and max_lrs, most others from base_lrs or
+        # the group's own lr).
+        for group in self.optimizer.param_groups:
+            for key in self._GROUP_LR_KEYS:
+                if isinstance(group.get(key), (int, float)):
+                    group[key] = group[key] * factor
+        if self.scheduler is not None:
+            for attr in ("base_lrs", "max_lrs"):
+                values = getattr(self.scheduler, attr, None)
+                if isinstance(values, list):
+                    setattr(self.scheduler, attr, [v * factor for v in values])
         if self._restart is not None:
             at, t0, eta_max, eta_min = self._restart
             self._restart = (at, t0, eta_max * factor, eta_min * factor)
