@@ -234,6 +234,24 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
         self.check(lambda opt: torch.optim.lr_scheduler.CyclicLR(
             opt, base_lr=0.01, max_lr=1.0, step_size_up=4))
 
+    def test_groups_keep_the_ratios_they_have_now(self):
+        """Per-group schedules move the ratio between groups; a cut scales
+        each group's LR as it is, even from a warmup that began at 0."""
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        opt = torch.optim.SGD([{"params": net[0].parameters()},
+                               {"params": net[1].parameters()}], lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [lambda s: min(1.0, s / 4), lambda s: 0.5 * min(1.0, s / 2)])
+        guard = lossguard.TorchGuard(opt, client=None, scheduler=sched)
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        before = [g["lr"] for g in opt.param_groups]
+        self.assertNotAlmostEqual(before[1] / before[0], 0.5)
+        guard._scale(0.1)
+        for b, g in zip(before, opt.param_groups):
+            self.assertAlmostEqual(g["lr"], 0.1 * b)
+
     def test_lambda_and_cosine(self):
         self.check(lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 1.0 / (1 + s)))

@@ -250,7 +250,11 @@ class TorchGuard:
     _GROUP_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
 
     def _scale(self, factor):
-        self._set_lr(self.lr * factor)
+        # Each group's own LR: the ratios between groups are kept as they are
+        # now, whatever a per-group schedule made of them (and from a start
+        # at LR 0, as under a warmup, where no ratio could be taken).
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
         # The schedule goes on from the corrected LR: scale what the
         # scheduler computes its LR from, or its next step() undoes the
         # action (OneCycleLR sets the LR from its groups' max_lr etc.,
