@@ -252,6 +252,31 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
         for b, g in zip(before, opt.param_groups):
             self.assertAlmostEqual(g["lr"], 0.1 * b)
 
+    def test_cosine_restart_keeps_the_ratios_the_groups_have_now(self):
+        """restart_cosine takes the LR over; the groups keep the ratios they
+        have when it comes, not those of a warmup's LR 0 at construction."""
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        opt = torch.optim.SGD([{"params": net[0].parameters()},
+                               {"params": net[1].parameters(), "lr": 0.05}], lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 4))
+
+        class AutoClient:  # what _apply uses of a Client
+            mode = "auto"
+
+            def ack(self, *args, **kwargs):
+                pass
+
+        guard = lossguard.TorchGuard(opt, client=AutoClient(), scheduler=sched)
+        for _ in range(6):
+            opt.step()
+            sched.step()
+        advice = pb.Advice(advice_id=1, action=pb.Action(
+            restart_cosine=pb.RestartCosine(t_0=10, eta_max=0.2, eta_min=0.0)))
+        guard._apply(6, advice)
+        guard.before_step(7)
+        self.assertAlmostEqual(opt.param_groups[0]["lr"], 0.2)
+        self.assertAlmostEqual(opt.param_groups[1]["lr"], 0.1)
+
     def test_lambda_and_cosine(self):
         self.check(lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 1.0 / (1 + s)))

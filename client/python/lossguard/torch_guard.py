@@ -217,6 +217,8 @@ class TorchGuard:
                 note = f"LR set to {self.lr:.4g}"
             elif kind == "restart_cosine":
                 r = act.restart_cosine
+                if before > 0:  # the groups' ratios as they are now
+                    self._ratios = [g["lr"] / before for g in self.optimizer.param_groups]
                 self._restart = (step + 1, max(1, r.t_0), r.eta_max, r.eta_min)
                 note = f"cosine restarted: {r.eta_max:.4g} -> {r.eta_min:.4g} over {r.t_0} steps"
             elif kind == "enable_grad_clip":
