@@ -254,15 +254,13 @@ class TorchGuard:
     def _scale(self, factor):
         # Each group's own LR: the ratios between groups are kept as they are
         # now, whatever a per-group schedule made of them (and from a start
-        # at LR 0, as under a warmup, where no ratio could be taken).
+        # at LR 0, as under a warmup, where no ratio could be taken). The
+        # schedule goes on from the corrected LR: what the scheduler computes
+        # its LR from is scaled too, or its next step() undoes the action
+        # (OneCycleLR sets the LR from its groups' max_lr etc., CyclicLR from
+        # base_lrs and max_lrs, most others from base_lrs or the group's lr).
         for group in self.optimizer.param_groups:
             group["lr"] = group["lr"] * factor
-        # The schedule goes on from the corrected LR: scale what the
-        # scheduler computes its LR from, or its next step() undoes the
-        # action (OneCycleLR sets the LR from its groups' max_lr etc.,
-        # CyclicLR from base_lrs and max_lrs, most others from base_lrs or
-        # the group's own lr).
-        for group in self.optimizer.param_groups:
             for key in self._GROUP_LR_KEYS:
                 if isinstance(group.get(key), (int, float)):
                     group[key] = group[key] * factor

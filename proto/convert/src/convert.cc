@@ -145,26 +145,19 @@ policy::Advice FromProto(const v1::Advice& p, double lr_when_sent,
     case v1::Action::KIND_NOT_SET:
       break;
   }
-  // Whether it raised the LR (and got a watch window). Records stored
-  // before lr_when_sent existed hold 0 there: a scale says it by its
-  // factor, a restart is taken as a raise, a set as none.
-  const bool known = std::isfinite(lr_when_sent) && lr_when_sent > 0.0;
+  // Whether it raised the LR, and so got a watch window, as Decide judged
+  // it. Records stored before lr_when_sent existed hold 0 there: a scale
+  // says it by its factor, a restart is taken as a raise, a set as none;
+  // and there is no LR to go back to after a blow-up.
   bool raised = false;
-  switch (a.action) {
-    case ActionKind::kScaleLr:
-      raised = a.lr_factor > 1.0;
-      break;
-    case ActionKind::kSetLr:
-      raised = known && a.lr_to > lr_when_sent;
-      break;
-    case ActionKind::kRestartCosine:
-      raised = !known || a.eta_max > lr_when_sent;
-      break;
-    default:
-      break;
-  }
-  if (!known) {
-    a.lr_from = 0.0;  // unknown: no LR to go back to after a blow-up
+  if (std::isfinite(lr_when_sent) && lr_when_sent > 0.0) {
+    policy::RunContext when_sent;
+    when_sent.lr = lr_when_sent;
+    raised = policy::RaisesLr(a, when_sent);
+  } else {
+    raised = (a.action == ActionKind::kScaleLr && a.lr_factor > 1.0) ||
+             a.action == ActionKind::kRestartCosine;
+    a.lr_from = 0.0;
     if (a.action == ActionKind::kScaleLr) a.lr_to = 0.0;
   }
   if (a.ramp_until == 0 && raised) {

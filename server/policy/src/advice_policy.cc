@@ -101,12 +101,11 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
         s = absl::StrFormat("set the LR back from %g to %g, the LR before "
                             "the raise",
                             a.lr_from, a.lr_to);
+      } else if (absl::StartsWith(a.lr_bound, "LR range test")) {
+        s = absl::StrFormat("set the LR from %g to %g", a.lr_from, a.lr_to);
       } else {
-        s = absl::StartsWith(a.lr_bound, "LR range test")
-                ? absl::StrFormat("set the LR from %g to %g", a.lr_from,
-                                  a.lr_to)
-                : absl::StrFormat("set the LR from %g to %g, the %s bound",
-                                  a.lr_from, a.lr_to, a.lr_bound);
+        s = absl::StrFormat("set the LR from %g to %g, the %s bound",
+                            a.lr_from, a.lr_to, a.lr_bound);
       }
       break;
     case ActionKind::kRestartCosine:

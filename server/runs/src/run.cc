@@ -152,13 +152,12 @@ absl::Status Run::Recover() {
       // blow-up cut, the watch window of a raise or a ramp, the LR before
       // a raise, counts, overfitting advised). Not rebuilt: cooldown
       // deferrals, and the Advisor's range test over a ramp in progress.
-      const v1::Advice& a = r.advice();
+      const policy::Advice a =
+          FromProto(r.advice(), r.lr_when_sent(), options_->policy);
       analyzers::Diagnosis d;
-      d.kind = FromProto(a.diagnosis().kind())
-                   .value_or(analyzers::DiagnosisKind::kDivergence);
-      d.step = a.diagnosis().step();
-      policy::ObserveAdvice(d, FromProto(a, r.lr_when_sent(), options_->policy),
-                            advisor_.mutable_context());
+      d.kind = a.diagnosis;
+      d.step = r.advice().diagnosis().step();
+      policy::ObserveAdvice(d, a, advisor_.mutable_context());
       advice_.push_back(std::move(r));
     }
   }
