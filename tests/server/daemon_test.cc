@@ -1247,6 +1247,10 @@ TEST_F(DaemonTest, ConfirmationsWaitForTheStoreAndShutdownEndsTheWait) {
   ASSERT_EQ(sqlite3_open_v2(DbPath().c_str(), &blocker, SQLITE_OPEN_READWRITE,
                             nullptr),
             SQLITE_OK);
+  // The daemon's writer may still be storing the attach: the blocker waits
+  // for that write to end rather than failing with SQLITE_BUSY (seen once
+  // under TSan).
+  sqlite3_busy_timeout(blocker, 60000);
   ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr),
             SQLITE_OK);
   ASSERT_TRUE(t.Send(Batch(curve, 0, 10)));
