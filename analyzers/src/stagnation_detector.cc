@@ -142,8 +142,16 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
                          lr > first.lr * options_.stagnation_lr_rise;
   // Not while the LR rises (warmup, a range test): a flat start is expected.
   // Clear progress ends a candidate stretch; a noisy pass does not.
-  if (lr_rising || halving_ratio < options_.stagnation_halving_ratio *
-                                       options_.stagnation_progress_fraction) {
+  // Not while the loss climbs across the window by the divergence margin
+  // (from the window's own head, uncapped): a loss going the wrong way is
+  // not a plateau, and the divergence detector, still confirming, is the
+  // one to judge it. A run already stuck high after a blow-up is flat over
+  // its window and still judged here.
+  const bool rising =
+      tail - head > std::log(options_.divergence_rise_factor);
+  if (lr_rising || rising ||
+      halving_ratio < options_.stagnation_halving_ratio *
+                          options_.stagnation_progress_fraction) {
     candidate_since_ = -1;
     return;
   }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <numbers>
@@ -840,6 +841,39 @@ TEST(CurveAnalyzerTest, RisingWindowIsNotStrongStagnationEvidence) {
   for (const Diagnosis& d : OfKind(Analyze(Generate(spec)),
                                    DiagnosisKind::kStagnation)) {
     EXPECT_GE(d.step, o.stagnation_min_points - 1) << Describe({d});
+  }
+}
+
+// A run that had converged low blows up and lands ~10x above its best,
+// where it stays: the first 48 points of dev curve bcancer-mlp-sgd-lr3-b32
+// logged as the mean of every 5 steps (step 5i+4). The divergence detector
+// needs 8 points to confirm that the rise lasts; meanwhile the stagnation
+// window spans the climb itself and, before, read it as "did not fall at
+// all" (stagnation at step 149, divergence at 194). A loss that went the
+// wrong way is divergence's to judge, not stagnation's, whose remedy for a
+// run near its initial loss can be a raise.
+TEST(CurveAnalyzerTest, ALandingFarAboveTheBestIsNotStagnation) {
+  static constexpr double kLoss[] = {
+      0.5051, 0.2285, 0.07688, 0.07284, 0.08827, 0.04273, 0.2121, 0.1359,
+      0.09616, 0.09129, 0.08585, 0.05952, 0.0373, 0.06376, 0.04281, 0.03204,
+      0.03972, 0.05971, 0.02559, 0.03027, 0.08054, 0.05558, 0.06604, 4294.0,
+      2.492e26, 3.991e14, 0.6778, 0.6521, 2.829e33, 0.6846, 0.6981, 0.6782,
+      0.6322, 0.7508, 0.6496, 0.7095, 0.7425, 0.6726, 0.6745, 0.722,
+      0.6671, 0.8083, 0.6934, 0.6882, 0.6812, 0.6897, 0.6515, 0.647};
+  std::vector<StepRecord> recs;
+  for (int i = 0; i < static_cast<int>(std::size(kLoss)); ++i) {
+    StepRecord r;
+    r.step = 5 * i + 4;
+    r.lr = 3.0;
+    r.loss = kLoss[i];
+    recs.push_back(r);
+  }
+  CurveAnalyzer a;
+  const std::vector<Diagnosis> ds = FeedAll(a, recs);
+  const std::vector<Diagnosis> div = OfKind(ds, DiagnosisKind::kDivergence);
+  ASSERT_FALSE(div.empty()) << Describe(ds);
+  for (const Diagnosis& d : OfKind(ds, DiagnosisKind::kStagnation)) {
+    EXPECT_GT(d.step, div[0].step) << Describe(ds);
   }
 }
 
