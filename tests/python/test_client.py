@@ -277,6 +277,35 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
         self.assertAlmostEqual(opt.param_groups[0]["lr"], 0.2)
         self.assertAlmostEqual(opt.param_groups[1]["lr"], 0.1)
 
+    def test_set_lr_at_lr_zero_is_refused_not_faked(self):
+        """set_lr scales the groups; from LR 0 (a warmup from 0) no scale
+        gets there, so the ack says not applied, and why, instead of
+        "LR set to" an LR that was never set."""
+        net = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 4))
+
+        class RecordingClient:  # what _apply uses of a Client
+            mode = "auto"
+            acks = []
+
+            def ack(self, advice_id, applied, note, effective_step=None):
+                self.acks.append((advice_id, applied, note))
+
+        client = RecordingClient()
+        guard = lossguard.TorchGuard(opt, client=client, scheduler=sched)
+        self.assertEqual(opt.param_groups[0]["lr"], 0.0)
+        guard._apply(0, pb.Advice(advice_id=7, action=pb.Action(set_lr=pb.SetLr(lr=0.05))))
+        self.assertEqual(opt.param_groups[0]["lr"], 0.0)
+        self.assertEqual(client.acks[-1][:2], (7, False))
+        self.assertIn("LR is 0", client.acks[-1][2])
+        self.assertFalse(guard.events[-1][2])
+        opt.step()
+        sched.step()
+        guard._apply(1, pb.Advice(advice_id=8, action=pb.Action(set_lr=pb.SetLr(lr=0.05))))
+        self.assertAlmostEqual(opt.param_groups[0]["lr"], 0.05)
+        self.assertEqual(client.acks[-1][:2], (8, True))
+
     def test_lambda_and_cosine(self):
         self.check(lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 1.0 / (1 + s)))

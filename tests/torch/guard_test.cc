@@ -224,6 +224,32 @@ TEST_F(GuardDaemonTest, ValidationLossIsReportedWithItsStep) {
   EXPECT_EQ(vals, 4);
 }
 
+// set_lr scales the schedule to the LR asked for. Where the schedule's LR
+// is 0 (here the end of a cosine to 0) no scale gets there: not applied,
+// and the note says why, instead of "LR set to" an LR that was never set.
+TEST(GuardTest, SetLrWhereTheScheduleIsZeroIsNotApplied) {
+  Problem p;
+  auto opt = p.Sgd(0.1);
+  GuardOptions o;
+  o.schedule.kind = schedule::ScheduleKind::kCosine;
+  o.schedule.t_max = 10;
+  Guard guard(*opt, o);
+  v1::Advice advice;
+  advice.set_advice_id(1);
+  advice.mutable_action()->mutable_set_lr()->set_lr(0.05);
+  guard.Apply(9, advice);  // for step 10, where the cosine is at 0
+  ASSERT_EQ(guard.events().size(), 1u);
+  EXPECT_FALSE(guard.events().back().applied);
+  EXPECT_THAT(guard.events().back().note, ::testing::HasSubstr("LR is 0"));
+  EXPECT_DOUBLE_EQ(guard.schedule().correction(), 1.0);
+  advice.mutable_action()->mutable_set_lr()->set_lr(0.02);
+  guard.Apply(4, advice);  // for step 5, halfway down (0.05)
+  EXPECT_TRUE(guard.events().back().applied);
+  guard.BeforeStep(5);
+  EXPECT_NEAR(GroupLr(*opt, 0), 0.02, 1e-12);
+  EXPECT_NEAR(GroupLr(*opt, 1), 0.002, 1e-12);
+}
+
 TEST(GuardEmbeddedTest, EmbeddedModeRunsTheAnalyzersInProcess) {
   Problem p;
   auto opt = p.Sgd(10.0);

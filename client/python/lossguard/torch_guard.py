@@ -196,6 +196,13 @@ class TorchGuard:
                 applied = True
             elif mode == "advise" and self.accept is not None:
                 applied = bool(self.accept(advice))
+        refusal = "rejected by the trainer"
+        if applied and advice.action.WhichOneof("kind") == "set_lr" and not self.lr > 0:
+            # Every group's LR is a multiple of what it is now; from 0 (a
+            # warmup from 0, the end of a cosine cycle) none gets there.
+            applied = False
+            refusal = note = (f"not applied: the LR is 0 at step {step + 1}, so no "
+                              f"scale of it gives {advice.action.set_lr.lr:.4g}")
         if applied:
             act = advice.action
             kind = act.WhichOneof("kind")
@@ -213,7 +220,7 @@ class TorchGuard:
                 self._scale(act.scale_lr.factor)
                 note = f"LR x{act.scale_lr.factor:g} ({before:.4g} -> {self.lr:.4g})"
             elif kind == "set_lr":
-                self._scale(act.set_lr.lr / before if before else 1.0)
+                self._scale(act.set_lr.lr / before)
                 note = f"LR set to {self.lr:.4g}"
             elif kind == "restart_cosine":
                 r = act.restart_cosine
@@ -240,7 +247,7 @@ class TorchGuard:
             # Applied before this step's optimizer.step(): the next step's
             # loss is the first computed after it.
             self.client.ack(advice.advice_id, applied,
-                            note if applied else "rejected by the trainer",
+                            note if applied else refusal,
                             effective_step=step + 1 if applied else None)
         if self.on_advice is not None:
             self.on_advice(advice, applied)

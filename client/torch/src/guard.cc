@@ -326,6 +326,19 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
         break;
     }
   }
+  // set_lr scales the schedule so that it gives the LR asked for; where the
+  // schedule's LR is 0 (a warmup from 0, the end of a cosine cycle) no scale
+  // gets there, so the action is not applied and the ack says why.
+  std::string refusal = "rejected by the trainer";
+  if (apply && advice.action().kind_case() == v1::Action::kSetLr &&
+      !(schedule_.LrAt(step + 1) > 0.0)) {
+    apply = false;
+    refusal = absl::StrFormat(
+        "not applied: the schedule's LR is 0 at step %d, so no scale of it "
+        "gives %.4g",
+        step + 1, advice.action().set_lr().lr());
+    event.note = refusal;
+  }
   if (apply) {
     const v1::Action& act = advice.action();
     const double before = lr();
@@ -363,8 +376,7 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
                                      schedule_.LrAt(next));
         break;
       case v1::Action::kSetLr: {
-        const double now = schedule_.LrAt(next);
-        if (now > 0.0) schedule_.Scale(act.set_lr().lr() / now);
+        schedule_.Scale(act.set_lr().lr() / schedule_.LrAt(next));
         event.note = absl::StrFormat("LR set to %.4g", act.set_lr().lr());
         break;
       }
@@ -409,7 +421,7 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
     // Applied now, before this step's optimizer.step(): the next step's
     // loss is the first computed after it.
     client_->Ack(advice.advice_id(), apply,
-                 apply ? event.note : "rejected by the trainer",
+                 apply ? event.note : refusal,
                  apply ? std::optional<int64_t>(step + 1) : std::nullopt);
   }
   if (options_.on_advice) options_.on_advice(advice, apply);

@@ -119,6 +119,11 @@ class Guard {
   // Reports what is pending (call at the end of training).
   void Flush();
 
+  // Handles `advice` at step `step` as AfterBackward handles the daemon's
+  // (applied in AUTO mode, or in ADVISE mode when `accept` agrees; acked
+  // when there is a client): for advice that came another way.
+  void Apply(int64_t step, const v1::Advice& advice);
+
   bool should_stop() const { return stop_; }
   bool ramping() const { return ramp_left_ > 0; }
   double lr() const;  // LR of param group 0 now
@@ -136,7 +141,6 @@ class Guard {
   // Restores the newest snapshot taken before `onset`; false if none.
   bool RollBack(int64_t onset, std::string* note);
   void HandleAdvice(int64_t step);
-  void Apply(int64_t step, const v1::Advice& advice);
   void SetLr(double lr0);
 
   Client* const client_;
