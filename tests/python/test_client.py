@@ -4,6 +4,7 @@
     LOSSGUARDD=build/bin/lossguardd PYTHONPATH=build/python \
         /usr/bin/python3 tests/python/test_client.py
 """
+import copy
 import csv
 import math
 import os
@@ -416,31 +417,44 @@ class TorchGuardTest(unittest.TestCase):
         h = self.daemon.health("py-ramp")
         self.assertEqual(h.advice[0].status, pb.APPLIED)
 
-    def _drive_lightning(self, cb, net, opt, x, y, steps, client, accumulate=1):
-        """Lightning's hook order for `steps` batches, an optimizer step
-        every `accumulate` of them, a validation every 50 batches; the
-        losses and the largest LR."""
+    def _drive_lightning(self, cb, net, opt, x, y, steps, client, accumulate=1,
+                         loss_scale=1.0):
+        """Lightning's hook order for `steps` batches after its sanity-check
+        validation: an optimizer step every `accumulate` batches, a
+        validation every 50; the loss divided by `accumulate` before
+        backward and handed on so to on_train_batch_end, and with
+        `loss_scale` (mixed precision) multiplied by it before backward and
+        the gradients divided by it again before on_before_optimizer_step,
+        as Lightning does. Returns the losses and the largest LR."""
 
         class FakeTrainer:  # what the callback reads of a Lightning Trainer
             optimizers = [opt]
             lr_scheduler_configs = []
             global_step = 0
             should_stop = False
+            sanity_checking = False
             callback_metrics = {}
+            accumulate_grad_batches = accumulate
 
         trainer = FakeTrainer()
+        trainer.sanity_checking = True
+        trainer.callback_metrics = {"val_loss": torch.tensor(5.0)}
+        cb.on_validation_end(trainer, net)
+        trainer.sanity_checking = False
         losses, max_lr = [], 0.0
         for batch_idx in range(steps):
             cb.on_train_batch_start(trainer, net, None, batch_idx)
             loss = torch.nn.functional.mse_loss(net(x), y)
-            (loss / accumulate).backward()
-            cb.on_after_backward(trainer, net)
+            (loss / accumulate * loss_scale).backward()
             if batch_idx % accumulate == accumulate - 1:
+                for p in net.parameters():
+                    p.grad.div_(loss_scale)
                 cb.on_before_optimizer_step(trainer, net, opt)
                 opt.step()
                 opt.zero_grad()
                 trainer.global_step += 1
-            cb.on_train_batch_end(trainer, net, {"loss": loss}, None, batch_idx)
+            cb.on_train_batch_end(trainer, net, {"loss": loss.detach() / accumulate},
+                                  None, batch_idx)
             losses.append(float(loss))
             max_lr = max(max_lr, opt.param_groups[0]["lr"])
             if batch_idx % 50 == 49:
@@ -501,6 +515,58 @@ class TorchGuardTest(unittest.TestCase):
         self.assertTrue(ramps, cb.guard.events)
         r = ramps[0].action.ramp_lr
         self.assertLessEqual(max_lr, 1e-4 * r.factor_per_step ** r.steps * 1.001)
+
+    def test_lightning_callback_reports_what_the_step_saw(self):
+        """Under mixed precision and gradient accumulation: the norm of the
+        unscaled accumulated gradient (not 1024x it, as on_after_backward
+        sees it), the mean of the batches' losses (not 1/accumulate of it,
+        as Lightning hands it on), and no validation from the sanity check
+        before training."""
+        x, y, net, _ = problem()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+
+        class RecordingClient:  # what TorchGuard uses of a Client
+            mode = "observe"
+
+            def __init__(self):
+                self.reports = []
+
+            def report(self, step, lr, loss, val_loss=None, grad_norm=None):
+                self.reports.append((step, loss, val_loss, grad_norm))
+
+            def poll_advice(self):
+                return []
+
+            def flush(self, timeout=None):
+                return True
+
+            def finish(self, reason=""):
+                return True
+
+        client = RecordingClient()
+        cb = lossguard.LossGuardCallback(client)
+        # The same steps without the callback, measured directly.
+        ref = copy.deepcopy(net)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-3)
+        want = []
+        for _ in range(6):
+            losses = []
+            for _ in range(3):
+                loss = torch.nn.functional.mse_loss(ref(x), y)
+                (loss / 3).backward()
+                losses.append(float(loss))
+            norm = torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in ref.parameters()])).item()
+            want.append((sum(losses) / 3, norm))
+            ref_opt.step()
+            ref_opt.zero_grad()
+        self._drive_lightning(cb, net, opt, x, y, 18, client, accumulate=3,
+                              loss_scale=1024.0)
+        self.assertEqual([r[0] for r in client.reports], list(range(6)))
+        self.assertTrue(all(r[2] is None for r in client.reports), client.reports)
+        for (_, loss, _, norm), (want_loss, want_norm) in zip(client.reports, want):
+            self.assertAlmostEqual(loss, want_loss, delta=1e-5 * want_loss)
+            self.assertAlmostEqual(norm, want_norm, delta=1e-4 * want_norm)
 
     def test_lightning_callback_rolls_back_with_the_cut(self):
         """rollback=True: the LightningModule's weights come back from before

@@ -1,13 +1,19 @@
-"""A Lightning-style callback (no Lightning import needed).
+"""A Lightning callback (Lightning itself is optional).
 
     trainer = pl.Trainer(callbacks=[LossGuardCallback(client)])
 
-It implements Lightning's hooks: on_train_batch_start sets the LR while a
-restart_cosine or ramp_lr action owns it (TorchGuard.before_step),
+It subclasses Lightning's Callback when `lightning` or `pytorch_lightning`
+is installed (a Trainer calls every hook of that base class), else it is a
+plain class with the same hooks. on_train_batch_start sets the LR while a
+restart_cosine or ramp_lr action owns it (TorchGuard.before_step);
+on_before_optimizer_step measures the gradient norm, where Lightning has
+accumulated the gradients and, under mixed precision, unscaled them, before
+its own clipping, and clips when lossguard's clipping is on;
 on_train_batch_end reads the step's loss from `outputs` (a tensor or a dict
-with "loss"), on_after_backward measures the gradient norm,
-on_before_optimizer_step clips when clipping is on, on_validation_end reads
-`trainer.callback_metrics["val_loss"]`, and on_train_end finishes the run.
+with "loss"; under automatic optimization Lightning has divided it by
+accumulate_grad_batches, which is undone); on_validation_end reads
+`trainer.callback_metrics["val_loss"]` (not during the sanity check before
+training); and on_train_end finishes the run.
 Actions are applied to `trainer.optimizers[0]` as TorchGuard applies them;
 early_stop sets `trainer.should_stop`. With gradient accumulation
 (accumulate_grad_batches) one optimizer step spans several batches: it is
@@ -23,8 +29,16 @@ import torch
 
 from lossguard.torch_guard import TorchGuard, grad_norm
 
+try:
+    from lightning.pytorch.callbacks import Callback as _Base
+except ImportError:
+    try:
+        from pytorch_lightning.callbacks import Callback as _Base
+    except ImportError:
+        _Base = object
 
-class LossGuardCallback:
+
+class LossGuardCallback(_Base):
     def __init__(self, client, *, accept=None, clip_max_norm=None, on_advice=None,
                  finish_on_train_end=True, rollback=False, snapshot_every=50,
                  snapshots_kept=3):
@@ -62,24 +76,29 @@ class LossGuardCallback:
             self._started_step = step
             guard.before_step(step)
 
-    def on_after_backward(self, trainer, pl_module):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer, *args):
+        # Not on_after_backward: there, under mixed precision, the gradients
+        # are still multiplied by the loss scale (2**16 at first).
         guard = self._ensure_guard(trainer, pl_module)
         params = [p for p in pl_module.parameters() if p.grad is not None]
-        if params:
-            self._grad_norm = grad_norm(params, params[0].device)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer, *args):
-        guard = self._ensure_guard(trainer, pl_module)
-        if guard.clip_max_norm is not None and self._grad_norm is not None:
+        if not params:
+            return
+        self._grad_norm = grad_norm(params, params[0].device)
+        if guard.clip_max_norm is not None:
             coef = (guard.clip_max_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
-            for p in pl_module.parameters():
-                if p.grad is not None:
-                    p.grad.detach().mul_(coef.to(p.grad.dtype))
+            for p in params:
+                p.grad.detach().mul_(coef.to(p.grad.dtype))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         guard = self._ensure_guard(trainer, pl_module)
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return  # training_step returned None: Lightning skipped the batch
         loss = loss.detach().reshape(()).to(torch.float64)
+        if getattr(pl_module, "automatic_optimization", True):
+            # Lightning divides the loss by accumulate_grad_batches before
+            # backward and hands that on as outputs["loss"].
+            loss = loss * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._loss_count += 1
         global_step = int(trainer.global_step)
@@ -89,7 +108,7 @@ class LossGuardCallback:
         step = global_step - 1  # the optimizer step just taken
         loss = self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = None, 0
-        norm = self._grad_norm
+        norm, self._grad_norm = self._grad_norm, None
         guard._report_pending()
         guard._stage(step, loss, norm if norm is not None else torch.zeros(()))
         guard._handle_advice(step)
@@ -97,6 +116,8 @@ class LossGuardCallback:
             trainer.should_stop = True
 
     def on_validation_end(self, trainer, pl_module):
+        if getattr(trainer, "sanity_checking", False):
+            return  # the check before training: no step has been taken
         guard = self._ensure_guard(trainer, pl_module)
         val = trainer.callback_metrics.get("val_loss")
         if val is not None:
