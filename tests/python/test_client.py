@@ -582,6 +582,76 @@ class TorchGuardTest(unittest.TestCase):
         self.assertTrue(all(math.isfinite(v) for v in losses[-50:]), losses[-50:])
 
 
+def _ddp_worker(rank, world, init_file, address, out_dir):
+    """One rank of a DistributedDataParallel run of problem() (its LR blows
+    the run up) on gloo; rank 0 attached in AUTO mode. Saves the final
+    weights, LRs and guard events."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world)
+    x, y, net, opt = problem()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    xs, ys = x[rank::world], y[rank::world]  # each rank its own shard
+    client = (lossguard.Client(address, "py-ddp", mode="auto", max_batch_delay=0.001)
+              if rank == 0 else None)
+    guard = lossguard.TorchGuard(opt, client, model=net, snapshot_every=5,
+                                 sync_every=5)
+    for step in range(300):
+        guard.before_step(step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(ddp(xs), ys)
+        loss.backward()
+        guard.after_backward(step, loss)
+        opt.step()
+        if client is not None and step % 10 == 9:
+            client.flush(WAIT)  # the advice arrives in time
+    guard.flush()
+    if client is not None:
+        client.finish(timeout=WAIT)
+    torch.save({"params": [p.detach().clone() for p in net.parameters()],
+                "lrs": [g["lr"] for g in opt.param_groups],
+                "events": [(st, a.advice_id, applied, note)
+                           for st, a, applied, note in guard.events]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+class DistributedTest(unittest.TestCase):
+    """Two DistributedDataParallel processes on gloo, rank 0 attached: both
+    ranks apply the same actions at the same step and end identical."""
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.daemon = Daemon(os.path.join(self.dir.name, "lossguard.db"))
+
+    def tearDown(self):
+        self.assertEqual(self.daemon.stop(), 0)
+        self.dir.cleanup()
+
+    def test_every_rank_applies_rank_0s_actions(self):
+        import torch.multiprocessing as mp
+        mp.spawn(_ddp_worker, nprocs=2, join=True,
+                 args=(2, os.path.join(self.dir.name, "init"), self.daemon.address,
+                       self.dir.name))
+        r0, r1 = (torch.load(os.path.join(self.dir.name, f"rank{r}.pt"))
+                  for r in (0, 1))
+        applied = [e for e in r0["events"] if e[2]]
+        self.assertTrue(applied, r0["events"])
+        self.assertTrue(any("rolled back" in e[3] for e in applied), r0["events"])
+        # The same actions at the same steps, with the same effect.
+        self.assertEqual([e[:3] for e in r1["events"]], [e[:3] for e in r0["events"]])
+        self.assertEqual([e[3] for e in r1["events"] if e[2]], [e[3] for e in applied])
+        self.assertEqual(r0["lrs"], r1["lrs"])
+        self.assertLess(r0["lrs"][0], 10.0)
+        self.assertAlmostEqual(r0["lrs"][1] / r0["lrs"][0], 0.1)
+        for a, b in zip(r0["params"], r1["params"]):
+            self.assertTrue(torch.isfinite(a).all())
+            self.assertTrue(torch.equal(a, b))
+        h = self.daemon.health("py-ddp")
+        self.assertEqual(h.summary.steps_stored, 300)
+        self.assertEqual(h.advice[0].status, pb.APPLIED)
+
+
 class FleetTest(unittest.TestCase):
     """Two daemons on one PostgreSQL database: the client follows a redirect.
 

@@ -111,7 +111,7 @@ class LossGuardCallback(_Base):
         norm, self._grad_norm = self._grad_norm, None
         guard._report_pending()
         guard._stage(step, loss, norm if norm is not None else torch.zeros(()))
-        guard._handle_advice(step)
+        guard._advise(step)
         if guard.should_stop:
             trainer.should_stop = True
 
@@ -128,5 +128,5 @@ class LossGuardCallback(_Base):
     def on_train_end(self, trainer, pl_module):
         if self.guard is not None:
             self.guard.flush()
-        if self._finish:
+        if self._finish and self.client is not None:
             self.client.finish("training ended")

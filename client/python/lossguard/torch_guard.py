@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.distributed as dist
 
 from lossguard.v1 import lossguard_pb2 as pb
 
@@ -46,11 +47,26 @@ class TorchGuard:
     loss), clears the optimizer's state and the current gradients, so the
     optimizer.step() that follows changes nothing. Costs snapshots_kept + 1
     copies of the model.
+
+    Distributed data parallel (torch.distributed initialized, more than one
+    process): every rank wraps its optimizer, and rank 0 alone has a client
+    (pass client=None on the others). Rank 0 reports its own minibatch loss
+    and the gradient norm (the same on every rank once DDP has averaged the
+    gradients). Every `sync_every` steps, in after_backward, rank 0
+    broadcasts the advice it received since the last time, with its
+    decision (applied or not) and, for a rollback, the snapshot to restore;
+    every rank then applies the same actions at the same step, so their
+    LRs, clipping and weights stay identical. Only rank 0 acks. The
+    broadcast goes over a gloo group made at construction (no GPU sync);
+    pass `process_group` to use another. Between two broadcasts the other
+    ranks keep each snapshot until rank 0 says whether it was good: up to
+    sync_every / snapshot_every + 1 more copies of the model.
     """
 
     def __init__(self, optimizer, client, *, scheduler=None, accept=None,
                  clip_max_norm=None, on_advice=None, model=None,
-                 snapshot_every=50, snapshots_kept=3):
+                 snapshot_every=50, snapshots_kept=3, sync_every=10,
+                 process_group=None):
         self.optimizer = optimizer
         self.client = client
         self.scheduler = scheduler
@@ -73,6 +89,24 @@ class TorchGuard:
             self._snapshots.append((-1, self._copy_state()))
         lr0 = optimizer.param_groups[0]["lr"]
         self._ratios = [g["lr"] / lr0 if lr0 else 1.0 for g in optimizer.param_groups]
+        self._dist = None  # (group, rank) under torch.distributed
+        if (dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            rank = dist.get_rank()
+            if (client is not None) != (rank == 0):
+                raise ValueError("under torch.distributed rank 0, and only rank 0, "
+                                 f"has a client (rank {rank} has "
+                                 f"{'one' if client is not None else 'none'})")
+            if sync_every < 1:
+                raise ValueError("sync_every must be at least 1")
+            if process_group is None:
+                process_group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                                 else dist.new_group(backend="gloo"))
+            self._dist = (process_group, rank)
+        self.sync_every = sync_every
+        self._outbox = []      # rank 0: [advice, applied, restore step], unsent
+        self._accepted = []    # rank 0: snapshot steps found good since the last sync
+        self._unjudged = []    # other ranks: (step, state) not yet judged by rank 0
 
     @property
     def lr(self):
@@ -110,11 +144,22 @@ class TorchGuard:
             for p in params:
                 p.grad.detach().mul_(coef.to(p.grad.dtype))
         self._stage(step, loss, total)
+        self._advise(step)
+
+    def _advise(self, step):
+        """Handles the advice that has arrived, after step `step` was staged
+        (and under torch.distributed, every sync_every steps, applies it
+        on every rank)."""
         self._handle_advice(step)
+        if self._dist is not None and step % self.sync_every == 0:
+            self._sync(step)
 
     def _stage(self, step, loss, total):
         """Keeps step `step`'s loss and gradient norm (device tensors) to be
         reported at the next step, without waiting for the device now."""
+        if self.client is None:  # nothing is reported from this rank
+            self._pending = (step, self.lr, None, None, None)
+            return
         values = torch.stack([loss.detach().reshape(()).to(torch.float64),
                               total.detach().to(device=loss.device, dtype=torch.float64)])
         host = event = None
@@ -150,15 +195,21 @@ class TorchGuard:
             if math.isfinite(loss) and loss <= 2.0 * c_loss:
                 self._snapshots.append((c_step, c_state))
                 del self._snapshots[:-max(1, self.snapshots_kept)]
+                if self._dist is not None:
+                    self._accepted.append(c_step)
             self._candidate = None
         if math.isfinite(loss) and step % self.snapshot_every == 0:
             self._candidate = (step, self._copy_state(), loss)
 
-    def _roll_back(self, before_step):
-        good = [s for s in self._snapshots if s[0] < before_step]
-        if not good:
-            return ""
-        step, state = good[-1]
+    def _newest_snapshot_before(self, before_step):
+        good = [s for s, _ in self._snapshots if s < before_step]
+        return good[-1] if good else None
+
+    def _restore(self, step):
+        """Restores the snapshot of `step`; False if there is none."""
+        state = next((st for s, st in self._snapshots if s == step), None)
+        if state is None:
+            return False
         with torch.no_grad():
             self.model.load_state_dict(state)
         self.optimizer.state.clear()
@@ -166,13 +217,22 @@ class TorchGuard:
             p.grad = None
         self._snapshots = [s for s in self._snapshots if s[0] <= step]
         self._candidate = None
-        return f"; weights rolled back to step {step}"
+        self._unjudged = []
+        return True
 
     def _report_pending(self):
         if self._pending is None:
             return
         step, lr, values, host, event = self._pending
         self._pending = None
+        if self.client is None:
+            # Another rank than 0: nothing to report, and rank 0 judges the
+            # snapshots (this rank's loss is not the one rank 0 sees).
+            if (self._dist is not None and self.model is not None
+                    and self.snapshot_every > 0 and step % self.snapshot_every == 0):
+                self._unjudged.append((step, self._copy_state()))
+            self._pending_val = None
+            return
         val, self._pending_val = self._pending_val, None
         if event is not None:
             event.synchronize()
@@ -184,18 +244,67 @@ class TorchGuard:
         self.client.report(step, lr, loss, val_loss=val, grad_norm=norm)
 
     def _handle_advice(self, step):
+        if self.client is None:
+            return
         for advice in self.client.poll_advice():
-            self._apply(step, advice)
+            if self._dist is None:
+                self._apply(step, advice)
+            else:  # applied by every rank at the next sync
+                self._outbox.append(advice)
 
-    def _apply(self, step, advice):
+    def _sync(self, step):
+        """Called by every rank at the same step: rank 0 applies the advice
+        received since the last sync and sends what it decided (and which
+        snapshots it found good); the other ranks do the same."""
+        group, rank = self._dist
+        payload = [None]
+        if rank == 0:
+            sent = {"accepted": self._accepted,
+                    "candidate": self._candidate[0] if self._candidate else None,
+                    "advice": []}
+            for advice in self._outbox:
+                applied, restored = self._apply(step, advice)
+                sent["advice"].append((advice.SerializeToString(), applied, restored))
+            self._accepted, self._outbox = [], []
+            payload[0] = sent
+        dist.broadcast_object_list(payload, src=0, group=group)
+        if rank == 0:
+            return
+        sent = payload[0]
+        # Rank 0's verdicts first, as it reached them, then its actions.
+        for c_step, c_state in self._unjudged:
+            if c_step in sent["accepted"]:
+                self._snapshots.append((c_step, c_state))
+        del self._snapshots[:-max(1, self.snapshots_kept)]
+        self._unjudged = [u for u in self._unjudged if u[0] == sent["candidate"]]
+        for raw, applied, restored in sent["advice"]:
+            advice = pb.Advice()
+            advice.ParseFromString(raw)
+            self._apply(step, advice, decided=applied, restore_step=restored)
+
+    def _decide(self, advice):
+        """Whether to apply `advice`, and whether it asks for an answer (an
+        action the trainer may apply: in AUTO mode, or ADVISE with accept)."""
+        if not advice.HasField("action"):
+            return False, False
         mode = self.client.mode
-        applied = False
+        if mode == "auto":
+            return True, True
+        if mode == "advise" and self.accept is not None:
+            return bool(self.accept(advice)), True
+        return False, False
+
+    def _apply(self, step, advice, decided=None, restore_step=None):
+        """Applies `advice` at `step`: as decided here (rank 0, a single
+        process), or as rank 0 decided (`decided`, and the snapshot it
+        restored, `restore_step`). Returns (applied, the step of the
+        snapshot restored or None)."""
         note = ""
-        if advice.HasField("action"):
-            if mode == "auto":
-                applied = True
-            elif mode == "advise" and self.accept is not None:
-                applied = bool(self.accept(advice))
+        restored = None
+        if decided is None:
+            applied, asked = self._decide(advice)
+        else:
+            applied, asked = decided, False
         refusal = "rejected by the trainer"
         if applied and advice.action.WhichOneof("kind") == "set_lr" and not self.lr > 0:
             # Every group's LR is a multiple of what it is now; from 0 (a
@@ -238,12 +347,18 @@ class TorchGuard:
                 self.clip_max_norm = act.grad_clip_max_norm
                 note += f"; gradient clipping at norm {self.clip_max_norm:.4g}"
             if self.model is not None and act.restore_checkpoint:
-                before = (advice.diagnosis.onset
-                          if advice.diagnosis.kind == pb.DIVERGENCE
-                          else self._peak[1])
-                note += self._roll_back(before)
-        if advice.HasField("action") and (mode == "auto" or
-                                          (mode == "advise" and self.accept is not None)):
+                if decided is None:
+                    restored = self._newest_snapshot_before(
+                        advice.diagnosis.onset
+                        if advice.diagnosis.kind == pb.DIVERGENCE
+                        else self._peak[1])
+                else:
+                    restored = restore_step
+                if restored is not None and self._restore(restored):
+                    note += f"; weights rolled back to step {restored}"
+                else:
+                    restored = None
+        if asked:
             # Applied before this step's optimizer.step(): the next step's
             # loss is the first computed after it.
             self.client.ack(advice.advice_id, applied,
@@ -252,6 +367,7 @@ class TorchGuard:
         if self.on_advice is not None:
             self.on_advice(advice, applied)
         self.events.append((step, advice, applied, note))
+        return applied, restored
 
     # The LRs torch's schedulers compute from, kept in each param group:
     # OneCycleLR's (its warmup start, peak and end), and the LR every
