@@ -316,7 +316,9 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
             opt, step_size=3, gamma=0.5))
 
 
-class TorchGuardTest(unittest.TestCase):
+class DaemonTestCase(unittest.TestCase):
+    """A lossguardd of its own, on an SQLite file, per test."""
+
     def setUp(self):
         self.dir = tempfile.TemporaryDirectory()
         self.daemon = Daemon(os.path.join(self.dir.name, "lossguard.db"))
@@ -325,6 +327,8 @@ class TorchGuardTest(unittest.TestCase):
         self.assertEqual(self.daemon.stop(), 0)
         self.dir.cleanup()
 
+
+class TorchGuardTest(DaemonTestCase):
     def test_auto_mode_cuts_every_group_keeping_ratios(self):
         x, y, net, opt = problem()
         client = lossguard.Client(self.daemon.address, "py-guard", mode="auto",
@@ -616,17 +620,9 @@ def _ddp_worker(rank, world, init_file, address, out_dir):
     dist.destroy_process_group()
 
 
-class DistributedTest(unittest.TestCase):
+class DistributedTest(DaemonTestCase):
     """Two DistributedDataParallel processes on gloo, rank 0 attached: both
     ranks apply the same actions at the same step and end identical."""
-
-    def setUp(self):
-        self.dir = tempfile.TemporaryDirectory()
-        self.daemon = Daemon(os.path.join(self.dir.name, "lossguard.db"))
-
-    def tearDown(self):
-        self.assertEqual(self.daemon.stop(), 0)
-        self.dir.cleanup()
 
     def test_every_rank_applies_rank_0s_actions(self):
         import torch.multiprocessing as mp

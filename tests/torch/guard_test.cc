@@ -53,13 +53,18 @@ double GroupLr(::torch::optim::Optimizer& opt, int i) {
   return opt.param_groups()[i].options().get_lr();
 }
 
+// A cosine from the optimizer's LR to 0 over `t_max` steps.
+GuardOptions CosineOptions(int64_t t_max) {
+  GuardOptions o;
+  o.schedule.kind = schedule::ScheduleKind::kCosine;
+  o.schedule.t_max = t_max;
+  return o;
+}
+
 TEST(GuardTest, OwnsTheScheduleAndKeepsGroupRatios) {
   Problem p;
   auto opt = p.Sgd(0.1);
-  GuardOptions o;
-  o.schedule.kind = schedule::ScheduleKind::kCosine;
-  o.schedule.t_max = 100;
-  Guard guard(*opt, o);
+  Guard guard(*opt, CosineOptions(100));
   guard.BeforeStep(0);
   EXPECT_DOUBLE_EQ(GroupLr(*opt, 0), 0.1);
   EXPECT_DOUBLE_EQ(GroupLr(*opt, 1), 0.01);
@@ -230,10 +235,7 @@ TEST_F(GuardDaemonTest, ValidationLossIsReportedWithItsStep) {
 TEST(GuardTest, SetLrWhereTheScheduleIsZeroIsNotApplied) {
   Problem p;
   auto opt = p.Sgd(0.1);
-  GuardOptions o;
-  o.schedule.kind = schedule::ScheduleKind::kCosine;
-  o.schedule.t_max = 10;
-  Guard guard(*opt, o);
+  Guard guard(*opt, CosineOptions(10));
   v1::Advice advice;
   advice.set_advice_id(1);
   advice.mutable_action()->mutable_set_lr()->set_lr(0.05);
