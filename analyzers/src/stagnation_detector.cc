@@ -143,12 +143,15 @@ void StagnationDetector::OnBlock(const LossTrack& track, bool diverged,
   // Not while the LR rises (warmup, a range test): a flat start is expected.
   // Clear progress ends a candidate stretch; a noisy pass does not.
   // Not while the loss climbs across the window by the divergence margin
-  // (from the window's own head, uncapped): a loss going the wrong way is
-  // not a plateau, and the divergence detector, still confirming, is the
+  // (from the window's own head, uncapped) to above its initial level by
+  // that margin too: a loss going that far the wrong way has not stalled,
+  // it has diverged, and the divergence detector, still confirming, is the
   // one to judge it. A run already stuck high after a blow-up is flat over
-  // its window and still judged here.
+  // its window and still judged here, and so is one that climbed back to
+  // its initial loss (a model the LR killed: no progress from the start).
+  const double rise_margin = std::log(options_.divergence_rise_factor);
   const bool rising =
-      tail - head > std::log(options_.divergence_rise_factor);
+      tail - head > rise_margin && tail - track.log_l0() > rise_margin;
   if (lr_rising || rising ||
       halving_ratio < options_.stagnation_halving_ratio *
                           options_.stagnation_progress_fraction) {
