@@ -6,6 +6,7 @@
 """
 import copy
 import csv
+import datetime
 import math
 import os
 import signal
@@ -191,6 +192,26 @@ class Net(torch.nn.Module):
 
     def forward(self, x):
         return self.l2(torch.relu(self.l1(x)))
+
+
+class RecordingClient:
+    """What TorchGuard uses of a Client, recording the reports (OBSERVE)."""
+    mode = "observe"
+
+    def __init__(self):
+        self.reports = []
+
+    def report(self, step, lr, loss, val_loss=None, grad_norm=None):
+        self.reports.append((step, loss, val_loss, grad_norm))
+
+    def poll_advice(self):
+        return []
+
+    def flush(self, timeout=None):
+        return True
+
+    def finish(self, reason=""):
+        return True
 
 
 def problem():
@@ -422,14 +443,16 @@ class TorchGuardTest(DaemonTestCase):
         self.assertEqual(h.advice[0].status, pb.APPLIED)
 
     def _drive_lightning(self, cb, net, opt, x, y, steps, client, accumulate=1,
-                         loss_scale=1.0):
+                         loss_scale=1.0, no_loss_at=()):
         """Lightning's hook order for `steps` batches after its sanity-check
         validation: an optimizer step every `accumulate` batches, a
         validation every 50; the loss divided by `accumulate` before
         backward and handed on so to on_train_batch_end, and with
         `loss_scale` (mixed precision) multiplied by it before backward and
         the gradients divided by it again before on_before_optimizer_step,
-        as Lightning does. Returns the losses and the largest LR."""
+        as Lightning does; batches in `no_loss_at` hand on no outputs (a
+        manual-optimization training_step that returns nothing). Returns
+        the losses and the largest LR."""
 
         class FakeTrainer:  # what the callback reads of a Lightning Trainer
             optimizers = [opt]
@@ -457,8 +480,8 @@ class TorchGuardTest(DaemonTestCase):
                 opt.step()
                 opt.zero_grad()
                 trainer.global_step += 1
-            cb.on_train_batch_end(trainer, net, {"loss": loss.detach() / accumulate},
-                                  None, batch_idx)
+            outputs = None if batch_idx in no_loss_at else {"loss": loss.detach() / accumulate}
+            cb.on_train_batch_end(trainer, net, outputs, None, batch_idx)
             losses.append(float(loss))
             max_lr = max(max_lr, opt.param_groups[0]["lr"])
             if batch_idx % 50 == 49:
@@ -523,30 +546,10 @@ class TorchGuardTest(DaemonTestCase):
     def test_lightning_callback_reports_what_the_step_saw(self):
         """Under mixed precision and gradient accumulation: the norm of the
         unscaled accumulated gradient (not 1024x it, as on_after_backward
-        sees it), the mean of the batches' losses (not 1/accumulate of it,
-        as Lightning hands it on), and no validation from the sanity check
-        before training."""
+        sees it) and the mean of the batches' losses (not 1/accumulate of
+        it, as Lightning hands it on)."""
         x, y, net, _ = problem()
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-
-        class RecordingClient:  # what TorchGuard uses of a Client
-            mode = "observe"
-
-            def __init__(self):
-                self.reports = []
-
-            def report(self, step, lr, loss, val_loss=None, grad_norm=None):
-                self.reports.append((step, loss, val_loss, grad_norm))
-
-            def poll_advice(self):
-                return []
-
-            def flush(self, timeout=None):
-                return True
-
-            def finish(self, reason=""):
-                return True
-
         client = RecordingClient()
         cb = lossguard.LossGuardCallback(client)
         # The same steps without the callback, measured directly.
@@ -572,6 +575,23 @@ class TorchGuardTest(DaemonTestCase):
             self.assertAlmostEqual(loss, want_loss, delta=1e-5 * want_loss)
             self.assertAlmostEqual(norm, want_norm, delta=1e-4 * want_norm)
 
+    def test_lightning_callback_reports_steps_around_a_missing_loss(self):
+        """A batch that hands on no loss (accumulating 2, the second batch
+        of step 1): step 1 is reported at its end with the loss it has,
+        and step 2 with its own two batches' (before, a None output raised;
+        then step 1 waited for step 2's first batch and took its loss)."""
+        x, y, net, _ = problem()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        client = RecordingClient()
+        cb = lossguard.LossGuardCallback(client)
+        losses, _ = self._drive_lightning(cb, net, opt, x, y, 8, client, accumulate=2,
+                                          no_loss_at={3})
+        want = [(losses[0] + losses[1]) / 2, losses[2], (losses[4] + losses[5]) / 2,
+                (losses[6] + losses[7]) / 2]
+        self.assertEqual([r[0] for r in client.reports], [0, 1, 2, 3])
+        for r, w in zip(client.reports, want):
+            self.assertAlmostEqual(r[1], w, delta=1e-6 * w)
+
     def test_lightning_callback_rolls_back_with_the_cut(self):
         """rollback=True: the LightningModule's weights come back from before
         the blow-up with the LR cut, as TorchGuard(model=...) does."""
@@ -592,14 +612,17 @@ def _ddp_worker(rank, world, init_file, address, out_dir):
     weights, LRs and guard events."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=WAIT))
     x, y, net, opt = problem()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     xs, ys = x[rank::world], y[rank::world]  # each rank its own shard
     client = (lossguard.Client(address, "py-ddp", mode="auto", max_batch_delay=0.001)
               if rank == 0 else None)
+    # Syncs at steps that are not snapshot steps: a snapshot is still
+    # awaiting rank 0's verdict at some of them.
     guard = lossguard.TorchGuard(opt, client, model=net, snapshot_every=5,
-                                 sync_every=5)
+                                 sync_every=3)
     for step in range(300):
         guard.before_step(step)
         opt.zero_grad()

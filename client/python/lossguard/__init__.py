@@ -19,7 +19,16 @@ generated at build time (build/python/lossguard/v1).
 
 from lossguard.client import Client, ClientStats
 from lossguard.torch_guard import TorchGuard
-from lossguard.lightning import LossGuardCallback
+
+
+def __getattr__(name):
+    # Imported on first use: lossguard.lightning imports Lightning, when
+    # installed, which a plain PyTorch loop should not pay for.
+    if name == "LossGuardCallback":
+        from lossguard.lightning import LossGuardCallback
+        return LossGuardCallback
+    raise AttributeError(f"module 'lossguard' has no attribute {name!r}")
+
 
 __all__ = ["Client", "ClientStats", "TorchGuard", "LossGuardCallback"]
 __version__ = "0.1.0"

@@ -11,9 +11,12 @@ accumulated the gradients and, under mixed precision, unscaled them, before
 its own clipping, and clips when lossguard's clipping is on;
 on_train_batch_end reads the step's loss from `outputs` (a tensor or a dict
 with "loss"; under automatic optimization Lightning has divided it by
-accumulate_grad_batches, which is undone); on_validation_end reads
+accumulate_grad_batches, which is undone; a step without a loss is not
+reported); on_validation_end reads
 `trainer.callback_metrics["val_loss"]` (not during the sanity check before
-training); and on_train_end finishes the run.
+training); and on_train_end finishes the run. Under torch.distributed
+every rank has the callback and only rank 0 a client (pass client=None on
+the others, e.g. from the launcher's RANK); see TorchGuard.
 Actions are applied to `trainer.optimizers[0]` as TorchGuard applies them;
 early_stop sets `trainer.should_stop`. With gradient accumulation
 (accumulate_grad_batches) one optimizer step spans several batches: it is
@@ -25,27 +28,41 @@ LightningModule's weights are snapshotted as TorchGuard(model=...) does
 says restore_checkpoint.
 """
 
+import importlib
+import sys
+
 import torch
 
 from lossguard.torch_guard import TorchGuard, grad_norm
 
-try:
-    from lightning.pytorch.callbacks import Callback as _Base
-except ImportError:
-    try:
-        from pytorch_lightning.callbacks import Callback as _Base
-    except ImportError:
-        _Base = object
+
+def _lightning_callback_base():
+    """Lightning's Callback: from the flavour already imported (a
+    pytorch_lightning Trainer wants a pytorch_lightning Callback), else the
+    first that imports; a plain class without Lightning, or with one that
+    fails to import."""
+    flavours = ("lightning.pytorch.callbacks", "pytorch_lightning.callbacks")
+    loaded = [f for f in flavours if f.rsplit(".", 1)[0] in sys.modules]
+    for name in loaded + [f for f in flavours if f not in loaded]:
+        try:
+            return importlib.import_module(name).Callback
+        except Exception:  # not installed, or broken: try the next
+            continue
+    return object
+
+
+_Base = _lightning_callback_base()
 
 
 class LossGuardCallback(_Base):
     def __init__(self, client, *, accept=None, clip_max_norm=None, on_advice=None,
                  finish_on_train_end=True, rollback=False, snapshot_every=50,
-                 snapshots_kept=3):
+                 snapshots_kept=3, sync_every=10, process_group=None):
         self.client = client
         self._options = dict(accept=accept, clip_max_norm=clip_max_norm,
                              on_advice=on_advice, snapshot_every=snapshot_every,
-                             snapshots_kept=snapshots_kept)
+                             snapshots_kept=snapshots_kept, sync_every=sync_every,
+                             process_group=process_group)
         self._rollback = rollback
         self._finish = finish_on_train_end
         self.guard = None
@@ -92,25 +109,27 @@ class LossGuardCallback(_Base):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         guard = self._ensure_guard(trainer, pl_module)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, torch.Tensor):
-            return  # training_step returned None: Lightning skipped the batch
-        loss = loss.detach().reshape(()).to(torch.float64)
-        if getattr(pl_module, "automatic_optimization", True):
-            # Lightning divides the loss by accumulate_grad_batches before
-            # backward and hands that on as outputs["loss"].
-            loss = loss * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-        self._loss_count += 1
+        if isinstance(loss, torch.Tensor):  # (none: the batch gave no loss)
+            loss = loss.detach().reshape(()).to(torch.float64)
+            if getattr(pl_module, "automatic_optimization", True):
+                # Lightning divides the loss by accumulate_grad_batches
+                # before backward and hands that on as outputs["loss"].
+                loss = loss * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_count += 1
         global_step = int(trainer.global_step)
         if self._ended_step is not None and global_step == self._ended_step:
             return  # accumulating: no optimizer step was taken yet
         self._ended_step = global_step
         step = global_step - 1  # the optimizer step just taken
-        loss = self._loss_sum / self._loss_count
-        self._loss_sum, self._loss_count = None, 0
         norm, self._grad_norm = self._grad_norm, None
-        guard._report_pending()
-        guard._stage(step, loss, norm if norm is not None else torch.zeros(()))
+        if self._loss_count:
+            loss = self._loss_sum / self._loss_count
+            self._loss_sum, self._loss_count = None, 0
+            guard._report_pending()
+            guard._stage(step, loss, norm if norm is not None else torch.zeros(()))
+        # Every rank, every optimizer step, loss or not: under
+        # torch.distributed this is where the ranks sync.
         guard._advise(step)
         if guard.should_stop:
             trainer.should_stop = True

@@ -58,7 +58,9 @@ class TorchGuard:
     every rank then applies the same actions at the same step, so their
     LRs, clipping and weights stay identical. Only rank 0 acks. The
     broadcast goes over a gloo group made at construction (no GPU sync);
-    pass `process_group` to use another. Between two broadcasts the other
+    pass `process_group` (one that holds rank 0) to use another. on_advice
+    is called on every rank. Make the guard after init_process_group, or it
+    runs each rank on its own. Between two broadcasts the other
     ranks keep each snapshot until rank 0 says whether it was good: up to
     sync_every / snapshot_every + 1 more copies of the model.
     """
@@ -182,7 +184,16 @@ class TorchGuard:
         self._handle_advice(step)
 
     def flush(self):
+        """Reports what is pending (call at the end of training). Under
+        torch.distributed, rank 0 answers the advice it has not synced yet:
+        not applied, as the other ranks will not apply it."""
         self._report_pending()
+        if self._dist is not None and self.client is not None:
+            for advice in self._outbox:
+                if self._decide(advice)[1]:
+                    self.client.ack(advice.advice_id, False,
+                                    "not applied: training ended before the ranks synced")
+            self._outbox = []
 
     def _copy_state(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -207,7 +218,7 @@ class TorchGuard:
 
     def _restore(self, step):
         """Restores the snapshot of `step`; False if there is none."""
-        state = next((st for s, st in self._snapshots if s == step), None)
+        state = next((st for s, st in reversed(self._snapshots) if s == step), None)
         if state is None:
             return False
         with torch.no_grad():
@@ -310,8 +321,8 @@ class TorchGuard:
             # Every group's LR is a multiple of what it is now; from 0 (a
             # warmup from 0, the end of a cosine cycle) none gets there.
             applied = False
-            refusal = note = (f"not applied: the LR is 0 at step {step + 1}, so no "
-                              f"scale of it gives {advice.action.set_lr.lr:.4g}")
+            refusal = note = (f"not applied: the LR is 0 now, so no scale of it "
+                              f"gives {advice.action.set_lr.lr:.4g}")
         if applied:
             act = advice.action
             kind = act.WhichOneof("kind")
