@@ -592,6 +592,19 @@ class TorchGuardTest(DaemonTestCase):
         for r, w in zip(client.reports, want):
             self.assertAlmostEqual(r[1], w, delta=1e-6 * w)
 
+    def test_lightning_callback_ignores_validation_outside_fit(self):
+        """trainer.validate() without fit: no optimizer, nothing to guard
+        (before, an IndexError on trainer.optimizers[0])."""
+        class ValidateOnly:
+            optimizers = []
+            sanity_checking = False
+            callback_metrics = {"val_loss": torch.tensor(1.0)}
+            global_step = 0
+
+        cb = lossguard.LossGuardCallback(RecordingClient())
+        cb.on_validation_end(ValidateOnly(), torch.nn.Linear(2, 1))
+        self.assertIsNone(cb.guard)
+
     def test_lightning_callback_rolls_back_with_the_cut(self):
         """rollback=True: the LightningModule's weights come back from before
         the blow-up with the LR cut, as TorchGuard(model=...) does."""

@@ -137,6 +137,8 @@ class LossGuardCallback(_Base):
     def on_validation_end(self, trainer, pl_module):
         if getattr(trainer, "sanity_checking", False):
             return  # the check before training: no step has been taken
+        if self.guard is None and not getattr(trainer, "optimizers", None):
+            return  # trainer.validate() outside fit: nothing is trained
         guard = self._ensure_guard(trainer, pl_module)
         val = trainer.callback_metrics.get("val_loss")
         if val is not None:
