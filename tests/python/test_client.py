@@ -224,6 +224,59 @@ def problem():
     return x, y, net, opt
 
 
+def drive_lightning(cb, net, opt, x, y, steps, client, accumulate=1,
+                    loss_scale=1.0, no_loss_at=(), forward=None):
+    """Lightning's hook order for `steps` batches after its sanity-check
+    validation: an optimizer step every `accumulate` batches, a
+    validation every 50; the loss divided by `accumulate` before
+    backward and handed on so to on_train_batch_end, and with
+    `loss_scale` (mixed precision) multiplied by it before backward and
+    the gradients divided by it again before on_before_optimizer_step,
+    as Lightning does; batches in `no_loss_at` hand on no outputs (a
+    manual-optimization training_step that returns nothing). `forward`
+    (default: net) computes the outputs, e.g. a DistributedDataParallel
+    wrapper of net; `client` None: a rank other than 0. Returns the
+    losses and the largest LR."""
+
+    class FakeTrainer:  # what the callback reads of a Lightning Trainer
+        optimizers = [opt]
+        lr_scheduler_configs = []
+        global_step = 0
+        should_stop = False
+        sanity_checking = False
+        callback_metrics = {}
+        accumulate_grad_batches = accumulate
+
+    trainer = FakeTrainer()
+    trainer.sanity_checking = True
+    trainer.callback_metrics = {"val_loss": torch.tensor(5.0)}
+    cb.on_validation_end(trainer, net)
+    trainer.sanity_checking = False
+    losses, max_lr = [], 0.0
+    for batch_idx in range(steps):
+        cb.on_train_batch_start(trainer, net, None, batch_idx)
+        loss = torch.nn.functional.mse_loss((forward or net)(x), y)
+        (loss / accumulate * loss_scale).backward()
+        if batch_idx % accumulate == accumulate - 1:
+            for p in net.parameters():
+                p.grad.div_(loss_scale)
+            cb.on_before_optimizer_step(trainer, net, opt)
+            opt.step()
+            opt.zero_grad()
+            trainer.global_step += 1
+        outputs = None if batch_idx in no_loss_at else {"loss": loss.detach() / accumulate}
+        cb.on_train_batch_end(trainer, net, outputs, None, batch_idx)
+        losses.append(float(loss))
+        max_lr = max(max_lr, opt.param_groups[0]["lr"])
+        if batch_idx % 50 == 49:
+            trainer.callback_metrics = {"val_loss": torch.tensor(1.0)}
+            cb.on_validation_end(trainer, net)
+        if client is not None and batch_idx % 10 == 9:
+            client.flush(WAIT)
+    cb.on_train_end(trainer, net)
+    return losses, max_lr
+
+
 class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
     """An LR action scales what a torch scheduler computes its LR from, so
     the schedule goes on from the corrected LR instead of undoing it at its
@@ -442,62 +495,12 @@ class TorchGuardTest(DaemonTestCase):
         h = self.daemon.health("py-ramp")
         self.assertEqual(h.advice[0].status, pb.APPLIED)
 
-    def _drive_lightning(self, cb, net, opt, x, y, steps, client, accumulate=1,
-                         loss_scale=1.0, no_loss_at=()):
-        """Lightning's hook order for `steps` batches after its sanity-check
-        validation: an optimizer step every `accumulate` batches, a
-        validation every 50; the loss divided by `accumulate` before
-        backward and handed on so to on_train_batch_end, and with
-        `loss_scale` (mixed precision) multiplied by it before backward and
-        the gradients divided by it again before on_before_optimizer_step,
-        as Lightning does; batches in `no_loss_at` hand on no outputs (a
-        manual-optimization training_step that returns nothing). Returns
-        the losses and the largest LR."""
-
-        class FakeTrainer:  # what the callback reads of a Lightning Trainer
-            optimizers = [opt]
-            lr_scheduler_configs = []
-            global_step = 0
-            should_stop = False
-            sanity_checking = False
-            callback_metrics = {}
-            accumulate_grad_batches = accumulate
-
-        trainer = FakeTrainer()
-        trainer.sanity_checking = True
-        trainer.callback_metrics = {"val_loss": torch.tensor(5.0)}
-        cb.on_validation_end(trainer, net)
-        trainer.sanity_checking = False
-        losses, max_lr = [], 0.0
-        for batch_idx in range(steps):
-            cb.on_train_batch_start(trainer, net, None, batch_idx)
-            loss = torch.nn.functional.mse_loss(net(x), y)
-            (loss / accumulate * loss_scale).backward()
-            if batch_idx % accumulate == accumulate - 1:
-                for p in net.parameters():
-                    p.grad.div_(loss_scale)
-                cb.on_before_optimizer_step(trainer, net, opt)
-                opt.step()
-                opt.zero_grad()
-                trainer.global_step += 1
-            outputs = None if batch_idx in no_loss_at else {"loss": loss.detach() / accumulate}
-            cb.on_train_batch_end(trainer, net, outputs, None, batch_idx)
-            losses.append(float(loss))
-            max_lr = max(max_lr, opt.param_groups[0]["lr"])
-            if batch_idx % 50 == 49:
-                trainer.callback_metrics = {"val_loss": torch.tensor(1.0)}
-                cb.on_validation_end(trainer, net)
-            if batch_idx % 10 == 9:
-                client.flush(WAIT)
-        cb.on_train_end(trainer, net)
-        return losses, max_lr
-
     def test_lightning_style_callback(self):
         x, y, net, opt = problem()
         client = lossguard.Client(self.daemon.address, "py-lightning", mode="auto",
                                   max_batch_delay=0.001)
         cb = lossguard.LossGuardCallback(client)
-        self._drive_lightning(cb, net, opt, x, y, 150, client)
+        drive_lightning(cb, net, opt, x, y, 150, client)
         self.assertTrue(any(applied for _, _, applied, _ in cb.guard.events))
         self.assertLess(opt.param_groups[0]["lr"], 10.0)
         h = self.daemon.health("py-lightning")
@@ -514,7 +517,7 @@ class TorchGuardTest(DaemonTestCase):
         client = lossguard.Client(self.daemon.address, "py-lightning-ramp",
                                   mode="auto", max_batch_delay=0.001)
         cb = lossguard.LossGuardCallback(client)
-        losses, max_lr = self._drive_lightning(cb, net, opt, x, y, 300, client)
+        losses, max_lr = drive_lightning(cb, net, opt, x, y, 300, client)
         ramps = [n for _, a, applied, n in cb.guard.events
                  if applied and a.action.WhichOneof("kind") == "ramp_lr"]
         self.assertTrue(ramps, cb.guard.events)
@@ -531,8 +534,8 @@ class TorchGuardTest(DaemonTestCase):
         client = lossguard.Client(self.daemon.address, "py-lightning-accumulate",
                                   mode="auto", max_batch_delay=0.001)
         cb = lossguard.LossGuardCallback(client)
-        _, max_lr = self._drive_lightning(cb, net, opt, x, y, 800, client,
-                                          accumulate=4)
+        _, max_lr = drive_lightning(cb, net, opt, x, y, 800, client,
+                                    accumulate=4)
         self.assertEqual(client.stats.rejected_steps, 0)
         h = self.daemon.health("py-lightning-accumulate")
         self.assertEqual(h.summary.steps_stored, 200)
@@ -567,8 +570,8 @@ class TorchGuardTest(DaemonTestCase):
             want.append((sum(losses) / 3, norm))
             ref_opt.step()
             ref_opt.zero_grad()
-        self._drive_lightning(cb, net, opt, x, y, 18, client, accumulate=3,
-                              loss_scale=1024.0)
+        drive_lightning(cb, net, opt, x, y, 18, client, accumulate=3,
+                        loss_scale=1024.0)
         self.assertEqual([r[0] for r in client.reports], list(range(6)))
         self.assertTrue(all(r[2] is None for r in client.reports), client.reports)
         for (_, loss, _, norm), (want_loss, want_norm) in zip(client.reports, want):
@@ -584,8 +587,8 @@ class TorchGuardTest(DaemonTestCase):
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
         client = RecordingClient()
         cb = lossguard.LossGuardCallback(client)
-        losses, _ = self._drive_lightning(cb, net, opt, x, y, 8, client, accumulate=2,
-                                          no_loss_at={3})
+        losses, _ = drive_lightning(cb, net, opt, x, y, 8, client, accumulate=2,
+                                    no_loss_at={3})
         want = [(losses[0] + losses[1]) / 2, losses[2], (losses[4] + losses[5]) / 2,
                 (losses[6] + losses[7]) / 2]
         self.assertEqual([r[0] for r in client.reports], [0, 1, 2, 3])
@@ -612,7 +615,7 @@ class TorchGuardTest(DaemonTestCase):
         client = lossguard.Client(self.daemon.address, "py-lightning-rollback",
                                   mode="auto", max_batch_delay=0.001)
         cb = lossguard.LossGuardCallback(client, rollback=True, snapshot_every=1)
-        losses, _ = self._drive_lightning(cb, net, opt, x, y, 300, client)
+        losses, _ = drive_lightning(cb, net, opt, x, y, 300, client)
         notes = [note for _, _, applied, note in cb.guard.events if applied]
         self.assertTrue(any("rolled back" in n for n in notes), cb.guard.events)
         self.assertTrue(all(torch.isfinite(p).all() for p in net.parameters()))
@@ -656,21 +659,46 @@ def _ddp_worker(rank, world, init_file, address, out_dir):
     dist.destroy_process_group()
 
 
+def _ddp_lightning_worker(rank, world, init_file, address, out_dir):
+    """_ddp_worker through the Lightning callback (with rollback)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=WAIT))
+    x, y, net, opt = problem()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    client = (lossguard.Client(address, "py-ddp-lightning", mode="auto",
+                               max_batch_delay=0.001) if rank == 0 else None)
+    cb = lossguard.LossGuardCallback(client, rollback=True, snapshot_every=5,
+                                     sync_every=3)
+    drive_lightning(cb, net, opt, x[rank::world], y[rank::world], 300, client,
+                    forward=ddp)
+    torch.save({"params": [p.detach().clone() for p in net.parameters()],
+                "lrs": [g["lr"] for g in opt.param_groups],
+                "events": [(st, a.advice_id, applied, note)
+                           for st, a, applied, note in cb.guard.events]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
 class DistributedTest(DaemonTestCase):
     """Two DistributedDataParallel processes on gloo, rank 0 attached: both
     ranks apply the same actions at the same step and end identical."""
 
-    def test_every_rank_applies_rank_0s_actions(self):
+    def run_ranks(self, worker):
+        """Runs `worker` on two gloo ranks; what each saved."""
         import torch.multiprocessing as mp
-        mp.spawn(_ddp_worker, nprocs=2, join=True,
+        mp.spawn(worker, nprocs=2, join=True,
                  args=(2, os.path.join(self.dir.name, "init"), self.daemon.address,
                        self.dir.name))
-        r0, r1 = (torch.load(os.path.join(self.dir.name, f"rank{r}.pt"))
-                  for r in (0, 1))
+        return [torch.load(os.path.join(self.dir.name, f"rank{r}.pt")) for r in (0, 1)]
+
+    def check_ranks_agree(self, r0, r1):
+        """Both ranks applied the same actions at the same steps, with the
+        same effect, and ended with the same LRs and weights."""
         applied = [e for e in r0["events"] if e[2]]
         self.assertTrue(applied, r0["events"])
         self.assertTrue(any("rolled back" in e[3] for e in applied), r0["events"])
-        # The same actions at the same steps, with the same effect.
         self.assertEqual([e[:3] for e in r1["events"]], [e[:3] for e in r0["events"]])
         self.assertEqual([e[3] for e in r1["events"] if e[2]], [e[3] for e in applied])
         self.assertEqual(r0["lrs"], r1["lrs"])
@@ -679,6 +707,16 @@ class DistributedTest(DaemonTestCase):
         for a, b in zip(r0["params"], r1["params"]):
             self.assertTrue(torch.isfinite(a).all())
             self.assertTrue(torch.equal(a, b))
+
+    def test_lightning_callback_on_every_rank(self):
+        r0, r1 = self.run_ranks(_ddp_lightning_worker)
+        self.check_ranks_agree(r0, r1)
+        h = self.daemon.health("py-ddp-lightning")
+        self.assertEqual(h.summary.steps_stored, 300)
+
+    def test_every_rank_applies_rank_0s_actions(self):
+        r0, r1 = self.run_ranks(_ddp_worker)
+        self.check_ranks_agree(r0, r1)
         h = self.daemon.health("py-ddp")
         self.assertEqual(h.summary.steps_stored, 300)
         self.assertEqual(h.advice[0].status, pb.APPLIED)
