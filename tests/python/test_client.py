@@ -681,6 +681,22 @@ def _ddp_lightning_worker(rank, world, init_file, address, out_dir):
     dist.destroy_process_group()
 
 
+def _ddp_misconfigured_worker(rank, world, init_file, address, out_dir):
+    """Every rank with a client (rank 1 should have none): each rank's
+    guard must raise, none may wait for the others."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=WAIT))
+    _, _, _, opt = problem()
+    try:
+        lossguard.TorchGuard(opt, RecordingClient())
+    except ValueError as e:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(str(e))
+    dist.destroy_process_group()
+
+
 class DistributedTest(DaemonTestCase):
     """Two DistributedDataParallel processes on gloo, rank 0 attached: both
     ranks apply the same actions at the same step and end identical."""
@@ -713,6 +729,15 @@ class DistributedTest(DaemonTestCase):
         self.check_ranks_agree(r0, r1)
         h = self.daemon.health("py-ddp-lightning")
         self.assertEqual(h.summary.steps_stored, 300)
+
+    def test_a_client_on_another_rank_fails_on_every_rank(self):
+        import torch.multiprocessing as mp
+        mp.spawn(_ddp_misconfigured_worker, nprocs=2, join=True,
+                 args=(2, os.path.join(self.dir.name, "init"), self.daemon.address,
+                       self.dir.name))
+        for r in (0, 1):
+            with open(os.path.join(self.dir.name, f"rank{r}.txt")) as f:
+                self.assertIn("ranks with one: [0, 1]", f.read())
 
     def test_every_rank_applies_rank_0s_actions(self):
         r0, r1 = self.run_ranks(_ddp_worker)

@@ -95,15 +95,22 @@ class TorchGuard:
         if (dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             rank = dist.get_rank()
-            if (client is not None) != (rank == 0):
-                raise ValueError("under torch.distributed rank 0, and only rank 0, "
-                                 f"has a client (rank {rank} has "
-                                 f"{'one' if client is not None else 'none'})")
-            if sync_every < 1:
-                raise ValueError("sync_every must be at least 1")
             if process_group is None:
                 process_group = (dist.group.WORLD if dist.get_backend() == "gloo"
                                  else dist.new_group(backend="gloo"))
+            # Every rank learns which ranks have a client (and sync_every),
+            # so a wrong setup fails on every rank alike instead of leaving
+            # the right ones waiting in a collective.
+            seen = [None] * dist.get_world_size(process_group)
+            dist.all_gather_object(seen, (client is not None, sync_every),
+                                   group=process_group)
+            with_client = [r for r, (has, _) in enumerate(seen) if has]
+            if with_client != [0]:
+                raise ValueError("under torch.distributed rank 0, and only rank 0, "
+                                 f"has a client (ranks with one: {with_client})")
+            if len({every for _, every in seen}) != 1 or sync_every < 1:
+                raise ValueError("sync_every must be the same on every rank and at "
+                                 f"least 1 (ranks have {[every for _, every in seen]})")
             self._dist = (process_group, rank)
         self.sync_every = sync_every
         self._outbox = []      # rank 0: [advice, applied, restore step], unsent
