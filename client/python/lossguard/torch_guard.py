@@ -197,7 +197,7 @@ class TorchGuard:
         self._report_pending()
         if self._dist is not None and self.client is not None:
             for advice in self._outbox:
-                if self._decide(advice)[1]:
+                if self._asks(advice):
                     self.client.ack(advice.advice_id, False,
                                     "not applied: training ended before the ranks synced")
             self._outbox = []
@@ -300,17 +300,18 @@ class TorchGuard:
             advice.ParseFromString(raw)
             self._apply(step, advice, decided=applied, restore_step=restored)
 
-    def _decide(self, advice):
-        """Whether to apply `advice`, and whether it asks for an answer (an
-        action the trainer may apply: in AUTO mode, or ADVISE with accept)."""
-        if not advice.HasField("action"):
-            return False, False
+    def _asks(self, advice):
+        """Whether `advice` wants an answer: an action the trainer may apply
+        (AUTO mode, or ADVISE with an accept callback)."""
         mode = self.client.mode
-        if mode == "auto":
-            return True, True
-        if mode == "advise" and self.accept is not None:
-            return bool(self.accept(advice)), True
-        return False, False
+        return advice.HasField("action") and (
+            mode == "auto" or (mode == "advise" and self.accept is not None))
+
+    def _decide(self, advice):
+        """Whether to apply `advice`, and whether it asks for an answer."""
+        if not self._asks(advice):
+            return False, False
+        return (self.client.mode == "auto" or bool(self.accept(advice))), True
 
     def _apply(self, step, advice, decided=None, restore_step=None):
         """Applies `advice` at `step`: as decided here (rank 0, a single
