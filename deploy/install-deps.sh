@@ -20,6 +20,7 @@ packages=(
   libtorch-dev
   dataset-fashion-mnist
   python3 python3-numpy python3-torch python3-grpcio python3-protobuf
+  python3-pip python3-setuptools python3-wheel python3-venv
   python3-yaml python3-kubernetes systemd
   libcpp-httplib-dev
   chromium

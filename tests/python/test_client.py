@@ -747,6 +747,58 @@ class DistributedTest(DaemonTestCase):
         self.assertEqual(h.advice[0].status, pb.APPLIED)
 
 
+# Run by a venv's interpreter, outside the source tree and with torch hidden:
+# the installed package reports a short curve to the daemon at argv[1].
+_WHEEL_USER = r"""
+import sys
+sys.modules["torch"] = None  # as on a machine without PyTorch
+import lossguard
+print(lossguard.__file__)
+try:
+    lossguard.TorchGuard
+    raise SystemExit("TorchGuard imported without torch")
+except ImportError as e:
+    print("ImportError:", e)
+with lossguard.Client(sys.argv[1], "py-wheel", project="wheel") as client:
+    for step in range(50):
+        assert client.report(step, 0.01, 2.0 - 0.01 * step)
+    assert client.flush(60.0)
+"""
+
+
+class WheelTest(DaemonTestCase):
+    """The wheel the build makes, installed with pip into a venv."""
+
+    def test_the_wheel_installs_into_a_venv_and_reports_without_torch(self):
+        wheel = os.environ.get("LOSSGUARD_WHEEL")
+        if not wheel:
+            self.skipTest("no wheel given (run under ctest)")
+        venv = os.path.join(self.dir.name, "venv")
+        # System site packages for grpcio and protobuf (Debian's; nothing
+        # is downloaded), but not build/python: PYTHONPATH is dropped.
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages",
+                        "--without-pip", venv], check=True)
+        python = os.path.join(venv, "bin", "python")
+        subprocess.run(["/usr/bin/python3", "-m", "pip", "--python", python, "install",
+                        "--quiet", "--no-deps", "--no-index", wheel], check=True)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        out = subprocess.run([python, "-c", _WHEEL_USER, self.daemon.address],
+                             cwd=self.dir.name, env=env, capture_output=True,
+                             text=True, timeout=WAIT)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        where, why = out.stdout.splitlines()[:2]
+        self.assertTrue(where.startswith(os.path.join(venv, "lib")), where)
+        self.assertIn("needs PyTorch", why)
+        self.assertIn("lossguard[torch]", why)
+        self.assertEqual(self.daemon.health("py-wheel").summary.steps_stored, 50)
+        # With torch there, the installed TorchGuard imports.
+        out = subprocess.run([python, "-c", "import lossguard; print(lossguard.TorchGuard.__module__)"],
+                             cwd=self.dir.name, env=env, capture_output=True,
+                             text=True, timeout=WAIT)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout.strip(), "lossguard.torch_guard")
+
+
 class FleetTest(unittest.TestCase):
     """Two daemons on one PostgreSQL database: the client follows a redirect.
 

@@ -14,19 +14,33 @@
     client.finish()
 
 The wire contract is lossguard/v1/lossguard.proto; its Python stubs are
-generated at build time (build/python/lossguard/v1).
+generated at build time (build/python/lossguard/v1). `Client` needs only
+grpcio and protobuf; `TorchGuard` and `LossGuardCallback` need PyTorch
+(`pip install 'lossguard[torch]'`) and are imported on first use.
 """
 
 from lossguard.client import Client, ClientStats
-from lossguard.torch_guard import TorchGuard
 
 
 def __getattr__(name):
-    # Imported on first use: lossguard.lightning imports Lightning, when
-    # installed, which a plain PyTorch loop should not pay for.
-    if name == "LossGuardCallback":
-        from lossguard.lightning import LossGuardCallback
-        return LossGuardCallback
+    # Imported on first use: TorchGuard imports torch, which a client that
+    # only reports (JAX, a log forwarder) does not have; LossGuardCallback
+    # imports Lightning, when installed, which a plain PyTorch loop should
+    # not pay for.
+    if name in ("TorchGuard", "LossGuardCallback"):
+        try:
+            if name == "TorchGuard":
+                from lossguard.torch_guard import TorchGuard as found
+            else:
+                from lossguard.lightning import LossGuardCallback as found
+        except ImportError as e:
+            if e.name not in ("torch", "torch.distributed"):
+                raise
+            raise ImportError(
+                f"lossguard.{name} needs PyTorch, which is not installed "
+                f"(pip install 'lossguard[torch]'); lossguard.Client works "
+                f"without it") from e
+        return found
     raise AttributeError(f"module 'lossguard' has no attribute {name!r}")
 
 
