@@ -93,11 +93,28 @@ void DivergenceDetector::OnBlock(LossTrack& track, double typical_swing,
     if (!CutSinceDivergence(track) || !std::isfinite(level)) return;
     diverged_ = false;
     rearmed_at_points_ = track.finite_points();
+    awaiting_clean_level_ = true;
     best_level_ = level;
     best_step_ = b.last_step;
     best_level_lr_ = track.lr();
     rise_blocks_ = 0;
     follow_blocks_left_ = 0;
+    return;
+  }
+  if (awaiting_clean_level_) {
+    // The smoothed level is a median over the latest blocks; until they
+    // all come after the cut, it still holds the blow-up (a median of
+    // 1e16 losses and the cut LR's 1.1 can read 1e7 and climb as normal
+    // blocks from before the blow-up leave its window), which is no level
+    // of what the cut LR does. The reference is the first level of the
+    // cut LR's own points.
+    if (track.finite_points() - track.smoothed_points() < rearmed_at_points_) {
+      return;
+    }
+    awaiting_clean_level_ = false;
+    best_level_ = level;
+    best_step_ = b.last_step;
+    best_level_lr_ = track.lr();
     return;
   }
   if (std::isnan(first_level_)) {

@@ -75,6 +75,9 @@ class DivergenceDetector {
   int follow_blocks_left_ = 0;
   double rise_lr_ = kNaN;  // LR at the best level the rise is measured from
   int64_t rearmed_at_points_ = 0;
+  // Re-armed, and the smoothed level still spans points from before the
+  // cut: no rise is judged until it does not.
+  bool awaiting_clean_level_ = false;
 };
 
 }  // namespace lossguard::analyzers

@@ -299,6 +299,72 @@ TEST(CurveAnalyzerTest, TheCutThatAnswersADivergenceRearmsTheDetectors) {
   }
 }
 
+// lossguard-train (SGD, LR 5e-4, 100x too low, seed 1) in AUTO mode: the
+// starved run gets an LR ramp x1.1 per step from step 58, which tops out at
+// 0.478 at step 129 and blows the loss up to 1e16 by step 133; divergence
+// is told at 137 and the LR cut x0.1 with the weights restored at 139,
+// where the loss is ~1.2 again and falls. The smoothed level is a median
+// over the latest blocks, so after the cut it still held the blow-up and,
+// as blocks from before the blow-up left its window, climbed to 1.3e7 by
+// step 145: that read as a second divergence, and the run was cut x0.1
+// again, 10x below its reference LR.
+constexpr double kRampBlowUpCut[] = {
+    2.298, 2.292, 2.304, 2.312, 2.301, 2.302, 2.305, 2.298, 2.304, 2.285,
+    2.282, 2.276, 2.295, 2.304, 2.302, 2.293, 2.288, 2.288, 2.284, 2.287,
+    2.291, 2.265, 2.28, 2.295, 2.275, 2.282, 2.284, 2.271, 2.284, 2.267,
+    2.273, 2.279, 2.271, 2.263, 2.268, 2.262, 2.252, 2.255, 2.27, 2.263,
+    2.254, 2.261, 2.255, 2.249, 2.246, 2.267, 2.263, 2.254, 2.266, 2.234,
+    2.249, 2.241, 2.234, 2.238, 2.237, 2.239, 2.243, 2.229, 2.232, 2.233,
+    2.235, 2.222, 2.238, 2.213, 2.222, 2.206, 2.227, 2.218, 2.197, 2.184,
+    2.177, 2.198, 2.166, 2.169, 2.163, 2.139, 2.129, 2.14, 2.097, 2.029,
+    2.083, 2.028, 2.001, 1.982, 1.843, 1.879, 1.676, 1.647, 1.718, 1.632,
+    1.363, 1.427, 1.378, 1.131, 1.158, 1.206, 1.314, 2.113, 2.886, 1.209,
+    1.44, 1.111, 1.489, 1.188, 1.221, 1.206, 0.9997, 1.096, 1.104, 0.8639,
+    1.65, 1.263, 1.303, 0.869, 1.312, 1.095, 1.072, 1.303, 0.9499, 0.9446,
+    1.265, 0.7705, 1.034, 0.9729, 3.58, 12.21, 3.655, 2.355, 8.976, 27.76,
+    6028, 4.794e+07, 4.743e+14, 3.226e+15, 1.281e+16, 3.209e+16, 4.074e+16, 8.154e+16, 6.918e+16, 1.305,
+    1.183, 1.177, 1.048, 1.283, 1.083, 1.107, 1.127, 1.055, 1.578, 1.198,
+    1.198, 0.9894, 1.12, 1.121, 0.8993, 0.9679, 0.8542, 0.9443,
+};
+
+std::vector<StepRecord> RampBlowUpCut() {
+  std::vector<StepRecord> recs;
+  for (int64_t s = 0; s < std::ssize(kRampBlowUpCut); ++s) {
+    const double ramp = std::pow(1.1, std::clamp<double>(s - 57, 0, 72));
+    recs.push_back({.step = s,
+                    .lr = 5e-4 * ramp * (s >= 139 ? 0.1 : 1.0),
+                    .loss = kRampBlowUpCut[s]});
+  }
+  return recs;
+}
+
+TEST(CurveAnalyzerTest, TheBlowUpBeforeTheCutIsNotASecondDivergence) {
+  std::vector<StepRecord> recs = RampBlowUpCut();
+  // ...and it goes on falling at the cut LR.
+  for (int64_t s = std::ssize(recs); s < 300; ++s) {
+    const double t = static_cast<double>(s - 158);
+    recs.push_back({.step = s, .lr = recs.back().lr,
+                    .loss = (0.55 + 0.4 * std::exp(-t / 60.0)) *
+                            (1.0 + 0.15 * std::sin(1.3 * t))});
+  }
+  const std::vector<Diagnosis> got = Analyze(recs);
+  const std::vector<Diagnosis> div = OfKind(got, DiagnosisKind::kDivergence);
+  ASSERT_EQ(div.size(), 1u) << Describe(got);
+  EXPECT_EQ(div[0].step, 137);
+
+  // A second blow-up after the cut is still news.
+  for (StepRecord& r : recs) {
+    if (r.step >= 220) {
+      r.loss = 2.0 * std::exp(0.1 * static_cast<double>(r.step - 220));
+    }
+  }
+  const std::vector<Diagnosis> again = Analyze(recs);
+  const std::vector<Diagnosis> div2 = OfKind(again, DiagnosisKind::kDivergence);
+  ASSERT_EQ(div2.size(), 2u) << Describe(again);
+  EXPECT_GE(div2[1].onset, 215) << div2[1].evidence;
+  EXPECT_LE(div2[1].step, 260) << div2[1].evidence;
+}
+
 // After a blow-up and the cut that answers it, the stagnation window starts
 // at the cut: a run stuck at its initial loss after the cut (damaged) is
 // reported once enough points after the cut show it, not from points before.
