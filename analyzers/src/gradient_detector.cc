@@ -35,8 +35,8 @@ void GradientDetector::OnGradNorm(const StepRecord& rec, double lr,
       d.lr_at_onset = lr;
       d.grad_norm_level = std::exp(level_);
       d.evidence = absl::StrFormat(
-          "gradient norm %.4g is %.1fx its robust level %.4g (threshold "
-          "%.1fx, %.1f robust sd)",
+          "gradient norm %.4g is %.4gx its robust level %.4g (threshold "
+          "%.4gx, %.1f robust sd)",
           g, std::exp(dev), std::exp(level_), std::exp(threshold),
           sigma > 0 ? dev / sigma : kInf);
       findings->Report(std::move(d));
