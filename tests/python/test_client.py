@@ -799,6 +799,29 @@ class WheelTest(DaemonTestCase):
         self.assertEqual(out.stdout.strip(), "lossguard.torch_guard")
 
 
+class ExampleTest(DaemonTestCase):
+    """examples/pytorch_train.py, the README's runnable PyTorch loop."""
+
+    def test_the_example_is_rescued_by_a_cut(self):
+        script = os.path.join(HERE, "..", "..", "examples", "pytorch_train.py")
+        out = subprocess.run(
+            ["/usr/bin/python3", script, "--server", self.daemon.address,
+             "--run-id", "py-example", "--steps", "80", "--train-subset", "3000",
+             "--eval-every", "40", "--device", "cpu"],
+            capture_output=True, text=True, timeout=300)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("lossguard @ step", out.stdout)
+        self.assertIn("final: val_acc", out.stdout)
+        h = self.daemon.health("py-example")
+        self.assertEqual(h.summary.steps_stored, 80)
+        self.assertEqual(h.summary.state, pb.FINISHED)
+        # The LR 10x too large is cut (perhaps after clipping first).
+        cuts = [r for r in h.advice if r.status == pb.APPLIED
+                and r.advice.action.WhichOneof("kind") == "scale_lr"
+                and r.advice.action.scale_lr.factor < 1.0]
+        self.assertTrue(cuts, out.stdout)
+
+
 class FleetTest(unittest.TestCase):
     """Two daemons on one PostgreSQL database: the client follows a redirect.
 
