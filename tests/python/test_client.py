@@ -697,6 +697,43 @@ def _ddp_misconfigured_worker(rank, world, init_file, address, out_dir):
     dist.destroy_process_group()
 
 
+def _ddp_accept_raises_worker(rank, world, init_file, address, out_dir):
+    """_ddp_worker's blow-up in ADVISE mode, with an accept callback that
+    raises on rank 0: every rank must raise, none may wait in a collective
+    for a rank 0 that has left."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=WAIT))
+    x, y, net, opt = problem()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    client = (lossguard.Client(address, "py-ddp-raises", mode="advise",
+                               max_batch_delay=0.001) if rank == 0 else None)
+
+    def accept(advice):
+        raise KeyError("the user's callback failed")
+
+    guard = lossguard.TorchGuard(opt, client, accept=accept, sync_every=3)
+    outcome = "finished"
+    try:
+        for step in range(300):
+            guard.before_step(step)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(ddp(x[rank::world]), y[rank::world])
+            loss.backward()
+            guard.after_backward(step, loss)
+            opt.step()
+            if client is not None and step % 10 == 9:
+                client.flush(WAIT)
+    except (KeyError, RuntimeError) as e:
+        outcome = f"{type(e).__name__} at step {step}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    if client is not None:
+        client.close()
+    dist.destroy_process_group()
+
+
 class DistributedTest(DaemonTestCase):
     """Two DistributedDataParallel processes on gloo, rank 0 attached: both
     ranks apply the same actions at the same step and end identical."""
@@ -738,6 +775,22 @@ class DistributedTest(DaemonTestCase):
         for r in (0, 1):
             with open(os.path.join(self.dir.name, f"rank{r}.txt")) as f:
                 self.assertIn("ranks with one: [0, 1]", f.read())
+
+    def test_an_accept_callback_that_raises_stops_every_rank(self):
+        import torch.multiprocessing as mp
+        mp.spawn(_ddp_accept_raises_worker, nprocs=2, join=True,
+                 args=(2, os.path.join(self.dir.name, "init"), self.daemon.address,
+                       self.dir.name))
+        outcome = []
+        for r in (0, 1):
+            with open(os.path.join(self.dir.name, f"rank{r}.txt")) as f:
+                outcome.append(f.read())
+        self.assertTrue(outcome[0].startswith("KeyError at step "), outcome)
+        self.assertTrue(outcome[1].startswith("RuntimeError at step "), outcome)
+        self.assertIn("the user's callback failed", outcome[1])
+        # At the same sync.
+        self.assertEqual(outcome[0].split(":")[0].split()[-1],
+                         outcome[1].split(":")[0].split()[-1], outcome)
 
     def test_every_rank_applies_rank_0s_actions(self):
         r0, r1 = self.run_ranks(_ddp_worker)

@@ -276,19 +276,33 @@ class TorchGuard:
         snapshots it found good); the other ranks do the same."""
         group, rank = self._dist
         payload = [None]
+        failure = None
         if rank == 0:
             sent = {"accepted": self._accepted,
                     "candidate": self._candidate[0] if self._candidate else None,
                     "advice": []}
-            for advice in self._outbox:
-                applied, restored = self._apply(step, advice)
-                sent["advice"].append((advice.SerializeToString(), applied, restored))
+            try:
+                for advice in self._outbox:
+                    applied, restored = self._apply(step, advice)
+                    sent["advice"].append((advice.SerializeToString(), applied, restored))
+            except BaseException as e:  # noqa: B036 (re-raised below)
+                # The user's accept callback, or the ack, raised: the other
+                # ranks are told, so that they raise too instead of waiting
+                # in the next collective for a rank 0 that has left.
+                failure = e
+                sent = {"error": f"{type(e).__name__}: {e}"}
             self._accepted, self._outbox = [], []
             payload[0] = sent
         dist.broadcast_object_list(payload, src=0, group=group)
         if rank == 0:
+            if failure is not None:
+                raise failure
             return
         sent = payload[0]
+        if "error" in sent:
+            raise RuntimeError(
+                f"lossguard: rank 0 failed while applying advice at step {step} "
+                f"({sent['error']}); this rank stops with it")
         # Rank 0's verdicts first, as it reached them, then its actions.
         for c_step, c_state in self._unjudged:
             if c_step in sent["accepted"]:
