@@ -622,14 +622,42 @@ class TorchGuardTest(DaemonTestCase):
         self.assertTrue(all(math.isfinite(v) for v in losses[-50:]), losses[-50:])
 
 
-def _ddp_worker(rank, world, init_file, address, out_dir):
-    """One rank of a DistributedDataParallel run of problem() (its LR blows
-    the run up) on gloo; rank 0 attached in AUTO mode. Saves the final
-    weights, LRs and guard events."""
+def _join_gloo(rank, world, init_file):
+    """Joins this rank to the test's gloo process group; torch.distributed."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=WAIT))
+    return dist
+
+
+def _ddp_step(guard, ddp, xs, ys, opt, client, step):
+    """One step of the DDP loop on this rank's shard; rank 0 waits every 10
+    steps until the daemon has the steps, so the advice arrives in time."""
+    guard.before_step(step)
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(ddp(xs), ys)
+    loss.backward()
+    guard.after_backward(step, loss)
+    opt.step()
+    if client is not None and step % 10 == 9:
+        client.flush(WAIT)
+
+
+def _save_rank(out_dir, rank, net, opt, guard):
+    """What check_ranks_agree compares: final weights, LRs, guard events."""
+    torch.save({"params": [p.detach().clone() for p in net.parameters()],
+                "lrs": [g["lr"] for g in opt.param_groups],
+                "events": [(st, a.advice_id, applied, note)
+                           for st, a, applied, note in guard.events]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _ddp_worker(rank, world, init_file, address, out_dir):
+    """One rank of a DistributedDataParallel run of problem() (its LR blows
+    the run up) on gloo; rank 0 attached in AUTO mode. Saves the final
+    weights, LRs and guard events."""
+    dist = _join_gloo(rank, world, init_file)
     x, y, net, opt = problem()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     xs, ys = x[rank::world], y[rank::world]  # each rank its own shard
@@ -640,31 +668,17 @@ def _ddp_worker(rank, world, init_file, address, out_dir):
     guard = lossguard.TorchGuard(opt, client, model=net, snapshot_every=5,
                                  sync_every=3)
     for step in range(300):
-        guard.before_step(step)
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(ddp(xs), ys)
-        loss.backward()
-        guard.after_backward(step, loss)
-        opt.step()
-        if client is not None and step % 10 == 9:
-            client.flush(WAIT)  # the advice arrives in time
+        _ddp_step(guard, ddp, xs, ys, opt, client, step)
     guard.flush()
     if client is not None:
         client.finish(timeout=WAIT)
-    torch.save({"params": [p.detach().clone() for p in net.parameters()],
-                "lrs": [g["lr"] for g in opt.param_groups],
-                "events": [(st, a.advice_id, applied, note)
-                           for st, a, applied, note in guard.events]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    _save_rank(out_dir, rank, net, opt, guard)
     dist.destroy_process_group()
 
 
 def _ddp_lightning_worker(rank, world, init_file, address, out_dir):
     """_ddp_worker through the Lightning callback (with rollback)."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=WAIT))
+    dist = _join_gloo(rank, world, init_file)
     x, y, net, opt = problem()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     client = (lossguard.Client(address, "py-ddp-lightning", mode="auto",
@@ -673,21 +687,14 @@ def _ddp_lightning_worker(rank, world, init_file, address, out_dir):
                                      sync_every=3)
     drive_lightning(cb, net, opt, x[rank::world], y[rank::world], 300, client,
                     forward=ddp)
-    torch.save({"params": [p.detach().clone() for p in net.parameters()],
-                "lrs": [g["lr"] for g in opt.param_groups],
-                "events": [(st, a.advice_id, applied, note)
-                           for st, a, applied, note in cb.guard.events]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    _save_rank(out_dir, rank, net, opt, cb.guard)
     dist.destroy_process_group()
 
 
 def _ddp_misconfigured_worker(rank, world, init_file, address, out_dir):
     """Every rank with a client (rank 1 should have none): each rank's
     guard must raise, none may wait for the others."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=WAIT))
+    dist = _join_gloo(rank, world, init_file)
     _, _, _, opt = problem()
     try:
         lossguard.TorchGuard(opt, RecordingClient())
@@ -701,10 +708,7 @@ def _ddp_accept_raises_worker(rank, world, init_file, address, out_dir):
     """_ddp_worker's blow-up in ADVISE mode, with an accept callback that
     raises on rank 0: every rank must raise, none may wait in a collective
     for a rank 0 that has left."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=WAIT))
+    dist = _join_gloo(rank, world, init_file)
     x, y, net, opt = problem()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     client = (lossguard.Client(address, "py-ddp-raises", mode="advise",
@@ -717,14 +721,7 @@ def _ddp_accept_raises_worker(rank, world, init_file, address, out_dir):
     outcome = "finished"
     try:
         for step in range(300):
-            guard.before_step(step)
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(ddp(x[rank::world]), y[rank::world])
-            loss.backward()
-            guard.after_backward(step, loss)
-            opt.step()
-            if client is not None and step % 10 == 9:
-                client.flush(WAIT)
+            _ddp_step(guard, ddp, x[rank::world], y[rank::world], opt, client, step)
     except (KeyError, RuntimeError) as e:
         outcome = f"{type(e).__name__} at step {step}: {e}"
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
