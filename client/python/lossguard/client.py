@@ -228,9 +228,11 @@ class Client:
             self._stop = True
             self._cv.notify_all()
             session = self._session
+            attached = self._accepted and not self._broken
         if session is not None:
             session.requests.put(None)
-            if session.call is not None:
+            if session.call is not None and not attached:
+                # Still attaching (the daemon away): nothing to end cleanly.
                 session.call.cancel()
         self._thread.join(timeout=5)
         self._channel.close()
@@ -364,7 +366,16 @@ class Client:
                     break
             self._stats.connected = False
         if not finish_sent:
-            session.requests.put(None)
+            session.requests.put(None)  # half-close: the daemon ends the call
+            if up:
+                # Wait (briefly) for that end instead of cancelling at once:
+                # a cancelled call leaves grpc's request-consumer thread to
+                # finish on its own, and a process that exits right after
+                # close() can freeze that daemon thread holding the call's
+                # lock, on which the call's finalizer then waits forever
+                # (grpcio 1.51, interpreter shutdown).
+                with self._cv:
+                    self._cv.wait_for(lambda: self._broken, 1.0)
             call.cancel()
         reader.join()
         if redirect is not None:
