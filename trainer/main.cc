@@ -71,6 +71,13 @@ ABSL_FLAG(std::string, curve_out, "",
 ABSL_FLAG(int64_t, timing_warmup, 0,
           "steps left out of ms_per_step (the first CUDA/cuDNN steps load "
           "kernels and pick algorithms); the clock starts after them");
+ABSL_FLAG(int32_t, steps_in_flight, lossguard::torch::GuardOptions{}.max_steps_in_flight,
+          "on CUDA, steps whose loss and gradient norm may still be on their "
+          "way from the device before the guard waits (1: wait at every step "
+          "for the previous one's)");
+ABSL_FLAG(bool, grad_norm, true,
+          "measure and report the gradient norm at every step (false: the "
+          "loss only; gradient explosions are not diagnosed)");
 ABSL_FLAG(bool, quiet, false, "print only advice and the summary");
 ABSL_FLAG(bool, guard, true,
           "false: no lossguard at all, the schedule set directly (the "
@@ -342,6 +349,9 @@ int main(int argc, char** argv) {
   gopts.mode = attached ? mode : v1::OBSERVE;
   gopts.rollback_module = attached ? module.get() : nullptr;
   gopts.snapshot_every = eval_every;
+  gopts.max_steps_in_flight = absl::GetFlag(FLAGS_steps_in_flight);
+  gopts.grad_norm = absl::GetFlag(FLAGS_grad_norm);
+  if (gopts.max_steps_in_flight < 1) return Fail("--steps_in_flight must be at least 1");
   struct Received {
     int64_t step;
     Advice advice;
@@ -435,6 +445,12 @@ int main(int argc, char** argv) {
   // CUDA the device is synchronised around each evaluation, which happens
   // anyway when its loss is read).
   double eval_seconds = 0.0;
+  // Host time spent in the guard's per-step calls (BeforeStep,
+  // AfterBackward), waits for the device included.
+  double guard_seconds = 0.0;
+  auto seconds_since = [](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  };
   auto sync = [&] {
     if (device.is_cuda()) torch::cuda::synchronize();
   };
@@ -450,9 +466,12 @@ int main(int argc, char** argv) {
       sync();
       timed_start = std::chrono::steady_clock::now();
       eval_seconds = 0.0;
+      guard_seconds = 0.0;
     }
+    auto guard_start = std::chrono::steady_clock::now();
     if (guard) {
       guard->BeforeStep(step);
+      guard_seconds += seconds_since(guard_start);
     } else {
       for (auto& g : optimizer->param_groups()) g.options().set_lr(schedule.LrAt(step));
     }
@@ -460,7 +479,11 @@ int main(int argc, char** argv) {
     optimizer->zero_grad();
     torch::Tensor loss = torch::nn::functional::cross_entropy(forward(x), y);
     loss.backward();
-    if (guard) guard->AfterBackward(step, loss);
+    if (guard) {
+      guard_start = std::chrono::steady_clock::now();
+      guard->AfterBackward(step, loss);
+      guard_seconds += seconds_since(guard_start);
+    }
     optimizer->step();
     done = step + 1;
     if ((step + 1) % eval_every == 0 || step + 1 == steps) {
@@ -545,6 +568,7 @@ int main(int argc, char** argv) {
     j["wall_time_s"] = wall;
     j["train_time_s"] = train_seconds;  // wall time minus evaluations
     j["ms_per_step"] = 1000.0 * train_seconds / static_cast<double>(timed_steps);
+    if (guard) j["guard_us_per_step"] = 1e6 * guard_seconds / static_cast<double>(timed_steps);
     j["timed_steps"] = timed_steps;
     j["final_lr"] = current_lr();
     j["guard"] = use_guard;

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <memory>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
@@ -59,6 +60,18 @@ GuardOptions CosineOptions(int64_t t_max) {
   o.schedule.kind = schedule::ScheduleKind::kCosine;
   o.schedule.t_max = t_max;
   return o;
+}
+
+// One training step of `p` with `guard` around it; returns its loss.
+::torch::Tensor GuardedStep(Problem& p, ::torch::optim::Optimizer& opt, Guard& guard,
+                            int64_t step) {
+  guard.BeforeStep(step);
+  opt.zero_grad();
+  ::torch::Tensor loss = p.Loss();
+  loss.backward();
+  guard.AfterBackward(step, loss);
+  opt.step();
+  return loss;
 }
 
 TEST(GuardTest, OwnsTheScheduleAndKeepsGroupRatios) {
@@ -156,12 +169,7 @@ class GuardDaemonTest : public ::testing::Test {
 int64_t TrainUntilCut(Problem& p, ::torch::optim::SGD& opt, Guard& guard,
                       Client* client, int64_t max_steps) {
   for (int64_t step = 0; step < max_steps; ++step) {
-    guard.BeforeStep(step);
-    opt.zero_grad();
-    ::torch::Tensor loss = p.Loss();
-    loss.backward();
-    guard.AfterBackward(step, loss);
-    opt.step();
+    GuardedStep(p, opt, guard, step);
     if (client != nullptr && step % 10 == 9) {
       client->Flush(absl::Seconds(30));  // the advice arrives in order
     }
@@ -202,12 +210,7 @@ TEST_F(GuardDaemonTest, ValidationLossIsReportedWithItsStep) {
   Client client(Options("guard-val"));
   Guard guard(&client, *opt, GuardOptions());
   for (int64_t step = 0; step < 20; ++step) {
-    guard.BeforeStep(step);
-    opt->zero_grad();
-    ::torch::Tensor loss = p.Loss();
-    loss.backward();
-    guard.AfterBackward(step, loss);
-    opt->step();
+    GuardedStep(p, *opt, guard, step);
     if (step % 5 == 4) guard.ReportValidation(step, 0.5 + step);
   }
   guard.Flush();
@@ -281,12 +284,7 @@ TEST(GuardEmbeddedTest, StarvedRunIsRampedUntilItLearns) {
   double first_loss = 0.0, last_loss = 0.0, max_lr = 0.0;
   bool ramped = false;
   for (int64_t step = 0; step < 400; ++step) {
-    guard.BeforeStep(step);
-    opt->zero_grad();
-    ::torch::Tensor loss = p.Loss();
-    loss.backward();
-    guard.AfterBackward(step, loss);
-    opt->step();
+    ::torch::Tensor loss = GuardedStep(p, *opt, guard, step);
     const double l = loss.item<double>();
     if (step == 0) first_loss = l;
     last_loss = l;
@@ -319,12 +317,7 @@ TEST(GuardEmbeddedTest, AdviseModeAsksAndObserveModeOnlyWatches) {
     };
     Guard guard(*opt, o);
     for (int64_t step = 0; step < 100; ++step) {
-      guard.BeforeStep(step);
-      opt->zero_grad();
-      ::torch::Tensor loss = p.Loss();
-      loss.backward();
-      guard.AfterBackward(step, loss);
-      opt->step();
+      GuardedStep(p, *opt, guard, step);
     }
     ASSERT_FALSE(guard.events().empty()) << v1::Mode_Name(mode);
     for (const GuardEvent& e : guard.events()) EXPECT_FALSE(e.applied);
@@ -355,13 +348,7 @@ TEST(GuardEmbeddedTest, RollbackRestoresFiniteWeightsWithTheLrCut) {
   // LR holds: the run ends with finite weights and finite losses.
   std::vector<double> losses;
   for (int64_t step = steps; step < steps + 300; ++step) {
-    guard.BeforeStep(step);
-    opt->zero_grad();
-    ::torch::Tensor loss = p.Loss();
-    loss.backward();
-    guard.AfterBackward(step, loss);
-    opt->step();
-    losses.push_back(loss.item<double>());
+    losses.push_back(GuardedStep(p, *opt, guard, step).item<double>());
   }
   for (size_t i = losses.size() - 50; i < losses.size(); ++i) {
     EXPECT_TRUE(std::isfinite(losses[i])) << i;
@@ -375,6 +362,59 @@ TEST(GuardEmbeddedTest, RollbackRestoresFiniteWeightsWithTheLrCut) {
   }
   // The first snapshot was the initial weights.
   EXPECT_EQ(w0.sizes(), p.l1->weight.sizes());
+}
+
+TEST(GuardEmbeddedTest, WithoutTheGradNormOnlyTheLossIsReported) {
+  Problem p;
+  auto opt = p.Sgd(0.01);
+  for (const bool clip : {false, true}) {
+    GuardOptions o;
+    o.grad_norm = false;
+    if (clip) o.clip_max_norm = 1e9;  // clipping measures the norm anyway
+    std::vector<analyzers::StepRecord> seen;
+    o.on_report = [&seen](const analyzers::StepRecord& r) { seen.push_back(r); };
+    Guard guard(*opt, o);
+    for (int64_t step = 0; step < 4; ++step) {
+      GuardedStep(p, *opt, guard, step);
+    }
+    guard.Flush();
+    ASSERT_EQ(seen.size(), 4u);
+    for (size_t i = 0; i < seen.size(); ++i) {
+      EXPECT_EQ(seen[i].step, static_cast<int64_t>(i));
+      EXPECT_TRUE(std::isfinite(seen[i].loss));
+      EXPECT_EQ(seen[i].grad_norm.has_value(), clip) << i;
+    }
+  }
+}
+
+// A snapshot of the weights after step s counts once step s + 1's loss,
+// computed from them, is sound; a rollback restores exactly those weights.
+TEST(GuardEmbeddedTest, RollbackRestoresTheWeightsItsSnapshotWasJudgedBy) {
+  Problem p;
+  ::torch::nn::Sequential net(p.l1, ::torch::nn::ReLU(), p.l2);
+  auto opt = p.Sgd(0.01);
+  GuardOptions o;
+  o.rollback_module = net.ptr().get();
+  o.snapshot_every = 2;
+  Guard guard(*opt, o);
+  std::vector<::torch::Tensor> after;  // l1's weight after each step
+  for (int64_t step = 0; step < 6; ++step) {
+    GuardedStep(p, *opt, guard, step);
+    after.push_back(p.l1->weight.detach().clone());
+  }
+  // Reported: steps 0-4. The snapshots of the weights after steps 0 and 2
+  // are judged (by the losses of steps 1 and 3); that of step 4 waits for
+  // step 5's.
+  v1::Advice advice;
+  advice.set_advice_id(1);
+  advice.mutable_diagnosis()->set_kind(v1::DIVERGENCE);
+  advice.mutable_diagnosis()->set_onset(5);
+  advice.mutable_action()->mutable_scale_lr()->set_factor(0.1);
+  advice.mutable_action()->set_restore_checkpoint(true);
+  guard.Apply(6, advice);
+  ASSERT_FALSE(guard.events().empty());
+  EXPECT_THAT(guard.events().back().note, ::testing::HasSubstr("rolled back to step 2"));
+  EXPECT_TRUE(::torch::equal(p.l1->weight, after[2]));
 }
 
 }  // namespace

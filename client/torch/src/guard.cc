@@ -55,21 +55,30 @@ struct Guard::Pending {
   int64_t step = 0;
   double lr = 0.0;
   ::torch::Tensor loss;  // 0-dim, on the device
-  ::torch::Tensor norm;  // 0-dim, float64, on the same device
-  bool staged = false;   // being copied to the guard's pinned buffers (CUDA)
+  ::torch::Tensor norm;  // 0-dim, float64, on the same device (undefined:
+                         // not measured)
+  int slot = -1;         // CUDA: the staging slot its copies go to
   std::optional<double> val_loss;
+  // With rollback, a copy of the weights this step's loss was computed from
+  // (those after optimizer step `step` - 1), taken every `snapshot_every`
+  // steps; the step's loss tells whether it is good.
+  std::optional<Snapshot> candidate;
 };
 
-// Pinned host buffers and an event, made once and reused at every step (one
-// step is in flight at a time): the copies of a step's loss and gradient
-// norm go behind its work on the device, and reading them at the next step
-// waits, if at all, for those copies alone. Reading the device tensors then
-// would wait for everything queued since, the next step's forward and
-// backward included.
+// Pinned host buffers and an event per step in flight, made once and reused
+// (a ring of GuardOptions::max_steps_in_flight slots): the copies of a
+// step's loss and gradient norm go behind its work on the device and are
+// read once their event says they are done. Reading the device tensors
+// instead would wait for everything queued since, the next step's forward
+// and backward included.
 struct Guard::Staging {
-  ::torch::Tensor loss;  // 0-dim, the loss's dtype, pinned
-  ::torch::Tensor norm;  // 0-dim, float64, pinned
-  std::optional<c10::Event> copied;
+  struct Slot {
+    ::torch::Tensor loss;  // 0-dim, the loss's dtype, pinned
+    ::torch::Tensor norm;  // 0-dim, float64, pinned
+    std::optional<c10::Event> copied;
+  };
+  std::vector<Slot> slots;
+  size_t next = 0;
 };
 
 Guard::Guard(Client* client, ::torch::optim::Optimizer& optimizer,
@@ -119,106 +128,139 @@ void Guard::BeforeStep(int64_t step) {
 }
 
 void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
-  // The previous step goes out first (its values are ready by now).
-  ReportPending();
+  // Earlier steps go out first: those whose values are ready by now, and
+  // the oldest, waited for, while too many are in flight.
+  ReportPending(/*wait_all=*/false);
   step_ = step;
 
+  std::vector<::torch::Tensor> grads;
+  const bool measure = options_.grad_norm || clip_.has_value();
+  if (measure) {
+    for (const auto& group : optimizer_.param_groups()) {
+      for (const auto& p : group.params()) {
+        if (p.grad().defined()) grads.push_back(p.grad().detach());
+      }
+    }
+  }
   // Global L2 norm of the gradients, before clipping, on the device and in
   // a handful of kernels whatever the number of parameters: _foreach_norm
   // is one fused launch on CUDA (as in torch.nn.utils.clip_grad_norm_ with
   // foreach), then one stack and one reduction, accumulated in double.
-  std::vector<::torch::Tensor> grads;
-  for (const auto& group : optimizer_.param_groups()) {
-    for (const auto& p : group.params()) {
-      if (p.grad().defined()) grads.push_back(p.grad().detach());
-    }
+  ::torch::Tensor total;
+  if (measure) {
+    total = grads.empty()
+                ? ::torch::zeros({}, loss.options().dtype(::torch::kDouble))
+                : at::linalg_vector_norm(::torch::stack(at::_foreach_norm(grads, 2)),
+                                         2, at::OptionalIntArrayRef{},
+                                         /*keepdim=*/false, ::torch::kDouble);
   }
-  ::torch::Tensor total =
-      grads.empty()
-          ? ::torch::zeros({}, loss.options().dtype(::torch::kDouble))
-          : at::linalg_vector_norm(::torch::stack(at::_foreach_norm(grads, 2)), 2,
-                                   at::OptionalIntArrayRef{}, /*keepdim=*/false,
-                                   ::torch::kDouble);
   if (clip_.has_value() && !grads.empty()) {
     // torch.nn.utils.clip_grad_norm_: no host sync either.
     ::torch::Tensor coef = (*clip_ / (total + 1e-6)).clamp_max(1.0);
-    for (const auto& group : optimizer_.param_groups()) {
-      for (const auto& p : group.params()) {
-        if (p.grad().defined()) {
-          p.grad().detach().mul_(coef.to(p.grad().dtype()));
-        }
-      }
-    }
+    for (const auto& g : grads) g.mul_(coef.to(g.dtype()));
   }
 
   auto pending = std::make_unique<Pending>();
   pending->step = step;
   pending->lr = lr();
   pending->loss = loss.detach().reshape({});
-  pending->norm = total.device() == pending->loss.device()
-                      ? total
-                      : total.to(pending->loss.device());
-  if (pending->loss.is_cuda()) {
-    if (staging_ == nullptr) staging_ = std::make_unique<Staging>();
-    Staging& st = *staging_;
-    const auto pinned = ::torch::TensorOptions().pinned_memory(true);
-    if (!st.loss.defined() || st.loss.scalar_type() != pending->loss.scalar_type()) {
-      st.loss = ::torch::empty({}, pinned.dtype(pending->loss.scalar_type()));
-    }
-    if (!st.norm.defined()) st.norm = ::torch::empty({}, pinned.dtype(::torch::kDouble));
-    st.loss.copy_(pending->loss, /*non_blocking=*/true);
-    st.norm.copy_(pending->norm, /*non_blocking=*/true);
-    const c10::Device device = pending->loss.device();
-    if (!st.copied.has_value() || st.copied->device_index() != device.index()) {
-      st.copied.emplace(device.type());
-    }
-    st.copied->record(c10::impl::getDeviceGuardImpl(device.type())->getStream(device));
-    pending->staged = true;
+  if (total.defined()) {
+    pending->norm = total.device() == pending->loss.device()
+                        ? total
+                        : total.to(pending->loss.device());
   }
-  pending_ = std::move(pending);
+  if (options_.rollback_module != nullptr && options_.snapshot_every > 0 &&
+      step > 0 && (step - 1) % options_.snapshot_every == 0) {
+    // The weights now are those after optimizer step `step` - 1.
+    pending->candidate = TakeSnapshot(step - 1);
+  }
+  if (pending->loss.is_cuda()) {
+    if (staging_ == nullptr) {
+      staging_ = std::make_unique<Staging>();
+      staging_->slots.resize(std::max(options_.max_steps_in_flight, 1));
+    }
+    Staging& st = *staging_;
+    // The slot is free: at most slots.size() - 1 steps are pending now.
+    const size_t i = st.next;
+    st.next = (st.next + 1) % st.slots.size();
+    Staging::Slot& slot = st.slots[i];
+    const auto pinned = ::torch::TensorOptions().pinned_memory(true);
+    if (!slot.loss.defined() || slot.loss.scalar_type() != pending->loss.scalar_type()) {
+      slot.loss = ::torch::empty({}, pinned.dtype(pending->loss.scalar_type()));
+    }
+    slot.loss.copy_(pending->loss, /*non_blocking=*/true);
+    if (pending->norm.defined()) {
+      if (!slot.norm.defined()) {
+        slot.norm = ::torch::empty({}, pinned.dtype(::torch::kDouble));
+      }
+      slot.norm.copy_(pending->norm, /*non_blocking=*/true);
+    }
+    const c10::Device device = pending->loss.device();
+    if (!slot.copied.has_value() || slot.copied->device_index() != device.index()) {
+      slot.copied.emplace(device.type());
+    }
+    slot.copied->record(c10::impl::getDeviceGuardImpl(device.type())->getStream(device));
+    pending->slot = static_cast<int>(i);
+  }
+  pending_.push_back(std::move(pending));
   HandleAdvice(step);
 }
 
 void Guard::ReportValidation(int64_t step, double val_loss) {
-  if (pending_ != nullptr && pending_->step == step) {
-    pending_->val_loss = val_loss;
+  if (!pending_.empty() && pending_.back()->step == step) {
+    pending_.back()->val_loss = val_loss;
   }
   schedule_.ObserveMetric(val_loss);
-  ReportPending();
+  ReportPending(/*wait_all=*/true);
   HandleAdvice(step);
 }
 
-void Guard::Flush() { ReportPending(); }
+void Guard::Flush() { ReportPending(/*wait_all=*/true); }
 
-void Guard::ReportPending() {
-  if (pending_ == nullptr) return;
-  std::unique_ptr<Pending> p = std::move(pending_);
-  double loss = 0.0;
-  double grad_norm = 0.0;
-  if (p->staged) {
-    // (c10::Event::synchronize is not in every LibTorch this builds with;
-    // CUDA's own event wait spins the same way by default.)
-    while (!staging_->copied->query()) std::this_thread::yield();
-    loss = staging_->loss.item<double>();
-    grad_norm = staging_->norm.item<double>();
-  } else {
-    loss = p->loss.item<double>();
-    grad_norm = p->norm.item<double>();
+void Guard::ReportPending(bool wait_all) {
+  // On CUDA, at most max_steps_in_flight - 1 stay pending, so that the
+  // step about to be staged finds its slot free.
+  const size_t keep =
+      wait_all ? 0 : static_cast<size_t>(std::max(options_.max_steps_in_flight, 1) - 1);
+  while (!pending_.empty()) {
+    Pending& p = *pending_.front();
+    double loss = 0.0;
+    std::optional<double> grad_norm;
+    if (p.slot >= 0) {
+      Staging::Slot& slot = staging_->slots[p.slot];
+      if (!slot.copied->query()) {
+        if (pending_.size() <= keep) return;  // not ready: reported later
+        // (c10::Event::synchronize is not in every LibTorch this builds
+        // with; CUDA's own event wait spins the same way by default.)
+        while (!slot.copied->query()) std::this_thread::yield();
+      }
+      loss = slot.loss.item<double>();
+      if (p.norm.defined()) grad_norm = slot.norm.item<double>();
+    } else {
+      loss = p.loss.item<double>();
+      if (p.norm.defined()) grad_norm = p.norm.item<double>();
+    }
+    std::unique_ptr<Pending> done = std::move(pending_.front());
+    pending_.pop_front();
+    Report(*done, loss, grad_norm);
   }
+}
+
+void Guard::Report(Pending& p, double loss, std::optional<double> grad_norm) {
   if (std::isfinite(loss) && loss > peak_loss_) {
     peak_loss_ = loss;
-    peak_step_ = p->step;
+    peak_step_ = p.step;
   }
-  MaybeSnapshot(p->step, loss);
+  MaybeSnapshot(p, loss);
   analyzers::StepRecord rec;
-  rec.step = p->step;
-  rec.lr = p->lr;
+  rec.step = p.step;
+  rec.lr = p.lr;
   rec.loss = loss;
-  rec.val_loss = p->val_loss;
+  rec.val_loss = p.val_loss;
   rec.grad_norm = grad_norm;
   if (options_.on_report) options_.on_report(rec);
   if (client_ != nullptr) {
-    client_->Report(p->step, p->lr, loss, p->val_loss, grad_norm);
+    client_->Report(p.step, p.lr, loss, p.val_loss, grad_norm);
     return;
   }
   std::vector<v1::Advice> advice;
@@ -226,27 +268,22 @@ void Guard::ReportPending() {
   for (v1::Advice& a : advice) embedded_advice_.push_back(std::move(a));
 }
 
-void Guard::MaybeSnapshot(int64_t step, double loss) {
-  if (options_.rollback_module == nullptr || options_.snapshot_every <= 0) {
-    return;
-  }
-  // `loss` was computed with the weights a candidate snapshot holds (taken
-  // when the previous step was reported): they are good if it is finite and
-  // not blowing up. Only then does the candidate become a snapshot.
-  if (candidate_.has_value()) {
-    if (std::isfinite(loss) && loss <= 2.0 * candidate_loss_) {
-      snapshots_.push_back(std::move(*candidate_));
-      while (static_cast<int>(snapshots_.size()) >
-             std::max(options_.snapshots_kept, 1)) {
-        snapshots_.erase(snapshots_.begin());
-      }
+void Guard::MaybeSnapshot(Pending& p, double loss) {
+  // A candidate holds the weights after step p.step - 1, from which `loss`
+  // was computed: they are good if it is finite and not blowing up against
+  // the loss before it.
+  const bool follows = last_reported_step_ == p.step - 1;
+  const double before = last_reported_loss_;
+  last_reported_step_ = p.step;
+  last_reported_loss_ = loss;
+  if (!p.candidate.has_value()) return;
+  if (follows && std::isfinite(before) && std::isfinite(loss) && loss <= 2.0 * before) {
+    snapshots_.push_back(std::move(*p.candidate));
+    while (static_cast<int>(snapshots_.size()) > std::max(options_.snapshots_kept, 1)) {
+      snapshots_.erase(snapshots_.begin());
     }
-    candidate_.reset();
   }
-  if (!std::isfinite(loss) || step % options_.snapshot_every != 0) return;
-  // The weights now are those after optimizer step `step`.
-  candidate_ = TakeSnapshot(step);
-  candidate_loss_ = loss;
+  p.candidate.reset();
 }
 
 Guard::Snapshot Guard::TakeSnapshot(int64_t step) const {
@@ -286,7 +323,7 @@ bool Guard::RollBack(int64_t onset, std::string* note) {
   *note += absl::StrFormat("; weights rolled back to step %d", best->step);
   // Later snapshots hold the diverging weights.
   const int64_t kept_step = best->step;
-  candidate_.reset();
+  for (auto& p : pending_) p->candidate.reset();
   snapshots_.erase(std::remove_if(snapshots_.begin(), snapshots_.end(),
                                   [kept_step](const Snapshot& s) {
                                     return s.step > kept_step;

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -54,6 +55,22 @@ struct GuardOptions {
   ::torch::nn::Module* rollback_module = nullptr;
   int64_t snapshot_every = 50;
   int snapshots_kept = 3;
+  // On CUDA, how many steps may be in flight: staged (their loss and
+  // gradient norm being copied to pinned memory behind their work) but not
+  // yet read. A step is read as soon as its copy is done, without waiting;
+  // AfterBackward waits for the oldest only when this many are in flight,
+  // that is when the host runs that many steps ahead of the device. 1 waits
+  // at every step for the previous step's copy (no slower on the steps
+  // measured on an H200, README "Guard overhead"); 2 lets the host run a
+  // whole step ahead without waiting. Reports and advice lag by up to as
+  // many steps as are in flight (on the CPU, always one).
+  int max_steps_in_flight = 2;
+  // Measure and report the global gradient norm at every step. It is most
+  // of the guard's host time on small steps (three kernel launches and
+  // per-tensor work in _foreach_norm; README, "Guard overhead"); without it
+  // gradient explosions are not diagnosed and clipping advice has no norm
+  // to go by. Clipping, when on, measures it anyway.
+  bool grad_norm = true;
   // Embedded mode (no client): the analyzer's and the policy's options.
   analyzers::AnalyzerOptions analyzer;
   policy::PolicyOptions policy;
@@ -82,10 +99,12 @@ struct GuardEvent {
 //     if (guard.should_stop()) break;
 //   }
 //
-// Values are read one step late (each step is reported at the next
+// Values are read at least one step late (each step is reported at a later
 // AfterBackward, or by ReportValidation / Flush): on CUDA they are copied
 // to pinned memory without blocking and read once their copy is done, so
-// the guard adds no host-device synchronisation to a step.
+// the guard adds no host-device synchronisation to a step unless the host
+// runs GuardOptions::max_steps_in_flight steps ahead of the device.
+// ReportValidation and Flush read every step in flight.
 //
 // Without a client (the second constructor) the same analyzers and policy
 // run in-process (embedded mode).
@@ -136,8 +155,12 @@ class Guard {
   struct Pending;
   struct Staging;
 
-  void ReportPending();
-  void MaybeSnapshot(int64_t step, double loss);
+  // Reports the pending steps that are ready, oldest first, waiting for
+  // the oldest while too many are in flight; with `wait_all`, every one.
+  void ReportPending(bool wait_all);
+  void Report(Pending& p, double loss, std::optional<double> grad_norm);
+  // Judges the weights staged with `p` (if any) by its loss.
+  void MaybeSnapshot(Pending& p, double loss);
   // Restores the newest snapshot taken before `onset`; false if none.
   bool RollBack(int64_t onset, std::string* note);
   void HandleAdvice(int64_t step);
@@ -156,8 +179,11 @@ class Guard {
   int64_t step_ = 0;  // last step seen
   double peak_loss_ = -1.0;  // highest finite loss reported, and its step
   int64_t peak_step_ = 0;
-  std::unique_ptr<Pending> pending_;
+  std::deque<std::unique_ptr<Pending>> pending_;  // oldest first
   std::unique_ptr<Staging> staging_;  // CUDA only
+  // The last step reported and its loss: a snapshot's loss before.
+  int64_t last_reported_step_ = -2;
+  double last_reported_loss_ = 0.0;
   std::unique_ptr<Embedded> embedded_;
   std::vector<v1::Advice> embedded_advice_;  // decided, not yet handled
   struct Snapshot {
@@ -167,9 +193,6 @@ class Guard {
   // A copy of the rollback module's parameters and buffers.
   Snapshot TakeSnapshot(int64_t step) const;
   std::vector<Snapshot> snapshots_;  // good ones, oldest first
-  // The newest copy, until the loss computed from it shows it is good.
-  std::optional<Snapshot> candidate_;
-  double candidate_loss_ = 0.0;
   std::vector<GuardEvent> events_;
 };
 
