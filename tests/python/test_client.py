@@ -224,6 +224,17 @@ def problem():
     return x, y, net, opt
 
 
+def guarded_step(guard, net, opt, x, y, step):
+    """One training step of problem()'s net with `guard` around it; its loss."""
+    guard.before_step(step)
+    loss = torch.nn.functional.mse_loss(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    guard.after_backward(step, loss)
+    opt.step()
+    return loss
+
+
 def drive_lightning(cb, net, opt, x, y, steps, client, accumulate=1,
                     loss_scale=1.0, no_loss_at=(), forward=None):
     """Lightning's hook order for `steps` batches after its sanity-check
@@ -390,6 +401,66 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
             opt, step_size=3, gamma=0.5))
 
 
+class TorchGuardStagingTest(unittest.TestCase):
+    """What the guard stages at a step and reports later, without a
+    daemon."""
+
+    def train(self, guard, net, opt, x, y, steps, start=0):
+        weights = {}  # step -> l1's weight after that optimizer step
+        for step in range(start, start + steps):
+            guarded_step(guard, net, opt, x, y, step)
+            weights[step] = net.l1.weight.detach().clone()
+        return weights
+
+    def test_without_the_gradient_norm_only_the_loss_is_reported(self):
+        x, y, net, opt = problem()
+        for group in opt.param_groups:
+            group["lr"] = 0.01
+        client = RecordingClient()
+        guard = lossguard.TorchGuard(opt, client, grad_norm=False)
+        self.train(guard, net, opt, x, y, 5)
+        guard.flush()
+        self.assertEqual([r[0] for r in client.reports], [0, 1, 2, 3, 4])
+        self.assertTrue(all(r[3] is None for r in client.reports), client.reports)
+        self.assertTrue(all(math.isfinite(r[1]) for r in client.reports))
+        # Clipping needs the norm: with it on, the norm is measured and reported.
+        client = RecordingClient()
+        guard = lossguard.TorchGuard(opt, client, grad_norm=False, clip_max_norm=1e9)
+        self.train(guard, net, opt, x, y, 3)
+        guard.flush()
+        self.assertTrue(all(r[3] is not None and r[3] > 0 for r in client.reports))
+        with self.assertRaises(ValueError):
+            lossguard.TorchGuard(opt, client, max_steps_in_flight=0)
+
+    def test_a_rollback_restores_the_weights_its_snapshot_was_judged_by(self):
+        """A snapshot of the weights after step s counts once step s+1's
+        loss, computed from them, is sound; a rollback then restores
+        exactly those weights."""
+        x, y, net, opt = problem()
+        for group in opt.param_groups:
+            group["lr"] = 0.01
+
+        class AutoClient(RecordingClient):
+            mode = "auto"
+
+            def ack(self, *args, **kwargs):
+                pass
+
+        guard = lossguard.TorchGuard(opt, AutoClient(), model=net, snapshot_every=2)
+        weights = self.train(guard, net, opt, x, y, 6)
+        # Reported so far: steps 0-4. Snapshots of the weights after steps
+        # 0 and 2 are judged (by the losses of steps 1 and 3); that of
+        # step 4 waits for step 5's loss.
+        advice = pb.Advice(advice_id=1, diagnosis=pb.Diagnosis(kind=pb.DIVERGENCE, onset=5),
+                           action=pb.Action(scale_lr=pb.ScaleLr(factor=0.1),
+                                            restore_checkpoint=True))
+        guard._apply(6, advice)
+        note = guard.events[-1][3]
+        self.assertIn("rolled back to step 2", note)
+        self.assertTrue(torch.equal(net.l1.weight, weights[2]))
+        guard.flush()
+
+
 class DaemonTestCase(unittest.TestCase):
     """A lossguardd of its own, on an SQLite file, per test."""
 
@@ -409,12 +480,7 @@ class TorchGuardTest(DaemonTestCase):
                                   max_batch_delay=0.001)
         guard = lossguard.TorchGuard(opt, client)
         for step in range(200):
-            guard.before_step(step)
-            loss = torch.nn.functional.mse_loss(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            guard.after_backward(step, loss)
-            opt.step()
+            guarded_step(guard, net, opt, x, y, step)
             if step % 10 == 9:
                 client.flush(WAIT)  # the advice has arrived in order
             if any(applied for _, _, applied, _ in guard.events):
@@ -445,12 +511,7 @@ class TorchGuardTest(DaemonTestCase):
         guard = lossguard.TorchGuard(opt, client, model=net, snapshot_every=1)
         losses = []
         for step in range(300):
-            guard.before_step(step)
-            loss = torch.nn.functional.mse_loss(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            guard.after_backward(step, loss)
-            opt.step()
+            loss = guarded_step(guard, net, opt, x, y, step)
             losses.append(float(loss))
             if step % 5 == 4:
                 client.flush(WAIT)
@@ -473,12 +534,7 @@ class TorchGuardTest(DaemonTestCase):
         guard = lossguard.TorchGuard(opt, client)
         losses, max_lr = [], 0.0
         for step in range(300):
-            guard.before_step(step)
-            loss = torch.nn.functional.mse_loss(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            guard.after_backward(step, loss)
-            opt.step()
+            loss = guarded_step(guard, net, opt, x, y, step)
             losses.append(float(loss))
             max_lr = max(max_lr, opt.param_groups[0]["lr"])
             if step % 10 == 9:

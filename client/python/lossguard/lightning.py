@@ -57,12 +57,14 @@ _Base = _lightning_callback_base()
 class LossGuardCallback(_Base):
     def __init__(self, client, *, accept=None, clip_max_norm=None, on_advice=None,
                  finish_on_train_end=True, rollback=False, snapshot_every=50,
-                 snapshots_kept=3, sync_every=10, process_group=None):
+                 snapshots_kept=3, sync_every=10, process_group=None,
+                 max_steps_in_flight=2, grad_norm=True):
         self.client = client
         self._options = dict(accept=accept, clip_max_norm=clip_max_norm,
                              on_advice=on_advice, snapshot_every=snapshot_every,
                              snapshots_kept=snapshots_kept, sync_every=sync_every,
-                             process_group=process_group)
+                             process_group=process_group,
+                             max_steps_in_flight=max_steps_in_flight, grad_norm=grad_norm)
         self._rollback = rollback
         self._finish = finish_on_train_end
         self.guard = None
@@ -97,6 +99,8 @@ class LossGuardCallback(_Base):
         # Not on_after_backward: there, under mixed precision, the gradients
         # are still multiplied by the loss scale (2**16 at first).
         guard = self._ensure_guard(trainer, pl_module)
+        if not guard.grad_norm and guard.clip_max_norm is None:
+            return
         params = [p for p in pl_module.parameters() if p.grad is not None]
         if not params:
             return
@@ -127,7 +131,8 @@ class LossGuardCallback(_Base):
             loss = self._loss_sum / self._loss_count
             self._loss_sum, self._loss_count = None, 0
             guard._report_pending()
-            guard._stage(step, loss, norm if norm is not None else torch.zeros(()))
+            # The weights now are those after optimizer step `step`.
+            guard._stage(step, loss, norm, weights_step=step)
         # Every rank, every optimizer step, loss or not: under
         # torch.distributed this is where the ranks sync.
         guard._advise(step)

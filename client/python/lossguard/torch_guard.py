@@ -1,5 +1,6 @@
 """lossguard.TorchGuard: report a plain PyTorch loop and apply the advice."""
 
+import collections
 import math
 
 import torch
@@ -28,9 +29,17 @@ class TorchGuard:
     advice that has arrived (in the client's AUTO mode; in ADVISE mode
     `accept(advice)` decides; in OBSERVE mode nothing is applied).
 
-    Values are reported one step late, so reading the loss and the norm
-    (a device-to-host copy) happens after the next step has been queued,
-    not in the middle of it.
+    Values are reported at least one step late, so reading the loss and the
+    norm happens after the next step has been queued, not in the middle of
+    it. On CUDA they are copied to pinned memory behind their step's work
+    and read once the copy is done, without waiting: after_backward waits
+    for the oldest only when `max_steps_in_flight` steps are in flight (the
+    host that far ahead of the device); 1 waits at every step for the
+    previous step's copy. report_validation and flush read every step in
+    flight. `grad_norm=False` reports the loss only: the gradient norm is
+    most of the guard's cost on small steps (a few kernel launches), and
+    without it gradient explosions are not diagnosed; clipping, when on,
+    measures it anyway.
 
     Actions: scale_lr / set_lr change every param group's LR keeping their
     ratios (and scale a torch LR scheduler's base_lrs, when one is given, so
@@ -40,11 +49,11 @@ class TorchGuard:
 
     Rollback (with `model`): in-memory snapshots of the model's state_dict
     every `snapshot_every` steps (and of the initial weights); a snapshot
-    counts once the next step's loss, computed from it, is finite and at
-    most twice the loss before it. An action with restore_checkpoint (an LR
-    cut for a run that blew up) first restores the newest snapshot from
-    before the trouble (the divergence's onset, else the step of the highest
-    loss), clears the optimizer's state and the current gradients, so the
+    counts once the loss computed from it (that of the step after) is
+    finite and at most twice the loss before it. An action with
+    restore_checkpoint (an LR cut for a run that blew up) first restores
+    the newest snapshot from before the trouble (the divergence's onset,
+    else the step of the highest loss), clears the optimizer's state and the current gradients, so the
     optimizer.step() that follows changes nothing. Costs snapshots_kept + 1
     copies of the model.
 
@@ -68,7 +77,7 @@ class TorchGuard:
     def __init__(self, optimizer, client, *, scheduler=None, accept=None,
                  clip_max_norm=None, on_advice=None, model=None,
                  snapshot_every=50, snapshots_kept=3, sync_every=10,
-                 process_group=None):
+                 process_group=None, max_steps_in_flight=2, grad_norm=True):
         self.optimizer = optimizer
         self.client = client
         self.scheduler = scheduler
@@ -77,15 +86,23 @@ class TorchGuard:
         self.on_advice = on_advice
         self.should_stop = False
         self.events = []          # (step, advice, applied, note)
-        self._pending = None      # (step, lr, [loss, norm], pinned copy, event)
-        self._pending_val = None
+        if max_steps_in_flight < 1:
+            raise ValueError(f"max_steps_in_flight must be at least 1, not {max_steps_in_flight}")
+        self.max_steps_in_flight = max_steps_in_flight
+        self.grad_norm = grad_norm
+        # Staged steps, oldest first: [step, lr, loss, norm (or None),
+        # staging slot (CUDA) or None, val_loss].
+        self._pending = collections.deque()
+        self._slots = None        # CUDA: [pinned loss, pinned norm, event] each
+        self._next_slot = 0
+        self._last = (None, math.nan)  # the last step reported and its loss
         self._restart = None      # (at_step, t_0, eta_max, eta_min)
         self._ramp = None         # [factor per step, steps left] (ramp_lr)
         self.model = model
         self.snapshot_every = snapshot_every
         self.snapshots_kept = snapshots_kept
         self._snapshots = []        # (step, state_dict copy), good ones
-        self._candidate = None      # (step, state, loss) until proven good
+        self._candidates = []       # (step, state) until the loss after them judges them
         self._peak = (-math.inf, 0)  # (loss, step)
         if model is not None:
             self._snapshots.append((-1, self._copy_state()))
@@ -146,13 +163,16 @@ class TorchGuard:
 
     def after_backward(self, step, loss):
         self._report_pending()
-        params = list(self._params())
-        total = grad_norm(params, loss.device)
-        if params and self.clip_max_norm is not None:
-            coef = (self.clip_max_norm / (total + 1e-6)).clamp(max=1.0)
-            for p in params:
-                p.grad.detach().mul_(coef.to(p.grad.dtype))
-        self._stage(step, loss, total)
+        total = None
+        if self.grad_norm or self.clip_max_norm is not None:
+            params = list(self._params())
+            total = grad_norm(params, loss.device)
+            if params and self.clip_max_norm is not None:
+                coef = (self.clip_max_norm / (total + 1e-6)).clamp(max=1.0)
+                for p in params:
+                    p.grad.detach().mul_(coef.to(p.grad.dtype))
+        # The weights now are those after optimizer step `step` - 1.
+        self._stage(step, loss, total, weights_step=step - 1)
         self._advise(step)
 
     def _advise(self, step):
@@ -163,38 +183,60 @@ class TorchGuard:
         if self._dist is not None and step % self.sync_every == 0:
             self._sync(step)
 
-    def _stage(self, step, loss, total):
-        """Keeps step `step`'s loss and gradient norm (device tensors) to be
-        reported at the next step, without waiting for the device now."""
+    def _stage(self, step, loss, total, weights_step):
+        """Keeps step `step`'s loss and gradient norm (device tensors, the
+        norm may be None) to be reported later, without waiting for the
+        device now. With rollback, the model's weights now (those after
+        optimizer step `weights_step`) are a candidate snapshot when that
+        step is due for one; the loss of the step after judges it."""
+        if (self.model is not None and self.snapshot_every > 0 and weights_step >= 0
+                and weights_step % self.snapshot_every == 0):
+            if self.client is not None:
+                self._candidates.append((weights_step, self._copy_state()))
+            elif self._dist is not None:
+                # Another rank than 0: rank 0 judges it (this rank's loss
+                # is not the one rank 0 sees) and says so at a sync.
+                self._unjudged.append((weights_step, self._copy_state()))
         if self.client is None:  # nothing is reported from this rank
-            self._pending = (step, self.lr, None, None, None)
             return
-        values = torch.stack([loss.detach().reshape(()).to(torch.float64),
-                              total.detach().to(device=loss.device, dtype=torch.float64)])
-        host = event = None
-        if values.is_cuda:
-            # Copied to pinned memory behind this step's work and read at the
-            # next step, waiting (if at all) for this copy only. A plain
-            # .item() then would wait for everything queued by then, the
-            # next step's forward and backward included.
-            host = torch.empty(2, dtype=torch.float64, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        self._pending = (step, self.lr, values, host, event)
+        loss = loss.detach().reshape(())
+        if total is not None and total.device != loss.device:
+            total = total.to(loss.device)
+        slot = None
+        if loss.is_cuda:
+            # Copied to pinned memory behind this step's work and read once
+            # the copy is done. A plain .item() then would wait for
+            # everything queued by then, the next step's forward and
+            # backward included. The slots (pinned buffers and an event per
+            # step in flight) are made once.
+            if self._slots is None:
+                self._slots = [None] * self.max_steps_in_flight
+            slot = self._next_slot
+            self._next_slot = (slot + 1) % len(self._slots)
+            buf = self._slots[slot]
+            if buf is None or buf[0].dtype != loss.dtype:
+                buf = [torch.empty((), dtype=loss.dtype, pin_memory=True),
+                       torch.empty((), dtype=torch.float64, pin_memory=True),
+                       torch.cuda.Event()]
+                self._slots[slot] = buf
+            buf[0].copy_(loss, non_blocking=True)
+            if total is not None:
+                buf[1].copy_(total, non_blocking=True)
+            buf[2].record()
+        self._pending.append([step, self.lr, loss, total, slot, None])
 
     def report_validation(self, step, val_loss):
         """The validation loss after optimizer step `step`."""
-        if self._pending is not None and self._pending[0] == step:
-            self._pending_val = float(val_loss)
-        self._report_pending()
+        if self._pending and self._pending[-1][0] == step:
+            self._pending[-1][5] = float(val_loss)
+        self._report_pending(wait_all=True)
         self._handle_advice(step)
 
     def flush(self):
         """Reports what is pending (call at the end of training). Under
         torch.distributed, rank 0 answers the advice it has not synced yet:
         not applied, as the other ranks will not apply it."""
-        self._report_pending()
+        self._report_pending(wait_all=True)
         if self._dist is not None and self.client is not None:
             for advice in self._outbox:
                 if self._asks(advice):
@@ -205,19 +247,25 @@ class TorchGuard:
     def _copy_state(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def _snapshot(self, step, loss):
-        if self.model is None or self.snapshot_every <= 0:
+    def _judge_snapshots(self, step, loss):
+        """Step `step`'s loss judges the candidate snapshot of the weights
+        it was computed from (those after step `step` - 1): good if finite
+        and at most twice the loss before it."""
+        before_step, before = self._last
+        self._last = (step, loss)
+        if not self._candidates:
             return
-        if self._candidate is not None:
-            c_step, c_state, c_loss = self._candidate
-            if math.isfinite(loss) and loss <= 2.0 * c_loss:
+        kept = []
+        for c_step, c_state in self._candidates:
+            if c_step + 1 > step:
+                kept.append((c_step, c_state))  # its loss is not reported yet
+            elif (c_step + 1 == step and before_step == c_step and math.isfinite(before)
+                  and math.isfinite(loss) and loss <= 2.0 * before):
                 self._snapshots.append((c_step, c_state))
                 del self._snapshots[:-max(1, self.snapshots_kept)]
                 if self._dist is not None:
                     self._accepted.append(c_step)
-            self._candidate = None
-        if math.isfinite(loss) and step % self.snapshot_every == 0:
-            self._candidate = (step, self._copy_state(), loss)
+        self._candidates = kept
 
     def _newest_snapshot_before(self, before_step):
         good = [s for s, _ in self._snapshots if s < before_step]
@@ -234,32 +282,31 @@ class TorchGuard:
         for p in self._params():
             p.grad = None
         self._snapshots = [s for s in self._snapshots if s[0] <= step]
-        self._candidate = None
+        self._candidates = []
         self._unjudged = []
         return True
 
-    def _report_pending(self):
-        if self._pending is None:
-            return
-        step, lr, values, host, event = self._pending
-        self._pending = None
-        if self.client is None:
-            # Another rank than 0: nothing to report, and rank 0 judges the
-            # snapshots (this rank's loss is not the one rank 0 sees).
-            if (self._dist is not None and self.model is not None
-                    and self.snapshot_every > 0 and step % self.snapshot_every == 0):
-                self._unjudged.append((step, self._copy_state()))
-            self._pending_val = None
-            return
-        val, self._pending_val = self._pending_val, None
-        if event is not None:
-            event.synchronize()
-            values = host
-        loss, norm = values.tolist()
-        if math.isfinite(loss) and loss > self._peak[0]:
-            self._peak = (loss, step)
-        self._snapshot(step, loss)
-        self.client.report(step, lr, loss, val_loss=val, grad_norm=norm)
+    def _report_pending(self, wait_all=False):
+        """Reports the staged steps that are ready, oldest first, waiting
+        for the oldest while too many are in flight (with `wait_all`, for
+        every one)."""
+        keep = 0 if wait_all else self.max_steps_in_flight - 1
+        while self._pending:
+            step, lr, loss, norm, slot, val = self._pending[0]
+            if slot is not None:
+                host_loss, host_norm, event = self._slots[slot]
+                if not event.query():
+                    if len(self._pending) <= keep:
+                        return  # not copied yet: reported later
+                    event.synchronize()
+                loss, norm = host_loss, (host_norm if norm is not None else None)
+            self._pending.popleft()
+            loss = loss.item()
+            norm = norm.item() if norm is not None else None
+            if math.isfinite(loss) and loss > self._peak[0]:
+                self._peak = (loss, step)
+            self._judge_snapshots(step, loss)
+            self.client.report(step, lr, loss, val_loss=val, grad_norm=norm)
 
     def _handle_advice(self, step):
         if self.client is None:
@@ -279,7 +326,7 @@ class TorchGuard:
         failure = None
         if rank == 0:
             sent = {"accepted": self._accepted,
-                    "candidate": self._candidate[0] if self._candidate else None,
+                    "candidates": [c for c, _ in self._candidates],
                     "advice": []}
             try:
                 for advice in self._outbox:
@@ -308,7 +355,7 @@ class TorchGuard:
             if c_step in sent["accepted"]:
                 self._snapshots.append((c_step, c_state))
         del self._snapshots[:-max(1, self.snapshots_kept)]
-        self._unjudged = [u for u in self._unjudged if u[0] == sent["candidate"]]
+        self._unjudged = [u for u in self._unjudged if u[0] in sent["candidates"]]
         for raw, applied, restored in sent["advice"]:
             advice = pb.Advice()
             advice.ParseFromString(raw)
