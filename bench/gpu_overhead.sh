@@ -14,7 +14,9 @@
 # build/bin/lossguardd.
 # Environment: BUILD_DIR (default build-gpu), MODELS (default "cnn resnet"),
 # STEPS (default 300), REPS (default 5), BATCH (default 64), DEVICE
-# (default cuda).
+# (default cuda). PY_BATCHES (e.g. "64 1024"): then bench/py_guard_overhead.py
+# runs too, at those batch sizes, with PY_VARIANTS and the Python package in
+# PY_PATH (default build/python, made by a full build; it is pure Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deps=""
@@ -77,3 +79,13 @@ ldd "$build/bin/lossguard-train" | grep -E 'torch|grpc|protobuf|cuda' || true
 "$python" bench/guard_overhead.py --bin "$build/bin" --daemon "${daemon_env[*]} $daemon" \
   --device "${DEVICE:-cuda}" --steps "${STEPS:-300}" --reps "${REPS:-5}" \
   --models "${MODELS:-cnn resnet}" --batch_size "${BATCH:-64}" "${data_args[@]}" "$@"
+
+if [ -n "${PY_BATCHES:-}" ]; then
+  py_data=/usr/share/datasets/fashion-mnist
+  if [ -n "$deps" ]; then py_data="$deps/fashion-mnist"; fi
+  "$python" bench/py_guard_overhead.py --device "${DEVICE:-cuda}" \
+    --daemon "${daemon_env[*]} $daemon" --pythonpath "${PY_PATH:-build/python}" \
+    --data_dir "$py_data" \
+    --batch_sizes "$PY_BATCHES" --reps "${REPS:-5}" \
+    --variants "${PY_VARIANTS:-no guard,attached,1 step in flight,no gradient norm}"
+fi

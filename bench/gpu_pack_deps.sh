@@ -27,6 +27,16 @@ packages=(
   libeigen3-dev nlohmann-json3-dev
   libsqlite3-0 libcpp-httplib0.11
 )
+# And every package whose libraries this build's lossguardd loads (libpq5
+# for the PostgreSQL store and what it pulls in, ...), except the C and
+# C++ runtimes: the GPU host's own are newer.
+for lib in $(ldd build/bin/lossguardd | awk '/=>/ {print $3}'); do
+  pkg=$(dpkg -S "$lib" 2>/dev/null || dpkg -S "${lib#/usr}" 2>/dev/null ||
+        dpkg -S "/usr$lib" 2>/dev/null || true)
+  pkg=${pkg%%:*}
+  case "$pkg" in ""|libc6|libgcc-s1|libstdc++6) ;; *) packages+=("$pkg") ;; esac
+done
+mapfile -t packages < <(printf '%s\n' "${packages[@]}" | sort -u)
 (cd "$work" && apt-get download "${packages[@]}" >/dev/null)
 mkdir "$work/root"
 for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/root"; done

@@ -11,7 +11,11 @@ each: no guard at all (the schedule set directly), the guard attached
 to a lossguardd in OBSERVE mode (gradient norm, reporting, the client's
 background thread; the LR is sound, so no action), and the guard in
 embedded mode (the analyzers in the training process). Prints the median
-training time per step of each and the overhead against no guard.
+training time per step of each and the overhead against no guard, and the
+host time spent in the guard's calls per step (waits for the device
+included). --more adds two attached variants that tell where the cost is:
+waiting at every step for the previous step's values (--steps_in_flight=1)
+and no gradient norm (--grad_norm=false).
 """
 import argparse
 import json
@@ -36,6 +40,8 @@ def main():
     ap.add_argument("--daemon", default="",
                     help="command that runs lossguardd (default: BIN/lossguardd)")
     ap.add_argument("--data_dir", default="", help="Fashion-MNIST directory")
+    ap.add_argument("--more", action="store_true",
+                    help="also attached with 1 step in flight, and without the gradient norm")
     args = ap.parse_args()
     for model in args.models.split():
         measure(args, model)
@@ -54,7 +60,12 @@ def measure(args, model):
         "guard, attached": ["--server", f"127.0.0.1:{port}", "--mode", "observe"],
         "guard, embedded": ["--embedded", "--mode", "observe"],
     }
+    if args.more:
+        attached = variants["guard, attached"]
+        variants["attached, 1 in flight"] = attached + ["--steps_in_flight=1"]
+        variants["attached, no norm"] = attached + ["--grad_norm=false"]
     times = {k: [] for k in variants}
+    guard_us = {k: [] for k in variants}
     device = None
     try:
         for rep in range(args.reps):
@@ -72,6 +83,8 @@ def measure(args, model):
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 m = json.load(open(out))
                 times[name].append(m["ms_per_step"])
+                if "guard_us_per_step" in m:
+                    guard_us[name].append(m["guard_us_per_step"])
                 device = m["device"]
     finally:
         daemon.terminate()
@@ -80,10 +93,13 @@ def measure(args, model):
     base = statistics.median(times["no guard"])
     print(f"device {device}, model {model}, batch {args.batch_size}, {args.steps} steps "
           f"({args.steps - args.timing_warmup} timed) x {args.reps} runs each "
-          f"(median ms per training step; overhead vs no guard):", flush=True)
+          f"(median ms per training step; overhead vs no guard; host time in the "
+          f"guard's calls per step):", flush=True)
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:18s} {med:8.3f} ms   {100.0 * (med / base - 1.0):+6.2f}%   "
+        g = (f"guard {statistics.median(guard_us[name]):7.1f} us"
+             if guard_us[name] else " " * 16)
+        print(f"  {name:22s} {med:8.3f} ms   {100.0 * (med / base - 1.0):+6.2f}%   {g}   "
               f"(runs: {', '.join(f'{t:.3f}' for t in ts)})", flush=True)
 
 

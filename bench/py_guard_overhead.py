@@ -3,16 +3,20 @@
 
     bench/py_guard_overhead.py [--device cuda] [--steps 500] [--reps 5]
         [--batch_sizes "64 256"] [--daemon CMD] [--data_dir DIR]
+        [--variants "no guard,attached,1 step in flight,no gradient norm"]
 
 A plain PyTorch loop (the CNN of lossguard-train: two 3x3 convolutions with
 max-pooling, two linear layers; SGD with momentum) on Fashion-MNIST read
 from Debian's dataset-fashion-mnist, the whole training subset on the
-device. Two variants, interleaved, `reps` times each: no guard, and
-TorchGuard with a Client attached to a lossguardd (OBSERVE mode: gradient
-norm, reporting one step late, the client's background thread). The first
---timing_warmup steps are not timed. Prints the median time per step and
-the overhead. Needs the Python package with its generated stubs
-(build/python, or --pythonpath).
+device. The variants (VARIANTS), interleaved, `reps` times each: no guard,
+and TorchGuard with a Client attached to a lossguardd (OBSERVE mode:
+gradient norm, reporting once each step's values are copied, the client's
+background thread), also waiting at every step for the previous step's
+values (max_steps_in_flight=1), without the gradient norm, and with the
+client batching 0.2 s instead of 0.02 s. The first --timing_warmup steps
+are not timed. Prints the median time per step, the overhead and the host
+time spent in after_backward. Needs the Python package with its generated
+stubs (build/python, or --pythonpath).
 """
 import argparse
 import gzip
@@ -55,17 +59,31 @@ class Cnn(torch.nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-def train(args, x, y, batch, guard_server, run_id, delay=0.02):
+# The variants: (client's max_batch_delay, TorchGuard's options); None: no
+# guard at all.
+VARIANTS = {
+    "no guard": None,
+    "attached": (0.02, {}),
+    "1 step in flight": (0.02, {"max_steps_in_flight": 1}),
+    "no gradient norm": (0.02, {"grad_norm": False}),
+    "0.2 s batches": (0.2, {}),
+}
+
+
+def train(args, x, y, batch, guard_server, run_id, variant=None):
+    """One run: (ms per timed step, host us per step in after_backward)."""
     import lossguard
     device = torch.device(args.device)
     torch.manual_seed(1)
     model = Cnn().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     client = guard = None
-    if guard_server:
+    if variant is not None:
+        delay, options = variant
         client = lossguard.Client(guard_server, run_id=run_id, mode="observe",
                                   max_batch_delay=delay)
-        guard = lossguard.TorchGuard(opt, client)
+        guard = lossguard.TorchGuard(opt, client, **options)
+    in_guard = 0.0
     n = x.shape[0]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = None
@@ -73,22 +91,26 @@ def train(args, x, y, batch, guard_server, run_id, delay=0.02):
         if step == args.timing_warmup:
             sync()
             start = time.perf_counter()
+            in_guard = 0.0
         i = (step * batch) % (n - batch)
         xb, yb = x[i:i + batch], y[i:i + batch]
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         if guard is not None:
+            t = time.perf_counter()
             guard.after_backward(step, loss)
+            in_guard += time.perf_counter() - t
         opt.step()
     if guard is not None:
         guard.flush()
     sync()
-    ms = 1000.0 * (time.perf_counter() - start) / (args.steps - args.timing_warmup)
+    timed = args.steps - args.timing_warmup
+    ms = 1000.0 * (time.perf_counter() - start) / timed
     if client is not None:
         client.finish(timeout=10.0)
         client.close()
-    return ms
+    return ms, 1e6 * in_guard / timed
 
 
 def main():
@@ -101,6 +123,8 @@ def main():
     ap.add_argument("--daemon", default="build/bin/lossguardd")
     ap.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--pythonpath", default="build/python")
+    ap.add_argument("--variants", default="no guard,attached,0.2 s batches",
+                    help="comma-separated, from: " + ", ".join(VARIANTS))
     args = ap.parse_args()
     sys.path.insert(0, args.pythonpath)
     x, y = load_images(args.data_dir, 10000)
@@ -114,21 +138,25 @@ def main():
     try:
         for batch in [int(b) for b in args.batch_sizes.split()]:
             train(args, x, y, batch, None, "warm")  # CUDA context, cuDNN
-            times = {"no guard": [], "TorchGuard, attached": [],
-                     "TorchGuard, 0.2 s batches": []}
+            variants = {k: VARIANTS[k] for k in args.variants.split(",")}
+            times = {k: [] for k in variants}
+            in_guard = {k: [] for k in variants}
             for rep in range(args.reps):
-                times["no guard"].append(train(args, x, y, batch, None, ""))
-                times["TorchGuard, attached"].append(
-                    train(args, x, y, batch, server, f"py-overhead-{batch}-{rep}"))
-                times["TorchGuard, 0.2 s batches"].append(
-                    train(args, x, y, batch, server, f"py-overhead-{batch}-{rep}-slow", 0.2))
+                for k, variant in variants.items():
+                    ms, us = train(args, x, y, batch, server,
+                                   f"py-overhead-{batch}-{rep}-{k.replace(' ', '_')}", variant)
+                    times[k].append(ms)
+                    in_guard[k].append(us)
             base = statistics.median(times["no guard"])
             print(f"{name}, torch {torch.__version__}, python CNN, batch {batch}, "
-                  f"{args.steps - args.timing_warmup} timed steps x {args.reps} runs each:",
+                  f"{args.steps - args.timing_warmup} timed steps x {args.reps} runs each "
+                  f"(median ms per step, overhead, host us per step in after_backward):",
                   flush=True)
             for k, ts in times.items():
                 med = statistics.median(ts)
-                print(f"  {k:26s} {med:8.3f} ms   {100.0 * (med / base - 1.0):+6.2f}%   "
+                g = (f"after_backward {statistics.median(in_guard[k]):7.1f} us"
+                     if variants[k] is not None else " " * 25)
+                print(f"  {k:22s} {med:8.3f} ms   {100.0 * (med / base - 1.0):+6.2f}%   {g}  "
                       f"(runs: {', '.join(f'{t:.3f}' for t in ts)})", flush=True)
     finally:
         daemon.terminate()
