@@ -432,6 +432,48 @@ class TorchGuardStagingTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             lossguard.TorchGuard(opt, client, max_steps_in_flight=0)
 
+    @unittest.skipUnless(torch.cuda.is_available(), "needs CUDA")
+    def test_on_cuda_every_step_is_reported_once_with_its_own_values(self):
+        """The ring of pinned slots and events, with the device kept busy so
+        that the copies lag: whatever max_steps_in_flight, every step is
+        reported once, in order, with its own loss and gradient norm, no
+        more than max_steps_in_flight steps late; a validation goes with
+        its step, and a change of the loss's dtype changes nothing."""
+        for n in (1, 2, 3):
+            torch.manual_seed(0)
+            net = torch.nn.Linear(8, 1).cuda()
+            opt = torch.optim.SGD(net.parameters(), lr=0.01)
+            x = torch.randn(64, 8, device="cuda")
+            y = torch.randn(64, 1, device="cuda")
+            client = RecordingClient()
+            guard = lossguard.TorchGuard(opt, client, max_steps_in_flight=n)
+            want = []  # (loss, norm) as device tensors, read after the loop
+            lag = []
+            for step in range(12):
+                guard.before_step(step)
+                torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time
+                loss = torch.nn.functional.mse_loss(net(x), y)
+                if step >= 6:
+                    loss = loss.double()
+                opt.zero_grad()
+                loss.backward()
+                norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.double().norm() for p in net.parameters()]))
+                want.append((loss.detach().clone(), norm))
+                guard.after_backward(step, loss)
+                opt.step()
+                lag.append(step + 1 - len(client.reports))
+                if step == 5:
+                    guard.report_validation(5, 0.5)
+            guard.flush()
+            self.assertEqual([r[0] for r in client.reports], list(range(12)), n)
+            for (step, loss, val, norm), (w_loss, w_norm) in zip(client.reports, want):
+                self.assertAlmostEqual(loss, w_loss.item(), places=6, msg=(n, step))
+                self.assertAlmostEqual(norm, w_norm.item(), places=5, msg=(n, step))
+                self.assertEqual(val, 0.5 if step == 5 else None, (n, step))
+            self.assertLessEqual(max(lag), n, (n, lag))
+            self.assertEqual(max(lag), n, (n, lag))  # the GPU lags: the ring fills
+
     def test_a_rollback_restores_the_weights_its_snapshot_was_judged_by(self):
         """A snapshot of the weights after step s counts once step s+1's
         loss, computed from them, is sound; a rollback then restores

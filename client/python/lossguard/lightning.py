@@ -131,8 +131,10 @@ class LossGuardCallback(_Base):
             loss = self._loss_sum / self._loss_count
             self._loss_sum, self._loss_count = None, 0
             guard._report_pending()
-            # The weights now are those after optimizer step `step`.
-            guard._stage(step, loss, norm, weights_step=step)
+            guard._stage(step, loss, norm)
+        # The weights now are those after optimizer step `step` (on every
+        # rank, loss or not).
+        guard._take_candidate(step)
         # Every rank, every optimizer step, loss or not: under
         # torch.distributed this is where the ranks sync.
         guard._advise(step)

@@ -13,7 +13,11 @@ def grad_norm(params, device):
     """The global L2 norm of the parameters' gradients (those that have one),
     as a float64 tensor on the device: one fused kernel for all the norms
     on CUDA (as clip_grad_norm_ with foreach), then one reduction."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
+    return _total_norm([p.grad for p in params if p.grad is not None], device)
+
+
+@torch.no_grad()
+def _total_norm(grads, device):
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2,
@@ -71,7 +75,8 @@ class TorchGuard:
     is called on every rank. Make the guard after init_process_group, or it
     runs each rank on its own. Between two broadcasts the other
     ranks keep each snapshot until rank 0 says whether it was good: up to
-    sync_every / snapshot_every + 1 more copies of the model.
+    (sync_every + max_steps_in_flight) / snapshot_every + 1 more copies of
+    the model.
     """
 
     def __init__(self, optimizer, client, *, scheduler=None, accept=None,
@@ -93,8 +98,7 @@ class TorchGuard:
         # Staged steps, oldest first: [step, lr, loss, norm (or None),
         # staging slot (CUDA) or None, val_loss].
         self._pending = collections.deque()
-        self._slots = None        # CUDA: [pinned loss, pinned norm, event] each
-        self._next_slot = 0
+        self._slots = None        # CUDA: [pinned loss, pinned norm, event, device] each
         self._last = (None, math.nan)  # the last step reported and its loss
         self._restart = None      # (at_step, t_0, eta_max, eta_min)
         self._ramp = None         # [factor per step, steps left] (ramp_lr)
@@ -165,14 +169,16 @@ class TorchGuard:
         self._report_pending()
         total = None
         if self.grad_norm or self.clip_max_norm is not None:
-            params = list(self._params())
-            total = grad_norm(params, loss.device)
-            if params and self.clip_max_norm is not None:
+            grads = [p.grad for p in self._params()]
+            total = _total_norm(grads, loss.device)
+            if grads and self.clip_max_norm is not None:
                 coef = (self.clip_max_norm / (total + 1e-6)).clamp(max=1.0)
-                for p in params:
-                    p.grad.detach().mul_(coef.to(p.grad.dtype))
+                with torch.no_grad():
+                    for g in grads:
+                        g.mul_(coef.to(g.dtype))
         # The weights now are those after optimizer step `step` - 1.
-        self._stage(step, loss, total, weights_step=step - 1)
+        self._take_candidate(step - 1)
+        self._stage(step, loss, total)
         self._advise(step)
 
     def _advise(self, step):
@@ -183,20 +189,26 @@ class TorchGuard:
         if self._dist is not None and step % self.sync_every == 0:
             self._sync(step)
 
-    def _stage(self, step, loss, total, weights_step):
+    def _take_candidate(self, weights_step):
+        """With rollback, the model's weights now (those after optimizer
+        step `weights_step`) are a candidate snapshot when that step is due
+        for one; the loss of the step after judges it. Called on every
+        rank at every optimizer step, loss or not, so that the ranks hold
+        the same snapshots."""
+        if (self.model is None or self.snapshot_every <= 0 or weights_step < 0
+                or weights_step % self.snapshot_every != 0):
+            return
+        if self.client is not None:
+            self._candidates.append((weights_step, self._copy_state()))
+        elif self._dist is not None:
+            # Another rank than 0: rank 0 judges it (this rank's loss is not
+            # the one rank 0 sees) and says so at a sync.
+            self._unjudged.append((weights_step, self._copy_state()))
+
+    def _stage(self, step, loss, total):
         """Keeps step `step`'s loss and gradient norm (device tensors, the
         norm may be None) to be reported later, without waiting for the
-        device now. With rollback, the model's weights now (those after
-        optimizer step `weights_step`) are a candidate snapshot when that
-        step is due for one; the loss of the step after judges it."""
-        if (self.model is not None and self.snapshot_every > 0 and weights_step >= 0
-                and weights_step % self.snapshot_every == 0):
-            if self.client is not None:
-                self._candidates.append((weights_step, self._copy_state()))
-            elif self._dist is not None:
-                # Another rank than 0: rank 0 judges it (this rank's loss
-                # is not the one rank 0 sees) and says so at a sync.
-                self._unjudged.append((weights_step, self._copy_state()))
+        device now."""
         if self.client is None:  # nothing is reported from this rank
             return
         loss = loss.detach().reshape(())
@@ -211,18 +223,22 @@ class TorchGuard:
             # step in flight) are made once.
             if self._slots is None:
                 self._slots = [None] * self.max_steps_in_flight
-            slot = self._next_slot
-            self._next_slot = (slot + 1) % len(self._slots)
+            # The slot after the newest pending step's is free: at most
+            # max_steps_in_flight - 1 steps are pending now.
+            newest = next((e[4] for e in reversed(self._pending) if e[4] is not None), None)
+            slot = 0 if newest is None else (newest + 1) % len(self._slots)
             buf = self._slots[slot]
-            if buf is None or buf[0].dtype != loss.dtype:
+            if buf is None or buf[0].dtype != loss.dtype or buf[3] != loss.device:
+                # (an event belongs to the device it was first recorded on)
                 buf = [torch.empty((), dtype=loss.dtype, pin_memory=True),
                        torch.empty((), dtype=torch.float64, pin_memory=True),
-                       torch.cuda.Event()]
+                       torch.cuda.Event(), loss.device]
                 self._slots[slot] = buf
             buf[0].copy_(loss, non_blocking=True)
             if total is not None:
                 buf[1].copy_(total, non_blocking=True)
-            buf[2].record()
+            # On the stream the copies went to: the loss's device's.
+            buf[2].record(torch.cuda.current_stream(loss.device))
         self._pending.append([step, self.lr, loss, total, slot, None])
 
     def report_validation(self, step, val_loss):
@@ -294,7 +310,7 @@ class TorchGuard:
         while self._pending:
             step, lr, loss, norm, slot, val = self._pending[0]
             if slot is not None:
-                host_loss, host_norm, event = self._slots[slot]
+                host_loss, host_norm, event, _ = self._slots[slot]
                 if not event.query():
                     if len(self._pending) <= keep:
                         return  # not copied yet: reported later
@@ -436,6 +452,12 @@ class TorchGuard:
                     restored = restore_step
                 if restored is not None and self._restore(restored):
                     note += f"; weights rolled back to step {restored}"
+                elif decided is not None and restored is not None:
+                    # Rank 0 restored a snapshot this rank lacks: going on
+                    # would part the ranks' weights.
+                    raise RuntimeError(
+                        f"lossguard: rank 0 rolled back to the weights of step {restored}, "
+                        "which this rank has no snapshot of")
                 else:
                     restored = None
         if asked:

@@ -78,7 +78,6 @@ struct Guard::Staging {
     std::optional<c10::Event> copied;
   };
   std::vector<Slot> slots;
-  size_t next = 0;
 };
 
 Guard::Guard(Client* client, ::torch::optim::Optimizer& optimizer,
@@ -133,31 +132,31 @@ void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
   ReportPending(/*wait_all=*/false);
   step_ = step;
 
-  std::vector<::torch::Tensor> grads;
-  const bool measure = options_.grad_norm || clip_.has_value();
-  if (measure) {
-    for (const auto& group : optimizer_.param_groups()) {
-      for (const auto& p : group.params()) {
-        if (p.grad().defined()) grads.push_back(p.grad().detach());
-      }
-    }
-  }
   // Global L2 norm of the gradients, before clipping, on the device and in
   // a handful of kernels whatever the number of parameters: _foreach_norm
   // is one fused launch on CUDA (as in torch.nn.utils.clip_grad_norm_ with
   // foreach), then one stack and one reduction, accumulated in double.
   ::torch::Tensor total;
-  if (measure) {
+  if (options_.grad_norm || clip_.has_value()) {
+    // The gradients themselves, not detached aliases (one dispatcher call
+    // each): autograd records nothing of the norm and the clipping.
+    ::torch::NoGradGuard no_grad;
+    std::vector<::torch::Tensor> grads;
+    for (const auto& group : optimizer_.param_groups()) {
+      for (const auto& p : group.params()) {
+        if (p.grad().defined()) grads.push_back(p.grad());
+      }
+    }
     total = grads.empty()
                 ? ::torch::zeros({}, loss.options().dtype(::torch::kDouble))
                 : at::linalg_vector_norm(::torch::stack(at::_foreach_norm(grads, 2)),
                                          2, at::OptionalIntArrayRef{},
                                          /*keepdim=*/false, ::torch::kDouble);
-  }
-  if (clip_.has_value() && !grads.empty()) {
-    // torch.nn.utils.clip_grad_norm_: no host sync either.
-    ::torch::Tensor coef = (*clip_ / (total + 1e-6)).clamp_max(1.0);
-    for (const auto& g : grads) g.mul_(coef.to(g.dtype()));
+    if (clip_.has_value() && !grads.empty()) {
+      // torch.nn.utils.clip_grad_norm_: no host sync either.
+      ::torch::Tensor coef = (*clip_ / (total + 1e-6)).clamp_max(1.0);
+      for (const auto& g : grads) g.mul_(coef.to(g.dtype()));
+    }
   }
 
   auto pending = std::make_unique<Pending>();
@@ -180,9 +179,15 @@ void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
       staging_->slots.resize(std::max(options_.max_steps_in_flight, 1));
     }
     Staging& st = *staging_;
-    // The slot is free: at most slots.size() - 1 steps are pending now.
-    const size_t i = st.next;
-    st.next = (st.next + 1) % st.slots.size();
+    // The slot after the newest pending step's is free: at most
+    // slots.size() - 1 steps are pending now, in consecutive slots.
+    size_t i = 0;
+    for (auto it = pending_.rbegin(); it != pending_.rend(); ++it) {
+      if ((*it)->slot >= 0) {
+        i = (static_cast<size_t>((*it)->slot) + 1) % st.slots.size();
+        break;
+      }
+    }
     Staging::Slot& slot = st.slots[i];
     const auto pinned = ::torch::TensorOptions().pinned_memory(true);
     if (!slot.loss.defined() || slot.loss.scalar_type() != pending->loss.scalar_type()) {

@@ -36,8 +36,8 @@ struct GuardOptions {
   // Called for every advice received (applied or not), on the training
   // thread, e.g. to print it.
   std::function<void(const v1::Advice&, bool applied)> on_advice;
-  // Called with every step as it is reported (one step late, see Guard),
-  // on the training thread: e.g. to log the curve the daemon sees.
+  // Called with every step as it is reported (one step late or more, see
+  // Guard), on the training thread: e.g. to log the curve the daemon sees.
   std::function<void(const analyzers::StepRecord&)> on_report;
   // Rollback: with a module, the guard keeps in-memory snapshots of its
   // parameters and buffers (BatchNorm statistics) every `snapshot_every`
@@ -126,8 +126,9 @@ class Guard {
   void BeforeStep(int64_t step);
 
   // After loss.backward(), before optimizer.step(): measures the global
-  // gradient norm, clips the gradients when clipping is on, queues this
-  // step's report and handles advice that has arrived.
+  // gradient norm (unless GuardOptions::grad_norm is false and clipping is
+  // off), clips the gradients when clipping is on, queues this step's
+  // report and handles advice that has arrived.
   void AfterBackward(int64_t step, const ::torch::Tensor& loss);
 
   // The validation loss measured after optimizer step `step` (the last
