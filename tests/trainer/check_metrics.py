@@ -36,7 +36,17 @@ def main():
         assert [i for i, r in enumerate(rows) if r[3]] == [19, 39], rows
         assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows), rows
         assert abs(float(rows[-1][1]) - m["final_lr"]) < 1e-6 + 0.1 * m["final_lr"], (rows[-1], m)
+        # Training time per step, and the host time of the guard's calls in it.
+        assert m["ms_per_step"] > 0 and 0 < m["guard_us_per_step"] < 1000 * m["ms_per_step"], m
+        # --grad_norm=false: the curve has the loss and no gradient norm.
+        subprocess.run([binary, "--steps", "10", "--train-subset", "500", "--val-size", "100",
+                        "--quiet", "--grad_norm=false", "--metrics-out", out,
+                        "--curve-out", curve], check=True)
+        rows = [line.split(",") for line in open(curve).read().splitlines()[1:]]
+        assert len(rows) == 10 and all(float(r[2]) > 0 and r[4] == "" for r in rows), rows
         # Bad flags are errors, not crashes.
+        r = subprocess.run([binary, "--steps_in_flight", "0"], capture_output=True, text=True)
+        assert r.returncode == 1 and "--steps_in_flight" in r.stderr, r
         r = subprocess.run([binary, "--optimizer", "lion"], capture_output=True, text=True)
         assert r.returncode == 1 and "--optimizer" in r.stderr, r
         r = subprocess.run([binary, "--data", d], capture_output=True, text=True)
