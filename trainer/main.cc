@@ -468,8 +468,8 @@ int main(int argc, char** argv) {
       eval_seconds = 0.0;
       guard_seconds = 0.0;
     }
-    auto guard_start = std::chrono::steady_clock::now();
     if (guard) {
+      const auto guard_start = std::chrono::steady_clock::now();
       guard->BeforeStep(step);
       guard_seconds += seconds_since(guard_start);
     } else {
@@ -480,7 +480,7 @@ int main(int argc, char** argv) {
     torch::Tensor loss = torch::nn::functional::cross_entropy(forward(x), y);
     loss.backward();
     if (guard) {
-      guard_start = std::chrono::steady_clock::now();
+      const auto guard_start = std::chrono::steady_clock::now();
       guard->AfterBackward(step, loss);
       guard_seconds += seconds_since(guard_start);
     }

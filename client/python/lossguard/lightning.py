@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from lossguard.torch_guard import TorchGuard, grad_norm
+from lossguard.torch_guard import TorchGuard
 
 
 def _lightning_callback_base():
@@ -99,16 +99,11 @@ class LossGuardCallback(_Base):
         # Not on_after_backward: there, under mixed precision, the gradients
         # are still multiplied by the loss scale (2**16 at first).
         guard = self._ensure_guard(trainer, pl_module)
-        if not guard.grad_norm and guard.clip_max_norm is None:
+        if not guard._measuring:
             return
         params = [p for p in pl_module.parameters() if p.grad is not None]
-        if not params:
-            return
-        self._grad_norm = grad_norm(params, params[0].device)
-        if guard.clip_max_norm is not None:
-            coef = (guard.clip_max_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
-            for p in params:
-                p.grad.detach().mul_(coef.to(p.grad.dtype))
+        if params:
+            self._grad_norm = guard._measure(params, params[0].device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         guard = self._ensure_guard(trainer, pl_module)

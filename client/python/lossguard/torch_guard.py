@@ -9,15 +9,11 @@ import torch.distributed as dist
 from lossguard.v1 import lossguard_pb2 as pb
 
 
-def grad_norm(params, device):
-    """The global L2 norm of the parameters' gradients (those that have one),
-    as a float64 tensor on the device: one fused kernel for all the norms
-    on CUDA (as clip_grad_norm_ with foreach), then one reduction."""
-    return _total_norm([p.grad for p in params if p.grad is not None], device)
-
-
 @torch.no_grad()
 def _total_norm(grads, device):
+    """The global L2 norm of `grads` as a float64 tensor on the device: one
+    fused kernel for all the norms on CUDA (as clip_grad_norm_ with
+    foreach), then one reduction."""
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2,
@@ -57,9 +53,9 @@ class TorchGuard:
     finite and at most twice the loss before it. An action with
     restore_checkpoint (an LR cut for a run that blew up) first restores
     the newest snapshot from before the trouble (the divergence's onset,
-    else the step of the highest loss), clears the optimizer's state and the current gradients, so the
-    optimizer.step() that follows changes nothing. Costs snapshots_kept + 1
-    copies of the model.
+    else the step of the highest loss), clears the optimizer's state and
+    the current gradients, so the optimizer.step() that follows changes
+    nothing. Costs snapshots_kept + 1 copies of the model.
 
     Distributed data parallel (torch.distributed initialized, more than one
     process): every rank wraps its optimizer, and rank 0 alone has a client
@@ -167,19 +163,29 @@ class TorchGuard:
 
     def after_backward(self, step, loss):
         self._report_pending()
-        total = None
-        if self.grad_norm or self.clip_max_norm is not None:
-            grads = [p.grad for p in self._params()]
-            total = _total_norm(grads, loss.device)
-            if grads and self.clip_max_norm is not None:
-                coef = (self.clip_max_norm / (total + 1e-6)).clamp(max=1.0)
-                with torch.no_grad():
-                    for g in grads:
-                        g.mul_(coef.to(g.dtype))
+        total = self._measure(self._params(), loss.device) if self._measuring else None
         # The weights now are those after optimizer step `step` - 1.
         self._take_candidate(step - 1)
         self._stage(step, loss, total)
         self._advise(step)
+
+    @property
+    def _measuring(self):
+        """Whether the gradient norm is measured (asked for, or clipping)."""
+        return self.grad_norm or self.clip_max_norm is not None
+
+    def _measure(self, params, device):
+        """The global norm of the gradients of `params` (those that have
+        one), before clipping, as a float64 tensor on `device`; clips them
+        when clipping is on."""
+        grads = [p.grad for p in params]
+        total = _total_norm(grads, device)
+        if grads and self.clip_max_norm is not None:
+            coef = (self.clip_max_norm / (total + 1e-6)).clamp(max=1.0)
+            with torch.no_grad():
+                for g in grads:
+                    g.mul_(coef.to(g.dtype))
+        return total
 
     def _advise(self, step):
         """Handles the advice that has arrived, after step `step` was staged
