@@ -14,9 +14,10 @@ For every model x optimizer:
     the dev corpus' x1.06 per step, 600 a slow test), since where the loss
     falls steepest depends on how long the model trains on the way;
   - a sweep of constant LRs on a 1-3 grid x --seeds, --sweep-steps steps,
-    validation every 50 steps (unattached: the guard only writes the curve); the best LR is the one with the lowest mean
-    (over seeds) of the mean of its last 5 validation losses, non-finite
-    runs excluded: the dev corpus' rule.
+    validation every 50 steps (unattached: the guard only writes the
+    curve); the best LR is the one with the lowest mean (over seeds) of the
+    mean of its last 5 validation losses, non-finite runs excluded: the dev
+    corpus' rule.
 Binaries are copied first, so rebuilding meanwhile changes nothing.
 """
 import argparse
@@ -34,8 +35,8 @@ import time
 SWEEPS = {
     "sgd": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3],
     "adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
-    "adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
 }
+SWEEPS["adamw"] = SWEEPS["adam"]
 
 
 def write_curve(path, lrs, losses):
