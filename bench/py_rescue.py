@@ -70,7 +70,8 @@ def train(args, data, opt_name, lr, seed, method, server, run_id):
     if method == "lossguard":
         client = lossguard.Client(server, run_id=run_id, project="py-rescue", mode="auto",
                                   config={"optimizer": opt_name, "base_lr": lr,
-                                          "batch_size": args.batch_size})
+                                          "batch_size": args.batch_size,
+                                          "total_steps": args.steps})
         guard = lossguard.TorchGuard(opt, client, model=model)
     curve = [] if args.curves and method == "lossguard" else None
     gen = torch.Generator().manual_seed(seed)

@@ -96,7 +96,10 @@ def main():
     client = lossguard.Client(args.server, run_id=run_id, project="examples",
                               mode=args.mode,
                               config={"optimizer": args.optimizer, "base_lr": args.lr,
-                                      "batch_size": args.batch_size})
+                                      "batch_size": args.batch_size,
+                                      # Planned length at a constant LR: a cut
+                                      # then decays to the end of the run.
+                                      "total_steps": args.steps})
     # model=: keep weight snapshots, so a correction can roll a blow-up back.
     guard = lossguard.TorchGuard(opt, client, model=model)
     print(f"training a CNN ({args.optimizer}, lr {args.lr:g}) on {x.shape[0]} images, "

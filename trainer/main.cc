@@ -125,16 +125,24 @@ std::string ActionText(const Advice& a) {
     case v1::Action::kSetLr:
       return absl::StrFormat("set LR %g", act.set_lr().lr());
     case v1::Action::kRestartCosine:
-      return absl::StrFormat("restart cosine (eta_max %g)",
-                             act.restart_cosine().eta_max());
+      return absl::StrFormat("cosine %g -> %g over %d steps",
+                             act.restart_cosine().eta_max(),
+                             act.restart_cosine().eta_min(),
+                             act.restart_cosine().t_0());
     case v1::Action::kEnableGradClip:
       return absl::StrFormat("clip grad norm at %g",
                              act.enable_grad_clip().max_norm());
     case v1::Action::kEarlyStop:
       return "early stop";
     case v1::Action::kRampLr:
-      return absl::StrFormat("ramp LR x%g/step for %d steps",
-                             act.ramp_lr().factor_per_step(), act.ramp_lr().steps());
+      return absl::StrFormat(
+          "ramp LR x%g/step for %d steps%s", act.ramp_lr().factor_per_step(),
+          act.ramp_lr().steps(),
+          act.ramp_lr().decay_steps() > 0
+              ? absl::StrFormat(", then cosine to %g over %d steps",
+                                act.ramp_lr().decay_eta_min(),
+                                act.ramp_lr().decay_steps())
+              : std::string());
     case v1::Action::KIND_NOT_SET:
       break;
   }
@@ -160,6 +168,26 @@ std::vector<char*> DashesToUnderscores(int argc, char** argv,
   }
   out.push_back(nullptr);
   return out;
+}
+
+// The schedule as the wire names it (RunConfig::schedule).
+lossguard::v1::Schedule ToProto(lossguard::schedule::ScheduleKind kind) {
+  using lossguard::schedule::ScheduleKind;
+  switch (kind) {
+    case ScheduleKind::kConstant:
+      return lossguard::v1::CONSTANT;
+    case ScheduleKind::kStep:
+      return lossguard::v1::STEP_DECAY;
+    case ScheduleKind::kCosine:
+      return lossguard::v1::COSINE;
+    case ScheduleKind::kCosineWarmRestarts:
+      return lossguard::v1::COSINE_WARM_RESTARTS;
+    case ScheduleKind::kOneCycle:
+      return lossguard::v1::ONE_CYCLE;
+    case ScheduleKind::kPlateau:
+      return lossguard::v1::REDUCE_ON_PLATEAU;
+  }
+  return lossguard::v1::SCHEDULE_UNSPECIFIED;
 }
 
 int Fail(const std::string& what) {
@@ -338,6 +366,7 @@ int main(int argc, char** argv) {
   gopts.schedule.max_lr = lr;
   gopts.schedule.total_steps = steps;
   gopts.schedule.plateau_patience = 2;  // in validations
+  gopts.planned_steps = steps;
   {
     auto check = gopts.schedule;
     check.base_lr = lr;
@@ -411,6 +440,7 @@ int main(int argc, char** argv) {
     co.config.set_base_lr(lr);
     co.config.set_batch_size(batch);
     co.config.set_total_steps(steps);
+    co.config.set_schedule(ToProto(gopts.schedule.kind));
     co.config.set_warmup_steps(gopts.schedule.warmup_steps);
     co.config.set_weight_decay(wd);
     co.config.set_momentum(absl::GetFlag(FLAGS_momentum));

@@ -123,7 +123,10 @@ async function main() {
     await page.waitForSelector(`tr.run[data-run="${live}"]`);
     r = await openRun(live);
     assert.ok(r.markers.some((c) => /marker action/.test(c)), JSON.stringify(r.markers));
-    assert.ok(r.drawn.some((d) => d.startsWith("action:LR x0.1")), JSON.stringify(r.drawn));
+    // The cut x0.1 (a decay from 0.05 to the run's planned end when 100 or
+    // more of its 120 steps are left after it, a plain scale otherwise).
+    assert.ok(r.drawn.some((d) => d.startsWith("action:LR x0.1") || d.startsWith("action:cosine 0.05 \u2192 0.0005 over")),
+      JSON.stringify(r.drawn));
     await page.screenshot({ path: path.join(outDir, "dashboard-live-run.png"), fullPage: true });
   }
   assert.deepEqual(errors, [], "no script errors");

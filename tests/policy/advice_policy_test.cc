@@ -787,15 +787,23 @@ TEST(AdvicePolicyTest, SetBackOnlyAfterTheRaiseThatWasApplied) {
 // A starved run gets a ramp up to starved_ramp_max_factor x its LR, never
 // past max_lr or the LR a blow-up was cut from; its end (a divergence, an
 // oscillation) is acted on at once, not after the cooldown.
-TEST(AdvicePolicyTest, StarvedRunGetsAnLrRampWhoseEndIsNotHeldBack) {
-  PolicyOptions o;
-  RunContext ctx;
+// 80 steps at LR 5e-5 with the loss stuck at its initial 2.30 and the
+// gradient norm intact, and the stagnation diagnosed at step 79: a starved
+// run.
+Diagnosis StarvedRun(const PolicyOptions& o, RunContext* ctx) {
   for (int64_t s = 0; s < 80; ++s) {
-    ObserveStep({.step = s, .lr = 5e-5, .loss = 2.30, .grad_norm = 0.7}, o, &ctx);
+    ObserveStep({.step = s, .lr = 5e-5, .loss = 2.30, .grad_norm = 0.7}, o, ctx);
   }
   Diagnosis stag = Diag(DiagnosisKind::kStagnation, 79);
   stag.loss_at_onset = 2.30;
   stag.grad_norm_level = 0.7;
+  return stag;
+}
+
+TEST(AdvicePolicyTest, StarvedRunGetsAnLrRampWhoseEndIsNotHeldBack) {
+  PolicyOptions o;
+  RunContext ctx;
+  const Diagnosis stag = StarvedRun(o, &ctx);
   Advice ramp = Decide(stag, ctx, o);
   ASSERT_EQ(ramp.action, ActionKind::kRampLr) << ramp.explanation;
   EXPECT_DOUBLE_EQ(ramp.ramp_factor, 1.1);
@@ -971,6 +979,106 @@ TEST(AdvicePolicyTest, CooldownDefersAnActionItDoesNotCancelIt) {
   ctx.deferred_kinds = 1u << static_cast<unsigned>(DiagnosisKind::kOscillation);
   EXPECT_TRUE(TakeDeferred({}, o, &ctx).empty());
   EXPECT_EQ(ctx.deferred_kinds, 0u);
+}
+
+// With a constant LR and a known planned length, a cut by a factor decays
+// to the planned end: a cosine from the cut LR over the steps left.
+TEST(AdvicePolicyTest, CutInAPlannedConstantRunDecaysToTheEnd) {
+  RunContext ctx = Ctx();  // step 500, LR 0.1, constant
+  ctx.planned_steps = 2000;
+  Advice a = Decide(Diag(DiagnosisKind::kDivergence), ctx);
+  EXPECT_EQ(a.action, ActionKind::kRestartCosine);
+  EXPECT_TRUE(a.anneal);
+  EXPECT_DOUBLE_EQ(a.lr_from, 0.1);
+  EXPECT_DOUBLE_EQ(a.lr_to, 0.01);
+  EXPECT_DOUBLE_EQ(a.eta_max, 0.01);
+  EXPECT_DOUBLE_EQ(a.eta_min, 0.0001);  // restart_eta_min_fraction
+  EXPECT_EQ(a.t_0, 1499);               // steps 501..1999
+  EXPECT_TRUE(a.restore_checkpoint);    // the divergence remedy's rollback
+  EXPECT_FALSE(RaisesLr(a, ctx));
+  EXPECT_THAT(a.explanation,
+              HasSubstr("lower the LR from 0.1 to 0.01 and decay it along a "
+                        "cosine to 0.0001 over the 1499 steps left"));
+  // The cut LR is the ceiling after the blow-up, as with a plain cut.
+  ObserveAdvice(Diag(DiagnosisKind::kDivergence), a, &ctx);
+  EXPECT_DOUBLE_EQ(ctx.lr_ceiling, 0.01);
+
+  // Oscillation's x0.5 and overfitting's first cut decay the same way.
+  ctx = Ctx();
+  ctx.planned_steps = 2000;
+  Advice osc = Decide(Diag(DiagnosisKind::kOscillation), ctx);
+  EXPECT_EQ(osc.action, ActionKind::kRestartCosine);
+  EXPECT_DOUBLE_EQ(osc.eta_max, 0.05);
+  EXPECT_FALSE(osc.restore_checkpoint);
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kOverfitting), ctx).action,
+            ActionKind::kRestartCosine);
+  // A raise is never a decay.
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kStagnation), ctx).action,
+            ActionKind::kScaleLr);
+}
+
+TEST(AdvicePolicyTest, CutStaysPlainWithoutAPlanOrWithAScheduleOrNearTheEnd) {
+  PolicyOptions o;
+  RunContext ctx = Ctx();
+  // Length unknown.
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kDivergence), ctx, o).action,
+            ActionKind::kScaleLr);
+  // Fewer than restart_min_t0 (100) steps left after the cut.
+  ctx.planned_steps = 600;
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kDivergence), ctx, o).action,
+            ActionKind::kScaleLr);
+  ctx.planned_steps = 601;
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kDivergence), ctx, o).action,
+            ActionKind::kRestartCosine);
+  // The LR is already decaying (a schedule of the run's own, or a decay
+  // lossguard started): the cut scales it, the decay goes on.
+  ctx.lr = 0.05;
+  ctx.schedule = ScheduleHint::kDecaying;
+  Advice a = Decide(Diag(DiagnosisKind::kDivergence), ctx, o);
+  EXPECT_EQ(a.action, ActionKind::kScaleLr);
+  EXPECT_DOUBLE_EQ(a.lr_to, 0.005);
+  // Turned off.
+  ctx = Ctx();
+  ctx.planned_steps = 2000;
+  o.anneal_after_cut = false;
+  EXPECT_EQ(Decide(Diag(DiagnosisKind::kDivergence), ctx, o).action,
+            ActionKind::kScaleLr);
+}
+
+TEST(AdvicePolicyTest, SetBackAfterARaiseIsNotADecay) {
+  // The LR before a raise lossguard advised was diagnosed as too small:
+  // going back to it is not a cut by a factor, and is not decayed.
+  RunContext ctx = Ctx();
+  ctx.planned_steps = 5000;
+  ctx.lr = 0.3;
+  ctx.max_lr_seen = 0.3;
+  ctx.raise_from_lr = 0.1;
+  ctx.raise_to_lr = 0.3;
+  ctx.raise_step = 480;
+  ctx.ramp_until = 600;
+  Advice a = Decide(Diag(DiagnosisKind::kDivergence), ctx);
+  EXPECT_EQ(a.action, ActionKind::kSetLr);
+  EXPECT_EQ(a.lr_bound, "LR before the raise");
+  EXPECT_FALSE(a.anneal);
+}
+
+TEST(AdvicePolicyTest, StarvedRampInAPlannedConstantRunDecaysAfterItsTop) {
+  PolicyOptions o;
+  RunContext ctx;
+  ctx.planned_steps = 400;
+  const Diagnosis stag = StarvedRun(o, &ctx);
+  Advice ramp = Decide(stag, ctx, o);
+  ASSERT_EQ(ramp.action, ActionKind::kRampLr) << ramp.explanation;
+  EXPECT_EQ(ramp.ramp_steps, 72);
+  EXPECT_TRUE(ramp.anneal);
+  EXPECT_EQ(ramp.t_0, 400 - 80 - 72);  // steps 152..399
+  EXPECT_NEAR(ramp.eta_min, 0.01 * ramp.lr_to, 1e-15);
+  EXPECT_THAT(ramp.explanation, HasSubstr("then decay it along a cosine to"));
+  // Too little of the run left after the ramp for a decay: the plain ramp.
+  ctx.planned_steps = 80 + 72 + 99;
+  Advice plain = Decide(stag, ctx, o);
+  ASSERT_EQ(plain.action, ActionKind::kRampLr);
+  EXPECT_FALSE(plain.anneal);
 }
 
 }  // namespace

@@ -363,6 +363,39 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
         self.assertAlmostEqual(opt.param_groups[0]["lr"], 0.2)
         self.assertAlmostEqual(opt.param_groups[1]["lr"], 0.1)
 
+    def test_ramp_with_a_decay_grows_then_decays_to_the_planned_end(self):
+        """A ramp_lr with decay_steps grows the LR for its steps, then
+        decays it along a cosine from its top to decay_eta_min over
+        decay_steps, keeping the groups' ratio."""
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        opt = torch.optim.SGD([{"params": net[0].parameters()},
+                               {"params": net[1].parameters(), "lr": 1e-4}], lr=1e-3)
+
+        class AutoClient:  # what _apply uses of a Client
+            mode = "auto"
+
+            def ack(self, *args, **kwargs):
+                pass
+
+        guard = lossguard.TorchGuard(opt, client=AutoClient())
+        guard._apply(9, pb.Advice(advice_id=1, action=pb.Action(
+            ramp_lr=pb.RampLr(factor_per_step=2.0, steps=3, decay_steps=10,
+                              decay_eta_min=8e-5))))
+        self.assertIn("then a cosine decay to 8e-05 over 10 steps", guard.events[-1][3])
+        lrs = []
+        for step in range(10, 24):
+            guard.before_step(step)
+            lrs.append(opt.param_groups[0]["lr"])
+            self.assertAlmostEqual(opt.param_groups[1]["lr"] / lrs[-1], 0.1)
+        # Steps 10-12 ramp (x2 each), the decay starts at 13 from the top.
+        for got, want in zip(lrs[:4], [2e-3, 4e-3, 8e-3, 8e-3]):
+            self.assertAlmostEqual(got, want)
+        top, eta_min = 8e-3, 8e-5
+        for t in range(10):
+            want = eta_min + (top - eta_min) * (1 + math.cos(math.pi * t / 10)) / 2
+            self.assertAlmostEqual(lrs[3 + t], want)
+        self.assertLess(lrs[12], 0.05 * top)
+
     def test_set_lr_at_lr_zero_is_refused_not_faked(self):
         """set_lr scales the groups; from LR 0 (a warmup from 0) no scale
         gets there, so the ack says not applied, and why, instead of
@@ -963,11 +996,14 @@ class ExampleTest(DaemonTestCase):
         h = self.daemon.health("py-example")
         self.assertEqual(h.summary.steps_stored, 80)
         self.assertEqual(h.summary.state, pb.FINISHED)
-        # The LR 10x too large is cut (perhaps after clipping first).
+        # The LR 10x too large is cut (perhaps after clipping first): with
+        # fewer than 100 of the 80 planned steps left, by a plain scale
+        # rather than a decay to the end.
         cuts = [r for r in h.advice if r.status == pb.APPLIED
                 and r.advice.action.WhichOneof("kind") == "scale_lr"
                 and r.advice.action.scale_lr.factor < 1.0]
         self.assertTrue(cuts, out.stdout)
+        self.assertEqual(h.config.total_steps, 80)
 
 
 class FleetTest(unittest.TestCase):

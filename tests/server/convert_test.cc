@@ -71,6 +71,16 @@ TEST(ConvertTest, AdviceReadBackKeepsWhatThePolicyRemembers) {
     EXPECT_DOUBLE_EQ(back.ramp_factor, 1.1);
     EXPECT_EQ(back.ramp_steps, 72);
     EXPECT_EQ(back.ramp_until, policy::RampUntil(60, 72, options));
+    EXPECT_FALSE(back.anneal);
+    // With a decay to the planned end after its top.
+    ramp.anneal = true;
+    ramp.t_0 = 268;
+    ramp.eta_min = 1e-3;
+    const Advice decay = RoundTrip(ramp, 1e-4, options);
+    EXPECT_TRUE(decay.anneal);
+    EXPECT_EQ(decay.t_0, 268);
+    EXPECT_DOUBLE_EQ(decay.eta_min, 1e-3);
+    EXPECT_EQ(decay.ramp_until, policy::RampUntil(60, 72, options));
   }
   {
     Advice restart;
@@ -87,6 +97,31 @@ TEST(ConvertTest, AdviceReadBackKeepsWhatThePolicyRemembers) {
     EXPECT_DOUBLE_EQ(back.eta_max, 0.1);
     EXPECT_DOUBLE_EQ(back.eta_min, 0.001);
     EXPECT_EQ(back.ramp_until, policy::RampUntil(900, 0, options));
+    EXPECT_FALSE(back.anneal);
+  }
+  {
+    // A cut's decay to the planned end (a restart below the LR it was sent
+    // at, with a rollback) comes back as the cut it is: no raise, and the
+    // cut LR as lr_to, the ceiling ObserveAdvice sets again.
+    Advice decay;
+    decay.diagnosis = DiagnosisKind::kDivergence;
+    decay.at_step = 15;
+    decay.action = ActionKind::kRestartCosine;
+    decay.anneal = true;
+    decay.t_0 = 384;
+    decay.eta_max = 0.15;
+    decay.eta_min = 0.0015;
+    decay.restore_checkpoint = true;
+    const Advice back = RoundTrip(decay, 1.5, options);
+    EXPECT_EQ(back.action, ActionKind::kRestartCosine);
+    EXPECT_TRUE(back.anneal);
+    EXPECT_TRUE(back.restore_checkpoint);
+    EXPECT_DOUBLE_EQ(back.lr_to, 0.15);
+    EXPECT_EQ(back.ramp_until, 0);
+    policy::RunContext ctx;
+    policy::ObserveAdvice(analyzers::Diagnosis{.kind = DiagnosisKind::kDivergence},
+                          back, &ctx);
+    EXPECT_DOUBLE_EQ(ctx.lr_ceiling, 0.15);
   }
   {
     // Stored before AdviceRecord.lr_when_sent existed (0): a x3 scale is

@@ -304,6 +304,35 @@ TEST(GuardEmbeddedTest, StarvedRunIsRampedUntilItLearns) {
   EXPECT_LT(last_loss, 0.5 * first_loss);
 }
 
+// The same run planned for 400 steps at a constant LR: the ramp carries a
+// decay to the planned end after its top (or, where the ramp blows up, the
+// cut does), so the run ends at a small fraction of the largest LR.
+TEST(GuardEmbeddedTest, StarvedRunOfKnownLengthDecaysToItsEnd) {
+  Problem p;
+  auto opt = p.Sgd(1e-4);
+  GuardOptions o;
+  o.planned_steps = 400;
+  Guard guard(*opt, o);
+  double first_loss = 0.0, last_loss = 0.0, max_lr = 0.0, last_lr = 0.0;
+  for (int64_t step = 0; step < 400; ++step) {
+    ::torch::Tensor loss = GuardedStep(p, *opt, guard, step);
+    const double l = loss.item<double>();
+    if (step == 0) first_loss = l;
+    last_loss = l;
+    last_lr = guard.lr();
+    max_lr = std::max(max_lr, last_lr);
+  }
+  ASSERT_FALSE(guard.events().empty());
+  const GuardEvent& e = guard.events().front();
+  ASSERT_TRUE(e.advice.action().has_ramp_lr()) << e.advice.DebugString();
+  EXPECT_GT(e.advice.action().ramp_lr().decay_steps(), 100);
+  EXPECT_THAT(e.note, ::testing::HasSubstr("then a cosine decay"));
+  EXPECT_GT(max_lr, 500 * 1e-4);
+  EXPECT_LT(last_lr, 0.05 * max_lr);
+  EXPECT_NEAR(GroupLr(*opt, 1) / GroupLr(*opt, 0), 0.1, 1e-9);
+  EXPECT_LT(last_loss, 0.5 * first_loss);
+}
+
 TEST(GuardEmbeddedTest, AdviseModeAsksAndObserveModeOnlyWatches) {
   for (v1::Mode mode : {v1::ADVISE, v1::OBSERVE}) {
     Problem p;

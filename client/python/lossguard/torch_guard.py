@@ -97,7 +97,7 @@ class TorchGuard:
         self._slots = None        # CUDA: [pinned loss, pinned norm, event, device] each
         self._last = (None, math.nan)  # the last step reported and its loss
         self._restart = None      # (at_step, t_0, eta_max, eta_min)
-        self._ramp = None         # [factor per step, steps left] (ramp_lr)
+        self._ramp = None         # [factor per step, steps left, decay steps, decay eta_min] (ramp_lr)
         self.model = model
         self.snapshot_every = snapshot_every
         self.snapshots_kept = snapshots_kept
@@ -155,8 +155,15 @@ class TorchGuard:
             self._scale(self._ramp[0])
             self._ramp[1] -= 1
             if self._ramp[1] <= 0:
+                decay_steps, eta_min = self._ramp[2], self._ramp[3]
                 self._ramp = None
-        if self._restart is not None:
+                if decay_steps > 0 and self.lr > 0:
+                    # The ramp's last step: from the next one the LR decays
+                    # from its top to the end of the planned run.
+                    top = self.lr
+                    self._ratios = [g["lr"] / top for g in self.optimizer.param_groups]
+                    self._restart = (step + 1, decay_steps, top, min(eta_min, top))
+        if self._restart is not None and step >= self._restart[0]:
             at, t0, eta_max, eta_min = self._restart
             t = (step - at) % t0
             self._set_lr(eta_min + (eta_max - eta_min) * (1 + math.cos(math.pi * t / t0)) / 2)
@@ -423,8 +430,13 @@ class TorchGuard:
             if kind == "ramp_lr":
                 f, n = act.ramp_lr.factor_per_step, min(act.ramp_lr.steps, 10000)
                 if 1.0 < f <= 10.0 and n > 0:
-                    self._ramp = [f, n]
-                    note = f"LR ramp x{f:g} per step for {n} steps, from {before:.4g} to {before * f ** n:.4g}"
+                    decay = max(act.ramp_lr.decay_steps, 0)
+                    eta_min = max(act.ramp_lr.decay_eta_min, 0.0)
+                    self._ramp = [f, n, decay, eta_min]
+                    top = before * f ** n
+                    note = f"LR ramp x{f:g} per step for {n} steps, from {before:.4g} to {top:.4g}"
+                    if decay > 0:
+                        note += f", then a cosine decay to {min(eta_min, top):.4g} over {decay} steps"
                 else:
                     note = f"LR ramp x{f:g} for {n} steps ignored"
             elif kind == "scale_lr":
@@ -438,7 +450,11 @@ class TorchGuard:
                 if before > 0:  # the groups' ratios as they are now
                     self._ratios = [g["lr"] / before for g in self.optimizer.param_groups]
                 self._restart = (step + 1, max(1, r.t_0), r.eta_max, r.eta_min)
-                note = f"cosine restarted: {r.eta_max:.4g} -> {r.eta_min:.4g} over {r.t_0} steps"
+                if r.eta_max < before:  # a cut's decay to the end of the run
+                    note = (f"LR {before:.4g} -> {r.eta_max:.4g}, then a cosine decay to "
+                            f"{r.eta_min:.4g} over {r.t_0} steps")
+                else:
+                    note = f"cosine restarted: {r.eta_max:.4g} -> {r.eta_min:.4g} over {r.t_0} steps"
             elif kind == "enable_grad_clip":
                 self.clip_max_norm = act.enable_grad_clip.max_norm
                 note = f"gradient clipping at norm {self.clip_max_norm:.4g}"

@@ -29,7 +29,12 @@ schedule::ScheduleConfig ResolveSchedule(schedule::ScheduleConfig config,
 // The analyzers and policy in-process, for a guard without a daemon.
 class Guard::Embedded {
  public:
-  Embedded(const GuardOptions& o) : advisor_(o.analyzer, o.policy) {}
+  Embedded(const GuardOptions& o) : advisor_(o.analyzer, o.policy) {
+    if (o.schedule.kind == schedule::ScheduleKind::kConstant) {
+      advisor_.mutable_context()->planned_steps =
+          std::max<int64_t>(o.planned_steps, 0);
+    }
+  }
 
   // Feeds one step; advice decided at it is appended to `out`.
   void Feed(const analyzers::StepRecord& rec, std::vector<v1::Advice>* out) {
@@ -122,6 +127,16 @@ void Guard::BeforeStep(int64_t step) {
     // schedule.
     schedule_.Scale(ramp_factor_);
     --ramp_left_;
+    if (ramp_left_ == 0 && ramp_decay_steps_ > 0) {
+      // The ramp's last step: from the next one, the LR decays from here
+      // to the end of the planned run.
+      const double top = schedule_.LrAt(step);
+      schedule_.RestartCosine(step + 1, ramp_decay_steps_, top,
+                              std::min(ramp_decay_eta_min_, top));
+      ramp_decay_steps_ = 0;
+      SetLr(top);
+      return;
+    }
   }
   SetLr(schedule_.LrAt(step));
 }
@@ -392,6 +407,7 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
         act.kind_case() == v1::Action::kRestartCosine ||
         act.restore_checkpoint()) {
       ramp_left_ = 0;
+      ramp_decay_steps_ = 0;
     }
     switch (act.kind_case()) {
       case v1::Action::kRampLr: {
@@ -401,10 +417,19 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
         if (f > 1.0 && f <= 10.0 && act.ramp_lr().steps() > 0) {
           ramp_factor_ = f;
           ramp_left_ = std::min<int64_t>(act.ramp_lr().steps(), 10000);
+          const double top =
+              before * std::pow(f, static_cast<double>(ramp_left_));
           event.note = absl::StrFormat(
               "LR ramp x%g per step for %d steps, from %.4g to %.4g", f,
-              ramp_left_, before,
-              before * std::pow(f, static_cast<double>(ramp_left_)));
+              ramp_left_, before, top);
+          ramp_decay_steps_ = std::max<int64_t>(act.ramp_lr().decay_steps(), 0);
+          ramp_decay_eta_min_ = std::max(act.ramp_lr().decay_eta_min(), 0.0);
+          if (ramp_decay_steps_ > 0) {
+            absl::StrAppendFormat(&event.note,
+                                  ", then a cosine decay to %.4g over %d steps",
+                                  std::min(ramp_decay_eta_min_, top),
+                                  ramp_decay_steps_);
+          }
         } else {
           event.note = absl::StrFormat("LR ramp x%g for %d steps ignored",
                                        f, act.ramp_lr().steps());
@@ -425,9 +450,15 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
       case v1::Action::kRestartCosine: {
         const auto& r = act.restart_cosine();
         schedule_.RestartCosine(next, r.t_0(), r.eta_max(), r.eta_min());
-        event.note = absl::StrFormat(
-            "cosine restarted: %.4g -> %.4g over %d steps", r.eta_max(),
-            r.eta_min(), r.t_0());
+        event.note =
+            r.eta_max() < before
+                // A cut's decay to the end of the run (anneal_after_cut).
+                ? absl::StrFormat("LR %.4g -> %.4g, then a cosine decay to "
+                                  "%.4g over %d steps",
+                                  before, r.eta_max(), r.eta_min(), r.t_0())
+                : absl::StrFormat("cosine restarted: %.4g -> %.4g over %d "
+                                  "steps",
+                                  r.eta_max(), r.eta_min(), r.t_0());
         break;
       }
       case v1::Action::kEnableGradClip:

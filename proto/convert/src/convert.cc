@@ -90,6 +90,10 @@ v1::Advice ToProto(const policy::Advice& a, const Diagnosis& d,
       action = p.mutable_action();
       action->mutable_ramp_lr()->set_factor_per_step(a.ramp_factor);
       action->mutable_ramp_lr()->set_steps(a.ramp_steps);
+      if (a.anneal) {
+        action->mutable_ramp_lr()->set_decay_steps(a.t_0);
+        action->mutable_ramp_lr()->set_decay_eta_min(a.eta_min);
+      }
       break;
   }
   if (action != nullptr && a.action != ActionKind::kEnableGradClip &&
@@ -128,6 +132,11 @@ policy::Advice FromProto(const v1::Advice& p, double lr_when_sent,
       a.t_0 = act.restart_cosine().t_0();
       a.eta_max = act.restart_cosine().eta_max();
       a.eta_min = act.restart_cosine().eta_min();
+      // A restart below the LR it was sent at is an LR cut's decay to the
+      // planned end (anneal_after_cut); its eta_max is the cut LR, which
+      // with a rollback becomes the run's LR ceiling again.
+      a.lr_to = a.eta_max;
+      a.anneal = std::isfinite(lr_when_sent) && a.eta_max < lr_when_sent;
       break;
     case v1::Action::kEnableGradClip:
       a.action = ActionKind::kEnableGradClip;
@@ -140,6 +149,9 @@ policy::Advice FromProto(const v1::Advice& p, double lr_when_sent,
       a.action = ActionKind::kRampLr;
       a.ramp_factor = act.ramp_lr().factor_per_step();
       a.ramp_steps = act.ramp_lr().steps();
+      a.anneal = act.ramp_lr().decay_steps() > 0;
+      a.t_0 = act.ramp_lr().decay_steps();
+      a.eta_min = act.ramp_lr().decay_eta_min();
       a.ramp_until = policy::RampUntil(a.at_step, a.ramp_steps, options);
       break;
     case v1::Action::KIND_NOT_SET:

@@ -147,10 +147,17 @@ function actionText(a) {
   let s = "no action";
   if (a.scale_lr) s = "LR x" + fmt(num(a.scale_lr.factor));
   else if (a.set_lr) s = "LR = " + fmt(num(a.set_lr.lr));
-  else if (a.restart_cosine) s = "cosine restart to " + fmt(num(a.restart_cosine.eta_max));
+  else if (a.restart_cosine) {
+    const r = a.restart_cosine;
+    s = `cosine ${fmt(num(r.eta_max))} → ${fmt(num(r.eta_min))} over ${r.t_0} steps`;
+  }
   else if (a.enable_grad_clip) s = "clip at " + fmt(num(a.enable_grad_clip.max_norm));
   else if (a.early_stop) s = "early stop";
-  else if (a.ramp_lr) s = `LR ramp x${fmt(num(a.ramp_lr.factor_per_step))}/step for ${a.ramp_lr.steps} steps`;
+  else if (a.ramp_lr) {
+    const r = a.ramp_lr;
+    s = `LR ramp x${fmt(num(r.factor_per_step))}/step for ${r.steps} steps`;
+    if (num(r.decay_steps) > 0) s += `, then cosine to ${fmt(num(r.decay_eta_min))} over ${r.decay_steps} steps`;
+  }
   if (num(a.grad_clip_max_norm) > 0 && !a.enable_grad_clip) s += " + clip";
   if (a.restore_checkpoint) s += " + restore";
   return s;

@@ -109,9 +109,17 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
       }
       break;
     case ActionKind::kRestartCosine:
-      s = absl::StrFormat(
-          "restart the cosine cycle with t_0 %d steps, eta_max %g, eta_min %g",
-          a.t_0, a.eta_max, a.eta_min);
+      if (a.anneal) {
+        s = absl::StrFormat(
+            "lower the LR from %g to %g and decay it along a cosine to %g "
+            "over the %d steps left of the planned run",
+            a.lr_from, a.eta_max, a.eta_min, a.t_0);
+      } else {
+        s = absl::StrFormat(
+            "restart the cosine cycle with t_0 %d steps, eta_max %g, eta_min "
+            "%g",
+            a.t_0, a.eta_max, a.eta_min);
+      }
       break;
     case ActionKind::kEnableGradClip:
       break;  // the clipping clause below says it
@@ -124,6 +132,12 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
           "range test in the run; where the loss blows up the LR is cut "
           "back below the edge)",
           a.ramp_factor, a.ramp_steps, a.lr_from, a.lr_to);
+      if (a.anneal) {
+        absl::StrAppendFormat(&s,
+                              ", then decay it along a cosine to %g over the "
+                              "%d steps left of the planned run",
+                              a.eta_min, a.t_0);
+      }
       break;
     case ActionKind::kNone:
       s = absl::StrCat("no action, because ", a.reason);
@@ -137,6 +151,21 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
                         a.clip_max_norm / o.clip_level_multiple));
   }
   return s;
+}
+
+// Steps of the planned run left after an LR change at `ctx.step` (which
+// applies from the next step) and `after` more steps, when a decay to the
+// planned end applies (anneal_after_cut, a planned length, a constant LR)
+// and at least restart_min_t0 are left; 0 otherwise.
+int64_t DecayStepsLeft(const RunContext& ctx, const PolicyOptions& o,
+                       int64_t after) {
+  if (!o.anneal_after_cut || ctx.planned_steps <= 0 ||
+      ctx.schedule != ScheduleHint::kConstant) {
+    return 0;
+  }
+  const int64_t left =
+      analyzers::StepsBetween(ctx.step, ctx.planned_steps) - 1 - after;
+  return left >= std::max<int64_t>(o.restart_min_t0, 1) ? left : 0;
 }
 
 // When the range test over an LR ramp suggested an LR below `below` x the
@@ -340,6 +369,14 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
               a->lr_factor = 1.0;
               a->action = ActionKind::kRampLr;
               a->ramp_until = RampUntil(d.step, a->ramp_steps, o);
+              if (const int64_t left = DecayStepsLeft(ctx, o, a->ramp_steps);
+                  left > 0) {
+                a->anneal = true;
+                a->t_0 = left;
+                a->eta_min = std::min(
+                    a->lr_to,
+                    std::max(o.min_lr, o.restart_eta_min_fraction * a->lr_to));
+              }
             }
             return absl::StrCat(starved_why, ", by how much the curve cannot say, so ");
           }
@@ -404,6 +441,35 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
   }
   Block(GuardRail::kNone, "the diagnosis kind is unknown", a);
   return "";
+}
+
+// Turns an LR cut by a factor in `a` into a cosine decay from the cut LR
+// to the planned end of the run (PolicyOptions::anneal_after_cut) when the
+// LR is constant and enough of the planned run is left; returns the
+// rationale for the explanation ("" if `a` is left alone). Not a set-back
+// to the LR before a raise (an LR already diagnosed as too small) nor a
+// move stopped at a bound.
+std::string AnnealCut(const RunContext& ctx, const PolicyOptions& o,
+                      Advice* a) {
+  const bool factor_cut =
+      (a->action == ActionKind::kScaleLr && a->lr_factor < 1.0) ||
+      (a->action == ActionKind::kSetLr &&
+       absl::StartsWith(a->lr_bound, "LR range test") &&
+       a->lr_to < a->lr_from);
+  if (!factor_cut || !(a->lr_to > 0.0)) return "";
+  const int64_t left = DecayStepsLeft(ctx, o, 0);
+  if (left == 0) return "";
+  a->action = ActionKind::kRestartCosine;
+  a->anneal = true;
+  a->t_0 = left;
+  a->eta_max = a->lr_to;
+  a->eta_min = std::min(a->lr_to, std::max(o.min_lr, o.restart_eta_min_fraction *
+                                                         a->lr_to));
+  return absl::StrFormat(
+      "the LR is constant and the run is planned for %d steps; a cut by a "
+      "factor lands within a few x of a good LR rather than on it, which a "
+      "decay to the end forgives, so ",
+      ctx.planned_steps);
 }
 
 }  // namespace
@@ -542,6 +608,7 @@ Advice Decide(const Diagnosis& d, const RunContext& ctx,
         &a);
   } else {
     why = Remedy(d, ctx, options, &a);
+    absl::StrAppend(&why, AnnealCut(ctx, options, &a));
   }
   if (RaisesLr(a, ctx) && a.ramp_until == 0) {
     // The raise's own outcome (a blow-up, swings) is answered at once, as a

@@ -76,6 +76,14 @@ v1::Step FromRow(const storage::StepRow& row) {
 
 namespace {
 
+// The run's planned length when its LR is planned to stay constant (see
+// policy::RunContext::planned_steps); 0 otherwise.
+int64_t PlannedConstantSteps(const v1::RunConfig& config) {
+  const bool constant = config.schedule() == v1::CONSTANT ||
+                        config.schedule() == v1::SCHEDULE_UNSPECIFIED;
+  return constant && config.total_steps() > 0 ? config.total_steps() : 0;
+}
+
 // The summary's tags from their stored form, a JSON object of strings
 // (anything else is ignored).
 void SetTagsFromJson(const std::string& tags_json, v1::RunSummary* summary) {
@@ -115,6 +123,7 @@ Run::Run(const storage::RunRow& row, const v1::RunConfig& config,
   summary_.set_last_step(row.last_step);
   summary_.set_steps_stored(row.steps_stored);
   if (row.has_steps) durable_step_.store(row.last_step);
+  advisor_.mutable_context()->planned_steps = PlannedConstantSteps(config_);
 }
 
 Run::~Run() = default;
@@ -205,6 +214,7 @@ absl::Status Run::Follow(const storage::RunRow& row) {
   }
   v1::RunConfig config;
   if (config.ParseFromString(row.config)) config_ = std::move(config);
+  advisor_.mutable_context()->planned_steps = PlannedConstantSteps(config_);
   if (v1::RunState_IsValid(row.state) && row.state != v1::RUN_STATE_UNSPECIFIED) {
     summary_.set_state(static_cast<v1::RunState>(row.state));
   }
@@ -268,6 +278,7 @@ uint64_t Run::Attach(const v1::RunStart& start, v1::AttachAccepted* accepted) {
   }
   tags_json_ = tags.dump();
   if (start.has_config()) config_ = start.config();
+  advisor_.mutable_context()->planned_steps = PlannedConstantSteps(config_);
   summary_.set_mode(start.mode() == v1::MODE_UNSPECIFIED ? v1::OBSERVE
                                                           : start.mode());
   accepted->set_run_id(run_id_);

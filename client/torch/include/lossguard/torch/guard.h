@@ -71,9 +71,14 @@ struct GuardOptions {
   // gradient explosions are not diagnosed and clipping advice has no norm
   // to go by. Clipping, when on, measures it anyway.
   bool grad_norm = true;
-  // Embedded mode (no client): the analyzer's and the policy's options.
+  // Embedded mode (no client): the analyzer's and the policy's options,
+  // and the run's planned length in steps (0: unknown). With a constant
+  // schedule and a known length, an LR cut decays the LR to the planned
+  // end (policy::PolicyOptions::anneal_after_cut); a daemon learns the
+  // length from the client's RunConfig (total_steps, schedule).
   analyzers::AnalyzerOptions analyzer;
   policy::PolicyOptions policy;
+  int64_t planned_steps = 0;
 };
 
 // What the guard did with one advice.
@@ -177,6 +182,10 @@ class Guard {
   // An LR ramp in progress (ramp_lr): factor per step, steps left.
   double ramp_factor_ = 1.0;
   int64_t ramp_left_ = 0;
+  // Then a cosine decay from the ramp's top (RampLr decay_steps): steps
+  // (0: none) and the LR it ends at.
+  int64_t ramp_decay_steps_ = 0;
+  double ramp_decay_eta_min_ = 0.0;
   int64_t step_ = 0;  // last step seen
   double peak_loss_ = -1.0;  // highest finite loss reported, and its step
   int64_t peak_step_ = 0;

@@ -118,7 +118,10 @@ struct PolicyOptions {
   // with a rollback) lands the LR below the edge, as the range test's rule
   // does; during the ramp and `cooldown_steps` / 2 after it, divergence,
   // oscillation and gradient explosion are not held back by the cooldown.
-  // false: a plain raise by `stagnation_starved_lr_factor` instead.
+  // false: a plain raise by `stagnation_starved_lr_factor` instead. In a
+  // run with a constant LR and a known planned length, the ramp's top is
+  // where a range test stopped, not a tuned LR, and it is treated as a cut
+  // is (anneal_after_cut): after the ramp the LR decays to the planned end.
   bool starved_ramp = true;
   double starved_ramp_factor = 1.1;
   double starved_ramp_max_factor = 1000.0;
@@ -130,6 +133,18 @@ struct PolicyOptions {
   // two rescues and gaining none.
   bool ramp_range_test = false;
   double stagnation_starved_lr_factor = 10.0;
+  // An LR cut (or an LR ramp, see starved_ramp) in a run whose LR is
+  // constant and whose planned length is
+  // known (RunContext::planned_steps) starts a cosine decay from the cut LR
+  // to restart_eta_min_fraction of it at the planned end, instead of
+  // leaving the LR constant at the cut level. A cut by a fixed factor (x0.1
+  // for a blow-up, x0.5 for swings) lands within a few x of a good LR, not
+  // on it: at 3x the best LR a constant-LR run trains without any sign of
+  // trouble but ends several points short, while a decay to the end makes
+  // the result insensitive to a factor of a few (why decaying schedules
+  // are the default in practice). Only with fewer than restart_min_t0
+  // steps left, or the length unknown, is the cut a plain scale.
+  bool anneal_after_cut = true;
 
   // --- judging an applied action afterwards ---
   // Steps after the action over which its effect is judged: the cooldown,
@@ -163,6 +178,11 @@ struct RunContext {
   double initial_loss = 0.0;
   double peak_loss = 0.0;
   double initial_grad_norm = 0.0;  // the first finite, positive one
+  // The run's planned length in steps (RunConfig::total_steps) when its
+  // LR is planned to stay constant (schedule CONSTANT or unspecified);
+  // 0: not known, or the run has a schedule of its own. Set by the owner
+  // of the context (the daemon's run, the embedded guard).
+  int64_t planned_steps = 0;
   // The first 5 finite, positive losses (ObserveStep) and, once they are
   // in, the median of the 2nd to 5th over the first: above 1 when the
   // first updates raised the loss (0: not known yet).
@@ -217,6 +237,11 @@ struct Advice {
   int64_t t_0 = 0;             // kRestartCosine: cycle length in steps
   double eta_max = 0.0;        // kRestartCosine: LR at the cycle's start
   double eta_min = 0.0;        // kRestartCosine: LR at the cycle's end
+  // kRestartCosine: the cycle is an LR cut's decay to the planned end
+  // (PolicyOptions::anneal_after_cut); lr_to is eta_max. kRampLr: after
+  // the ramp, the LR decays along a cosine from its top to eta_min over
+  // t_0 steps, the rest of the planned run.
+  bool anneal = false;
   double ramp_factor = 1.0;    // kRampLr: LR factor per step
   int64_t ramp_steps = 0;      // kRampLr: steps of the ramp
   int64_t ramp_until = 0;      // an LR raise: RunContext::ramp_until it sets
@@ -240,6 +265,10 @@ struct Advice {
 //   overfitting        -> LR x0.5 the first time, early stop after that
 //   gradient_explosion -> clip at clip_level_multiple x the grad-norm level
 //   loss_spike         -> no action
+// A cut by a factor (x0.1, x0.5, or onto an LR ramp's range test) in a run
+// with a constant LR and a known planned length becomes a cosine decay from
+// the cut LR to the planned end (anneal_after_cut; kRestartCosine with
+// `anneal` set and t_0 the steps left).
 // Guard rails (min_steps_seen, max_actions, cooldown_steps, then the LR
 // bounds) turn an action into kNone with `blocked_by` and `reason` set; an
 // LR move that would cross a bound stops at the bound (kSetLr). No LR action
