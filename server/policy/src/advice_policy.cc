@@ -153,6 +153,13 @@ std::string ActionPhrase(const Advice& a, const PolicyOptions& o) {
   return s;
 }
 
+// The LR a cosine cycle from `eta_max` ends at: restart_eta_min_fraction
+// of it, no lower than min_lr and no higher than eta_max.
+double CosineEtaMin(double eta_max, const PolicyOptions& o) {
+  return std::min(eta_max,
+                  std::max(o.min_lr, o.restart_eta_min_fraction * eta_max));
+}
+
 // Steps of the planned run left after an LR change at `ctx.step` (which
 // applies from the next step) and `after` more steps, when a decay to the
 // planned end applies (anneal_after_cut, a planned length, a constant LR)
@@ -373,9 +380,7 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
                   left > 0) {
                 a->anneal = true;
                 a->t_0 = left;
-                a->eta_min = std::min(
-                    a->lr_to,
-                    std::max(o.min_lr, o.restart_eta_min_fraction * a->lr_to));
+                a->eta_min = CosineEtaMin(a->lr_to, o);
               }
             }
             return absl::StrCat(starved_why, ", by how much the curve cannot say, so ");
@@ -411,8 +416,7 @@ std::string Remedy(const Diagnosis& d, const RunContext& ctx,
       a->action = ActionKind::kRestartCosine;
       a->lr_from = ctx.lr;
       a->eta_max = eta_max;
-      a->eta_min = std::min(
-          eta_max, std::max(o.min_lr, o.restart_eta_min_fraction * eta_max));
+      a->eta_min = CosineEtaMin(eta_max, o);
       a->t_0 = std::max<int64_t>(
           o.restart_min_t0, RoundToInt64(static_cast<double>(ctx.steps_seen) *
                                          o.restart_t0_fraction));
@@ -463,8 +467,7 @@ std::string AnnealCut(const RunContext& ctx, const PolicyOptions& o,
   a->anneal = true;
   a->t_0 = left;
   a->eta_max = a->lr_to;
-  a->eta_min = std::min(a->lr_to, std::max(o.min_lr, o.restart_eta_min_fraction *
-                                                         a->lr_to));
+  a->eta_min = CosineEtaMin(a->lr_to, o);
   return absl::StrFormat(
       "the LR is constant and the run is planned for %d steps; a cut by a "
       "factor lands within a few x of a good LR rather than on it, which a "
