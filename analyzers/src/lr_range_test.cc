@@ -316,6 +316,8 @@ absl::Status ValidateOptions(const LrRangeTestOptions& o) {
       !(o.divergence_factor > 1) || !(o.slope_sigmas >= 0) ||
       !(o.extend_sigmas >= 0 && o.extend_sigmas <= o.slope_sigmas) ||
       !(o.steep_fraction >= 0 && o.steep_fraction <= 1) ||
+      !(o.basin_fraction >= 0 && o.basin_fraction <= 1) ||
+      !(o.basin_sigmas >= 0) ||
       !(o.min_relative_drop >= 0) ||
       !(o.pool_decades > 0 && std::isfinite(o.pool_decades))) {
     return absl::InvalidArgumentError(
@@ -324,7 +326,8 @@ absl::Status ValidateOptions(const LrRangeTestOptions& o) {
         "positive fit half-width, a finite positive pool_decades, "
         "divergence_factor > 1, "
         "0 <= extend_sigmas <= slope_sigmas, drop_sigmas >= 0, "
-        "steep_fraction in [0, 1], min_relative_drop >= 0)");
+        "steep_fraction and basin_fraction in [0, 1], basin_sigmas >= 0, "
+        "min_relative_drop >= 0)");
   }
   return absl::OkStatus();
 }
@@ -542,6 +545,22 @@ absl::StatusOr<LrSuggestion> SuggestLearningRate(
   while (lo > desc_lo && steep[lo - 1]) --lo;
   while (hi < desc_hi && steep[hi + 1]) ++hi;
 
+  // 3. The minimum's basin: around the minimum, the points whose smoothed
+  // loss is above it by at most `basin_fraction` of the descent's drop
+  // plus `basin_sigmas` standard errors of the difference (the minimum of
+  // a flat noisy bottom is itself a low draw).
+  const double basin_rise =
+      options.basin_fraction * (fit.level[desc_lo] - fit.level[imin]);
+  auto in_basin = [&](std::size_t i) {
+    return fit.level[i] - fit.level[imin] <=
+           basin_rise + options.basin_sigmas *
+                            std::hypot(fit.level_se[i], fit.level_se[imin]);
+  };
+  std::size_t basin_lo = imin;
+  std::size_t basin_hi = imin;
+  while (basin_lo > 0 && in_basin(basin_lo - 1)) --basin_lo;
+  while (basin_hi + 1 < cut && in_basin(basin_hi + 1)) ++basin_hi;
+
   // Said only where points were pooled, so a sparse test's words stay.
   const std::string pooled_words =
       cut < cut_point
@@ -552,8 +571,14 @@ absl::StatusOr<LrSuggestion> SuggestLearningRate(
   LrSuggestion out;
   out.steep_lo_lr = lr[lo];
   out.steep_hi_lr = lr[hi];
-  out.suggested_lr = std::pow(10.0, 0.5 * (x[lo] + x[hi]));
+  const double steep_mid_x = 0.5 * (x[lo] + x[hi]);
+  const double basin_mid_x = 0.5 * (x[basin_lo] + x[basin_hi]);
+  out.steep_mid_lr = std::pow(10.0, steep_mid_x);
+  out.suggested_lr = std::pow(10.0, 0.5 * (steep_mid_x + basin_mid_x));
   out.min_loss_lr = lr[imin];
+  out.basin_lo_lr = lr[basin_lo];
+  out.basin_hi_lr = lr[basin_hi];
+  out.basin_mid_lr = std::pow(10.0, basin_mid_x);
   out.diverge_lr = diverge_lr;
   out.points_used = static_cast<int>(cut_point);
   out.steepest_lr = lr[isteep];
@@ -562,14 +587,20 @@ absl::StatusOr<LrSuggestion> SuggestLearningRate(
   out.region_end_loss = fit.level[hi];
   out.still_descending = imin + 1 == cut;
   out.evidence = absl::StrFormat(
-      "Suggested lr %.3g: the geometric middle of the steepest-descent region "
-      "lr %.3g .. %.3g (%.2f decades), where the smoothed loss falls from "
+      "Suggested lr %.3g: the geometric middle between the steepest descent "
+      "(lr %.3g, the middle of lr %.3g .. %.3g) and the loss minimum (lr "
+      "%.3g, the middle of its basin lr %.3g .. %.3g): a run trains best "
+      "above where the test's few steps per LR fall fastest and short of "
+      "where the loss stops falling. Over the steepest-descent region "
+      "(%.2f decades) the smoothed loss falls from "
       "%.4g to %.4g and its slope against log10(lr) is at least %g of the "
       "steepest, %.3g per decade at lr %.3g (%.1f standard errors). That "
       "region lies in the most significant descent, lr %.3g .. %.3g (loss "
       "%.4g to %.4g). The smoothed loss starts at %.4g and is lowest, %.4g, "
-      "at lr %.3g%s. %d of %d points used (lr %.3g .. %.3g%s); %s.",
-      out.suggested_lr, out.steep_lo_lr, out.steep_hi_lr, x[hi] - x[lo],
+      "at lr %.3g%s; the basin holds the LRs within %g of the descent's "
+      "drop of it plus %g standard errors. %d of %d points used (lr %.3g .. %.3g%s); %s.",
+      out.suggested_lr, out.steep_mid_lr, out.steep_lo_lr, out.steep_hi_lr,
+      out.basin_mid_lr, out.basin_lo_lr, out.basin_hi_lr, x[hi] - x[lo],
       out.region_start_loss, out.region_end_loss, options.steep_fraction,
       steepest, out.steepest_lr, -t_value(isteep), lr[desc_lo], lr[desc_hi],
       fit.level[desc_lo], fit.level[desc_hi], fit.level[0], fit.level[imin],
@@ -578,7 +609,7 @@ absl::StatusOr<LrSuggestion> SuggestLearningRate(
           ? " (the last usable point: the loss was still falling, so the "
             "test may have stopped too early)"
           : "",
-      cut_point, lrs.size(), lrs[0], lrs[cut_point - 1], pooled_words,
+      options.basin_fraction, options.basin_sigmas, cut_point, lrs.size(), lrs[0], lrs[cut_point - 1], pooled_words,
       diverge_words);
   return out;
 }

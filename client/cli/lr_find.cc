@@ -32,7 +32,11 @@ nlohmann::ordered_json LrSuggestionToJson(const std::string& file,
           {"suggested_lr", s.suggested_lr},
           {"steep_lo_lr", s.steep_lo_lr},
           {"steep_hi_lr", s.steep_hi_lr},
+          {"steep_mid_lr", s.steep_mid_lr},
           {"min_loss_lr", s.min_loss_lr},
+          {"basin_lo_lr", s.basin_lo_lr},
+          {"basin_hi_lr", s.basin_hi_lr},
+          {"basin_mid_lr", s.basin_mid_lr},
           {"diverge_lr", s.diverge_lr},
           {"points_used", s.points_used},
           {"evidence", s.evidence}};
@@ -42,9 +46,11 @@ void PrintLrSuggestion(const std::string& file,
                        const analyzers::LrSuggestion& s, std::ostream& out) {
   out << file << "\n"
       << absl::StrFormat("suggested lr:     %g\n", s.suggested_lr)
-      << absl::StrFormat("steepest descent: %g .. %g\n", s.steep_lo_lr,
-                         s.steep_hi_lr)
-      << absl::StrFormat("min loss at lr:   %g\n", s.min_loss_lr)
+      << absl::StrFormat("steepest descent: %g .. %g (middle %g)\n",
+                         s.steep_lo_lr, s.steep_hi_lr, s.steep_mid_lr)
+      << absl::StrFormat("min loss at lr:   %g (basin %g .. %g, middle %g)\n",
+                         s.min_loss_lr, s.basin_lo_lr, s.basin_hi_lr,
+                         s.basin_mid_lr)
       << (s.diverge_lr > 0.0
               ? absl::StrFormat("diverges at lr:   %g\n", s.diverge_lr)
               : std::string("diverges at lr:   (did not diverge)\n"))

@@ -18,7 +18,8 @@ absl::StatusOr<analyzers::LrSuggestion> FindLr(
     const std::string& file, const std::vector<analyzers::StepRecord>& records);
 
 // The suggestion as one JSON object: file, suggested_lr, steep_lo_lr,
-// steep_hi_lr, min_loss_lr, diverge_lr, points_used, evidence.
+// steep_hi_lr, steep_mid_lr, min_loss_lr, basin_lo_lr, basin_hi_lr,
+// basin_mid_lr, diverge_lr, points_used, evidence.
 nlohmann::ordered_json LrSuggestionToJson(const std::string& file,
                                           const analyzers::LrSuggestion& s);
 

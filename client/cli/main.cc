@@ -200,10 +200,12 @@ constexpr std::string_view kLrFindUsage =
     R"(usage: lossguard lr-find FILE.csv [--json]
 
 Reads an LR range test (LR growing exponentially, one row per step) and
-suggests the initial learning rate.
+suggests the initial learning rate: the geometric middle between the
+steepest descent and the loss minimum.
 
   --json  print one JSON object: file, suggested_lr, steep_lo_lr,
-          steep_hi_lr, min_loss_lr, diverge_lr, points_used, evidence
+          steep_hi_lr, steep_mid_lr, min_loss_lr, basin_lo_lr, basin_hi_lr,
+          basin_mid_lr, diverge_lr, points_used, evidence
 )";
 
 // The usage of `command`, or nullopt for an unknown command.

@@ -63,6 +63,25 @@ void AddNoise(std::vector<double>& losses, double sigma, unsigned seed) {
 // |log10(a / b)|: the distance of two LRs in decades.
 double Decades(double a, double b) { return std::abs(std::log10(a / b)); }
 
+// The suggestion is the geometric middle between the steepest-descent
+// region's middle and the minimum's basin's middle, each the geometric
+// middle of its ends, and the minimum lies in its basin.
+void ExpectSuggestionBetween(const LrSuggestion& s) {
+  EXPECT_NEAR(std::log10(s.steep_mid_lr),
+              0.5 * (std::log10(s.steep_lo_lr) + std::log10(s.steep_hi_lr)),
+              1e-9);
+  EXPECT_NEAR(std::log10(s.basin_mid_lr),
+              0.5 * (std::log10(s.basin_lo_lr) + std::log10(s.basin_hi_lr)),
+              1e-9);
+  EXPECT_NEAR(std::log10(s.suggested_lr),
+              0.5 * (std::log10(s.steep_mid_lr) + std::log10(s.basin_mid_lr)),
+              1e-9);
+  EXPECT_LE(s.basin_lo_lr, s.min_loss_lr);
+  EXPECT_GE(s.basin_hi_lr, s.min_loss_lr);
+  EXPECT_LT(s.steep_mid_lr, s.suggested_lr);
+  EXPECT_LT(s.suggested_lr, s.basin_mid_lr);
+}
+
 TEST(LrRangeTest, RejectsMismatchedLengths) {
   std::vector<double> lrs = {1e-7, 1e-6};
   std::vector<double> losses = {2.3};
@@ -70,19 +89,23 @@ TEST(LrRangeTest, RejectsMismatchedLengths) {
             absl::StatusCode::kInvalidArgument);
 }
 
-TEST(LrRangeTest, SuggestsMiddleOfSteepDescent) {
+TEST(LrRangeTest, SuggestsBetweenSteepestDescentAndMinimum) {
   const std::vector<double> lrs = ExponentialLrs(10.0);
   const std::vector<double> losses = Losses(lrs, IdealLoss);
   absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_GE(s->suggested_lr, 1e-4);
-  EXPECT_LE(s->suggested_lr, 1e-2);
-  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.1) << s->evidence;
+  ExpectSuggestionBetween(*s);
+  // The descent lr 1e-4 .. 1e-2 is steepest around 1e-3; the loss is at
+  // its minimum from lr 1e-2 to 1 (middle 0.1); between them: 1e-2.
+  EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.1) << s->evidence;
+  EXPECT_LT(Decades(s->basin_lo_lr, 1e-2), 0.2) << s->evidence;
+  EXPECT_LT(Decades(s->basin_hi_lr, 1.0), 0.2) << s->evidence;
+  EXPECT_LT(Decades(s->suggested_lr, 1e-2), 0.1) << s->evidence;
   // The region is the descent, give or take the smoothing window.
   EXPECT_LT(Decades(s->steep_lo_lr, 1e-4), 0.3) << s->evidence;
   EXPECT_LT(Decades(s->steep_hi_lr, 1e-2), 0.3) << s->evidence;
-  EXPECT_LE(s->steep_lo_lr, s->suggested_lr);
-  EXPECT_GE(s->steep_hi_lr, s->suggested_lr);
+  EXPECT_LE(s->steep_lo_lr, s->steep_mid_lr);
+  EXPECT_GE(s->steep_hi_lr, s->steep_mid_lr);
   EXPECT_LT(Decades(s->steepest_slope_per_decade, -1.0), 0.05);
   // The blow-up past lr 1 is found, and the minimum lies before it.
   EXPECT_GT(s->diverge_lr, 1.0);
@@ -92,6 +115,36 @@ TEST(LrRangeTest, SuggestsMiddleOfSteepDescent) {
   EXPECT_LT(s->points_used, static_cast<int>(lrs.size()));
   EXPECT_FALSE(s->still_descending);
   EXPECT_NE(s->evidence.find("steepest-descent region"), std::string::npos);
+  EXPECT_NE(s->evidence.find("its basin"), std::string::npos);
+}
+
+TEST(LrRangeTest, MinimumRightBeforeTheBlowUp) {
+  // As real tests often look: past the steep descent (lr 1e-4 .. 1e-2) the
+  // loss keeps falling gently (0.1 per decade), down to its minimum at lr
+  // 0.3, and blows up beyond it. The basin reaches as far down as the loss
+  // is within 5% of the drop (0.1) of its minimum: about a decade, lr
+  // 0.03 .. 0.3, middle 0.1; between it and the steep descent: 1e-2.
+  auto loss_of_lr = [](double lr) {
+    const double x = std::log10(lr);
+    if (x < -4) return 2.3;
+    if (x < -2) return 2.3 - (x + 4);
+    if (x < -0.5) return 0.3 - 0.1 * (x + 2);
+    return 0.15 * std::pow(10.0, 3.0 * (x + 0.5));
+  };
+  const std::vector<double> lrs = ExponentialLrs(10.0);
+  std::vector<double> losses;
+  for (double lr : lrs) losses.push_back(loss_of_lr(lr));
+  AddNoise(losses, 0.02, 27);
+  absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ExpectSuggestionBetween(*s);
+  EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.25) << s->evidence;
+  EXPECT_LT(Decades(s->min_loss_lr, 0.3), 0.25) << s->evidence;
+  EXPECT_GT(s->basin_lo_lr, 0.01) << s->evidence;
+  EXPECT_LT(s->basin_lo_lr, 0.1) << s->evidence;
+  EXPECT_GT(s->basin_hi_lr, 0.2) << s->evidence;
+  EXPECT_LT(s->basin_hi_lr, 1.0) << s->evidence;
+  EXPECT_LT(Decades(s->suggested_lr, 1e-2), 0.25) << s->evidence;
 }
 
 TEST(LrRangeTest, RobustToMinibatchNoise) {
@@ -101,10 +154,14 @@ TEST(LrRangeTest, RobustToMinibatchNoise) {
     AddNoise(losses, 0.1, seed);
     absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
     ASSERT_TRUE(s.ok()) << "seed " << seed << ": " << s.status();
-    EXPECT_GE(s->suggested_lr, 1e-4) << "seed " << seed;
-    EXPECT_LE(s->suggested_lr, 1e-2) << "seed " << seed;
-    EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25)
+    EXPECT_GE(s->steep_mid_lr, 1e-4) << "seed " << seed;
+    EXPECT_LE(s->steep_mid_lr, 1e-2) << "seed " << seed;
+    EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.25)
         << "seed " << seed << ": " << s->evidence;
+    // The flat bottom's noise moves the basin's ends, but not far.
+    EXPECT_LT(Decades(s->suggested_lr, 1e-2), 0.3)
+        << "seed " << seed << ": " << s->evidence;
+    ExpectSuggestionBetween(*s);
   }
 }
 
@@ -119,7 +176,7 @@ TEST(LrRangeTest, PicksTheLargestDescent) {
   AddNoise(losses, 0.05, 13);
   absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25) << s->evidence;
+  EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.25) << s->evidence;
 }
 
 TEST(LrRangeTest, RobustToLossSpikes) {
@@ -130,7 +187,7 @@ TEST(LrRangeTest, RobustToLossSpikes) {
   for (std::size_t i = 0; i < losses.size(); i += 11) losses[i] *= 5;
   absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25) << s->evidence;
+  EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.25) << s->evidence;
   EXPECT_GT(s->diverge_lr, 1.0) << s->evidence;
 }
 
@@ -155,7 +212,7 @@ TEST(LrRangeTest, HandlesCurveThatNeverDiverges) {
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->diverge_lr, 0.0);
   EXPECT_EQ(s->points_used, static_cast<int>(lrs.size()));
-  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25) << s->evidence;
+  EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.25) << s->evidence;
   EXPECT_NE(s->evidence.find("did not blow up"), std::string::npos);
 }
 
@@ -185,7 +242,7 @@ TEST(LrRangeTest, CutsAtNanTail) {
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->points_used, static_cast<int>(first_nan));
   EXPECT_DOUBLE_EQ(s->diverge_lr, lrs[first_nan]);
-  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.25) << s->evidence;
+  EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.25) << s->evidence;
   EXPECT_NE(s->evidence.find("non-finite"), std::string::npos);
 }
 
@@ -259,7 +316,7 @@ TEST(LrRangeTest, SparseTestStillWorks) {
   AddNoise(losses, 0.05, 9);
   absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.3) << s->evidence;
+  EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.3) << s->evidence;
 }
 
 TEST(LrRangeTest, DenseLinearRampIsPooled) {
@@ -272,9 +329,9 @@ TEST(LrRangeTest, DenseLinearRampIsPooled) {
   AddNoise(losses, 0.1, 17);
   absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.3) << s->evidence;
-  EXPECT_LE(s->steep_lo_lr, s->suggested_lr);
-  EXPECT_GE(s->steep_hi_lr, s->suggested_lr);
+  EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.3) << s->evidence;
+  EXPECT_LE(s->steep_lo_lr, s->steep_mid_lr);
+  EXPECT_GE(s->steep_hi_lr, s->steep_mid_lr);
   EXPECT_GE(s->min_loss_lr, 1e-2) << s->evidence;
   EXPECT_EQ(s->diverge_lr, 0.0);
   EXPECT_EQ(s->points_used, static_cast<int>(lrs.size()));
@@ -318,7 +375,7 @@ TEST(LrRangeTest, DenseExponentialTestAgreesWithSparse) {
     AddNoise(losses, 0.1, seed);
     absl::StatusOr<LrSuggestion> s = SuggestLearningRate(lrs, losses);
     ASSERT_TRUE(s.ok()) << "seed " << seed << ": " << s.status();
-    EXPECT_LT(Decades(s->suggested_lr, 1e-3), 0.15)
+    EXPECT_LT(Decades(s->steep_mid_lr, 1e-3), 0.15)
         << "seed " << seed << ": " << s->evidence;
     EXPECT_GT(s->diverge_lr, 1.0) << "seed " << seed << ": " << s->evidence;
     EXPECT_LT(s->diverge_lr, 3.0) << "seed " << seed << ": " << s->evidence;
@@ -344,6 +401,8 @@ TEST(LrRangeTest, SparseTestIsAnalysedPointByPoint) {
   EXPECT_EQ(a->steep_lo_lr, b->steep_lo_lr);
   EXPECT_EQ(a->steep_hi_lr, b->steep_hi_lr);
   EXPECT_EQ(a->min_loss_lr, b->min_loss_lr);
+  EXPECT_EQ(a->basin_lo_lr, b->basin_lo_lr);
+  EXPECT_EQ(a->basin_hi_lr, b->basin_hi_lr);
   EXPECT_EQ(a->diverge_lr, b->diverge_lr);
   EXPECT_EQ(a->evidence, b->evidence);
   EXPECT_EQ(a->evidence.find("pooled"), std::string::npos);
@@ -368,6 +427,17 @@ TEST(LrRangeTest, RejectsBadOptions) {
               absl::StatusCode::kInvalidArgument)
         << "pool_decades " << pool;
   }
+  for (double fraction : {-0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    options = LrRangeTestOptions();
+    options.basin_fraction = fraction;
+    EXPECT_EQ(SuggestLearningRate(lrs, losses, options).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << "basin_fraction " << fraction;
+  }
+  options = LrRangeTestOptions();
+  options.basin_sigmas = -1.0;
+  EXPECT_EQ(SuggestLearningRate(lrs, losses, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -219,19 +219,37 @@ TEST_F(CliTest, NonFiniteLossesAreData) {
 
 TEST_F(CliTest, LrFind) {
   Result r = Run("lr-find '" + Example(kRangeTest) + "' --json");
-  if (r.exit_code == 0) {
-    nlohmann::json j = ParseObject(r.out);
-    for (const char* key :
-         {"suggested_lr", "steep_lo_lr", "steep_hi_lr", "min_loss_lr",
-          "diverge_lr", "points_used", "evidence"}) {
-      EXPECT_TRUE(j.contains(key)) << key;
-    }
-  } else {
-    // The analysis may fail (or not be written yet): a clean error then.
-    EXPECT_EQ(r.exit_code, 1);
-    EXPECT_THAT(r.out, IsEmpty());
-    EXPECT_THAT(r.err, StartsWith(Example(kRangeTest) + ": "));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, IsEmpty());
+  nlohmann::json j = ParseObject(r.out);
+  for (const char* key :
+       {"suggested_lr", "steep_lo_lr", "steep_hi_lr", "steep_mid_lr",
+        "min_loss_lr", "basin_lo_lr", "basin_hi_lr", "basin_mid_lr",
+        "diverge_lr", "points_used", "evidence"}) {
+    EXPECT_TRUE(j.contains(key)) << key;
   }
+  // The example's steep descent (lr ~0.008 .. 0.13) and its minimum just
+  // before the blow-up at ~0.19: the suggestion lies between the two.
+  const double suggested = j["suggested_lr"];
+  EXPECT_GT(suggested, j["steep_mid_lr"].get<double>());
+  EXPECT_LT(suggested, j["basin_mid_lr"].get<double>());
+  EXPECT_GT(suggested, 1e-3);
+  EXPECT_LT(suggested, 0.2);
+  EXPECT_THAT(j["evidence"].get<std::string>(), HasSubstr("Suggested lr"));
+}
+
+TEST_F(CliTest, LrFindOnAFlatCurveIsAClearError) {
+  std::string csv = "step,lr,loss\n";
+  double lr = 1e-7;
+  for (int i = 0; i < 100; ++i, lr *= 1.06) {
+    csv += absl::StrFormat("%d,%.17g,%g\n", i, lr, 2.3 + 0.01 * (i % 3));
+  }
+  const std::string path = Write("flat-range.csv", csv);
+  Result r = Run("lr-find '" + path + "' --json");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.out, IsEmpty());
+  EXPECT_THAT(r.err, StartsWith(path + ": "));
+  EXPECT_THAT(r.err, HasSubstr("no usable descent"));
 }
 
 TEST_F(CliTest, BadFileNamesFileAndLine) {
