@@ -350,6 +350,21 @@ TEST_F(AuthDaemonTest, ReadsNeedATokenThatMayReadTheRunsProject) {
     EXPECT_EQ(stub_->AnalyzeCurve(&ctx, req, &resp).error_code(),
               token.empty() ? grpc::StatusCode::UNAUTHENTICATED : grpc::StatusCode::OK);
   }
+  // So does SuggestLearningRate (a one-point test is the caller's error,
+  // which a valid token gets to see).
+  for (const std::string& token : {std::string(), reader_}) {
+    grpc::ClientContext ctx;
+    Prepare(&ctx, token);
+    v1::SuggestLearningRateRequest req;
+    v1::Step* s = req.add_steps();
+    s->set_step(0);
+    s->set_lr(1e-7);
+    s->set_loss(1.0);
+    v1::LrSuggestion resp;
+    EXPECT_EQ(stub_->SuggestLearningRate(&ctx, req, &resp).error_code(),
+              token.empty() ? grpc::StatusCode::UNAUTHENTICATED
+                            : grpc::StatusCode::INVALID_ARGUMENT);
+  }
 }
 
 TEST_F(AuthDaemonTest, TheHealthCheckAndHealthzNeedNoTokenTheHttpApiAndMetricsDo) {

@@ -10,6 +10,7 @@ import datetime
 import math
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import unittest
@@ -546,6 +547,93 @@ class DaemonTestCase(unittest.TestCase):
     def tearDown(self):
         self.assertEqual(self.daemon.stop(), 0)
         self.dir.cleanup()
+
+
+class LrRangeTestTest(DaemonTestCase):
+    def test_suggest_lr_reads_a_range_test_as_lr_find_does(self):
+        rows = list(read_curve("digits-mlp-sgdm-lr1e-07-b32-exp-lrrange-s1.csv"))
+        lrs = [r[1] for r in rows]
+        losses = [r[2] for r in rows]
+        s = lossguard.suggest_lr(lrs, losses, self.daemon.address, timeout=WAIT)
+        self.assertLess(s.steep_mid_lr, s.suggested_lr)
+        self.assertLess(s.suggested_lr, s.basin_mid_lr)
+        self.assertAlmostEqual(math.log10(s.suggested_lr),
+                               (math.log10(s.steep_mid_lr) + math.log10(s.basin_mid_lr)) / 2)
+        self.assertGreater(s.diverge_lr, s.min_loss_lr)
+        self.assertIn("Suggested lr", s.evidence)
+        # A flat curve: no guess, the daemon's reason.
+        flat = [1e-7 * 1.06 ** i for i in range(200)]
+        with self.assertRaisesRegex(ValueError, "no usable descent"):
+            lossguard.suggest_lr(flat, [2.3 + 0.01 * (i % 3) for i in range(200)],
+                                 self.daemon.address, timeout=WAIT)
+        with self.assertRaisesRegex(ValueError, "differ in length"):
+            lossguard.suggest_lr(flat, [2.3], self.daemon.address)
+
+    def test_suggest_lr_without_a_daemon_is_a_connection_error(self):
+        with socket.socket() as sock:   # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{sock.getsockname()[1]}"
+        with self.assertRaises(ConnectionError):
+            lossguard.suggest_lr([1e-7, 1e-6], [1.0, 1.0], address, timeout=5)
+
+    def test_range_test_on_a_model_restores_it_and_suggests_within_the_test(self):
+        x, y, net, opt = problem()   # two groups, LR ratio 10:1
+        before = copy.deepcopy(net.state_dict())
+        group_lrs = []
+
+        def step_fn(model, batch):
+            group_lrs.append([g["lr"] for g in opt.param_groups])
+            return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+        batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+        net.eval()
+        test = lossguard.lr_range_test(net, opt, batches, step_fn=step_fn,
+                                       server=self.daemon.address, timeout=WAIT)
+        # The weights, the optimizer's LRs and the eval mode are back.
+        for k, v in net.state_dict().items():
+            self.assertTrue(torch.equal(v, before[k]), k)
+        self.assertEqual([g["lr"] for g in opt.param_groups], [10.0, 1.0])
+        self.assertFalse(net.training)
+        # The LR grew x1.06 a step from 1e-7 on every group, keeping the
+        # ratio, until the loss blew up (long before lr 10).
+        self.assertAlmostEqual(test.lrs[0], 1e-7)
+        for a, b in zip(test.lrs, test.lrs[1:]):
+            self.assertAlmostEqual(b / a, 1.06)
+        for (first, second), lr in zip(group_lrs, test.lrs):
+            self.assertAlmostEqual(first, lr)
+            self.assertAlmostEqual(second, lr / 10)
+        self.assertEqual(len(test.losses), len(test.lrs))
+        self.assertLess(test.lrs[-1], 10.0)
+        self.assertRegex(test.stop_reason, "smoothed loss|the loss was")
+        self.assertGreater(test.suggested_lr, test.lrs[0])
+        self.assertLess(test.suggested_lr, test.lrs[-1])
+        self.assertIn("Suggested lr", test.suggestion.evidence)
+        # Training at the suggestion learns (the same weights, restored).
+        for group, ratio in zip(opt.param_groups, (1.0, 0.1)):
+            group["lr"] = test.suggested_lr * ratio
+        net.train()
+        first = torch.nn.functional.mse_loss(net(x), y).item()
+        for _ in range(100):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            loss.backward()
+            opt.step()
+        self.assertLess(loss.item(), 0.5 * first)
+
+    def test_range_test_that_never_descends_keeps_its_curve(self):
+        net = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x = torch.randn(64, 4)
+        y = torch.randn(64, 1)   # noise: nothing to learn
+        with self.assertRaises(lossguard.RangeTestError) as caught:
+            lossguard.lr_range_test(
+                net, opt, [(x, y)], torch.nn.functional.mse_loss, end_lr=1e-3,
+                server=self.daemon.address, timeout=WAIT)
+        self.assertIn("no usable descent", str(caught.exception))
+        self.assertIsInstance(caught.exception, ValueError)
+        self.assertEqual(len(caught.exception.lrs), len(caught.exception.losses))
+        self.assertGreater(len(caught.exception.lrs), 100)
+        with self.assertRaisesRegex(ValueError, "exactly one"):
+            lossguard.lr_range_test(net, opt, [(x, y)], server=self.daemon.address)
 
 
 class TorchGuardTest(DaemonTestCase):

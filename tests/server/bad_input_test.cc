@@ -147,7 +147,7 @@ TEST_F(BadInputTest, BytesThatAreNotAProtobufFailEveryMethodAndTheDaemonServesOn
     EXPECT_THAT(status.error_message(), HasSubstr("before start"));
   }
   for (const char* method : {"GetRunHealth", "ListRuns", "GetCurve", "AnalyzeCurve",
-                             "WatchRun"}) {
+                             "SuggestLearningRate", "WatchRun"}) {
     grpc::ClientContext ctx;
     SetDeadline(&ctx);
     grpc::Slice slice(garbage);

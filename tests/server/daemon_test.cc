@@ -33,6 +33,7 @@
 #include "lossguard/service/service.h"
 #include "lossguard/storage/run_store.h"
 #include "lossguard/v1/lossguard.grpc.pb.h"
+#include "lossguard/analyzers/lr_range_test.h"
 #include "lossguard/wire/convert.h"
 
 namespace lossguard::service {
@@ -43,6 +44,7 @@ using ::testing::HasSubstr;
 
 constexpr char kDiverging[] = "digits-cnn-sgd-lr300-b32-ramp-s130.csv";
 constexpr char kHealthy[] = "digits-mlp-sgdm-lr0.01-b32-s6.csv";
+constexpr char kRangeTest[] = "digits-mlp-sgdm-lr1e-07-b32-exp-lrrange-s1.csv";
 
 // Every call in these tests has a deadline: a bug fails a test, never hangs
 // the suite.
@@ -1074,6 +1076,59 @@ TEST_F(DaemonTest, AnalyzeCurveMatchesTheLiveDiagnosis) {
   *bad.add_steps() = wire::ToProto(curve[2]);
   EXPECT_EQ(stub_->AnalyzeCurve(&ctx2, bad, &resp).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(DaemonTest, SuggestLearningRateReadsARangeTestAsLrFindDoes) {
+  StartDaemon();
+  const auto curve = LoadCurve(kRangeTest);
+  v1::SuggestLearningRateRequest req;
+  std::vector<double> lrs;
+  std::vector<double> losses;
+  for (const auto& r : curve) {
+    *req.add_steps() = wire::ToProto(r);
+    lrs.push_back(r.lr);
+    losses.push_back(r.loss);
+  }
+  absl::StatusOr<analyzers::LrSuggestion> local =
+      analyzers::SuggestLearningRate(lrs, losses);
+  ASSERT_TRUE(local.ok()) << local.status();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + kDeadline);
+  v1::LrSuggestion got;
+  ASSERT_TRUE(stub_->SuggestLearningRate(&ctx, req, &got).ok());
+  EXPECT_EQ(got.suggested_lr(), local->suggested_lr);
+  EXPECT_EQ(got.steep_mid_lr(), local->steep_mid_lr);
+  EXPECT_EQ(got.basin_mid_lr(), local->basin_mid_lr);
+  EXPECT_EQ(got.diverge_lr(), local->diverge_lr);
+  EXPECT_EQ(got.points_used(), local->points_used);
+  EXPECT_EQ(got.evidence(), local->evidence);
+  EXPECT_GT(got.suggested_lr(), got.steep_mid_lr());
+  EXPECT_LT(got.suggested_lr(), got.basin_mid_lr());
+
+  // A flat curve has no descent: said, with the numbers, not guessed.
+  v1::SuggestLearningRateRequest flat;
+  double lr = 1e-7;
+  for (int i = 0; i < 200; ++i, lr *= 1.06) {
+    v1::Step* step = flat.add_steps();
+    step->set_step(i);
+    step->set_lr(lr);
+    step->set_loss(2.3 + 0.01 * (i % 3));
+  }
+  grpc::ClientContext ctx2;
+  grpc::Status status = stub_->SuggestLearningRate(&ctx2, flat, &got);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(status.error_message(), HasSubstr("no usable descent"));
+
+  // An LR that does not grow, or too few points, is the caller's error.
+  v1::SuggestLearningRateRequest shrinking = req;
+  shrinking.mutable_steps(3)->set_lr(shrinking.steps(2).lr() / 2);
+  grpc::ClientContext ctx3;
+  status = stub_->SuggestLearningRate(&ctx3, shrinking, &got);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("must grow"));
+  grpc::ClientContext ctx4;
+  status = stub_->SuggestLearningRate(&ctx4, v1::SuggestLearningRateRequest(), &got);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 TEST_F(DaemonTest, HealthServiceAndReflection) {

@@ -1,6 +1,12 @@
 """lossguard: stream a training run to lossguardd and apply its advice.
 
     import lossguard
+    # Optional: an LR range test first; lossguardd suggests the initial LR
+    # (the model and optimizer are restored afterwards).
+    test = lossguard.lr_range_test(model, optimizer, loader, loss_fn)
+    for group in optimizer.param_groups:
+        group["lr"] = test.suggested_lr
+
     client = lossguard.Client("127.0.0.1:7077", run_id="my-run", mode="auto")
     guard = lossguard.TorchGuard(optimizer, client)
     for step, (x, y) in enumerate(loader):
@@ -19,7 +25,7 @@ grpcio and protobuf; `TorchGuard` and `LossGuardCallback` need PyTorch
 (`pip install 'lossguard[torch]'`) and are imported on first use.
 """
 
-from lossguard.client import Client, ClientStats
+from lossguard.client import Client, ClientStats, LrSuggestion, suggest_lr
 
 
 def __getattr__(name):
@@ -27,10 +33,14 @@ def __getattr__(name):
     # only reports (JAX, a log forwarder) does not have; LossGuardCallback
     # imports Lightning, when installed, which a plain PyTorch loop should
     # not pay for.
-    if name in ("TorchGuard", "LossGuardCallback"):
+    if name in ("TorchGuard", "LossGuardCallback", "lr_range_test", "RangeTest",
+                "RangeTestError"):
         try:
             if name == "TorchGuard":
                 from lossguard.torch_guard import TorchGuard as found
+            elif name in ("lr_range_test", "RangeTest", "RangeTestError"):
+                import lossguard.lr_finder
+                found = getattr(lossguard.lr_finder, name)
             else:
                 from lossguard.lightning import LossGuardCallback as found
         except ImportError as e:
@@ -44,5 +54,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'lossguard' has no attribute {name!r}")
 
 
-__all__ = ["Client", "ClientStats", "TorchGuard", "LossGuardCallback"]
+__all__ = ["Client", "ClientStats", "LrSuggestion", "suggest_lr", "TorchGuard",
+           "LossGuardCallback", "lr_range_test", "RangeTest", "RangeTestError"]
 __version__ = "0.1.0"

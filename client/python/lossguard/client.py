@@ -33,6 +33,91 @@ class ClientStats:
     last_error: str = ""
 
 
+def _connection(token, tls_ca, tls_cert, tls_key, tls, channel_options=()):
+    """(new_channel(target), call metadata) for a daemon's credentials.
+
+    A daemon with --auth_config wants a token (default $LOSSGUARD_TOKEN);
+    with --tls_cert, TLS (tls_ca: the CA of its certificate, default
+    $LOSSGUARD_TLS_CA, else the system's roots with tls=True); with
+    --tls_client_ca, a client certificate too (tls_cert and tls_key).
+    """
+    token = token or os.environ.get("LOSSGUARD_TOKEN") or None
+    tls_ca = tls_ca or os.environ.get("LOSSGUARD_TLS_CA") or None
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    options = list(channel_options)
+    if tls or tls_ca or tls_cert or tls_key:
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=read(tls_ca) if tls_ca else None,
+            private_key=read(tls_key) if tls_key else None,
+            certificate_chain=read(tls_cert) if tls_cert else None)
+        return (lambda target: grpc.secure_channel(target, creds, options=options),
+                metadata)
+    return (lambda target: grpc.insecure_channel(target, options=options),
+            metadata)
+
+
+@dataclasses.dataclass
+class LrSuggestion:
+    """What lossguardd reads from an LR range test (LRs; 0: none)."""
+    suggested_lr: float      # the initial LR to train with
+    steep_lo_lr: float       # the steepest-descent region
+    steep_hi_lr: float
+    steep_mid_lr: float
+    min_loss_lr: float       # the smoothed-loss minimum and its basin
+    basin_lo_lr: float
+    basin_hi_lr: float
+    basin_mid_lr: float
+    diverge_lr: float        # where the loss blew up; 0: it did not
+    points_used: int
+    still_descending: bool   # lowest at the end: the test may have stopped early
+    evidence: str            # words with the numbers behind them
+
+
+def suggest_lr(lrs, losses, server="127.0.0.1:7077", *, timeout=60.0,
+               token=None, tls_ca=None, tls_cert=None, tls_key=None, tls=False):
+    """The initial LR lossguardd suggests from an LR range test.
+
+    `lrs` grow at every step (exponentially, as LR finders run them) and
+    `losses[i]` is the minibatch loss at `lrs[i]`; a non-finite loss ends
+    the usable curve. The rule is `lossguard lr-find`'s: the geometric
+    middle between the steepest descent and the loss minimum, with the
+    numbers in `evidence`. Raises ValueError when the curve cannot give a
+    suggestion (the LR does not grow, too few points, no usable descent:
+    the daemon's message says which), PermissionError when the daemon
+    refuses the token, and ConnectionError when it cannot be reached.
+    Credentials as for Client.
+    """
+    lrs, losses = list(lrs), list(losses)
+    if len(lrs) != len(losses):
+        raise ValueError(f"lrs and losses differ in length ({len(lrs)} vs {len(losses)})")
+    new_channel, metadata = _connection(token, tls_ca, tls_cert, tls_key, tls)
+    request = pb.SuggestLearningRateRequest(
+        steps=[pb.Step(step=i, lr=float(lr), loss=float(loss))
+               for i, (lr, loss) in enumerate(zip(lrs, losses))])
+    with new_channel(server) as channel:
+        try:
+            reply = pb_grpc.LossGuardStub(channel).SuggestLearningRate(
+                request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                            grpc.StatusCode.FAILED_PRECONDITION):
+                raise ValueError(f"LR range test: {e.details()}") from None
+            if e.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                            grpc.StatusCode.PERMISSION_DENIED):
+                raise PermissionError(
+                    f"lossguardd at {server}: {e.code().name}: {e.details()}") from None
+            raise ConnectionError(
+                f"lossguardd at {server}: {e.code().name}: {e.details()}") from None
+    return LrSuggestion(**{f.name: getattr(reply, f.name)
+                           for f in dataclasses.fields(LrSuggestion)})
+
+
 class _Session:
     """One Attach stream: a request queue the stream consumes."""
 
@@ -117,28 +202,8 @@ class Client:
             ("grpc.keepalive_time_ms", 30000),
             ("grpc.keepalive_timeout_ms", 10000),
         ]
-        # A daemon with --auth_config wants a token; with --tls_cert, TLS
-        # (tls_ca: the CA of its certificate, else the system's roots); with
-        # --tls_client_ca, a client certificate too.
-        token = token or os.environ.get("LOSSGUARD_TOKEN") or None
-        tls_ca = tls_ca or os.environ.get("LOSSGUARD_TLS_CA") or None
-        self._metadata = [("authorization", f"Bearer {token}")] if token else None
-        if tls or tls_ca or tls_cert or tls_key:
-            if bool(tls_cert) != bool(tls_key):
-                raise ValueError("tls_cert and tls_key go together")
-
-            def read(path):
-                with open(path, "rb") as f:
-                    return f.read()
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=read(tls_ca) if tls_ca else None,
-                private_key=read(tls_key) if tls_key else None,
-                certificate_chain=read(tls_cert) if tls_cert else None)
-            self._new_channel = lambda target: grpc.secure_channel(
-                target, creds, options=channel_options)
-        else:
-            self._new_channel = lambda target: grpc.insecure_channel(
-                target, options=channel_options)
+        self._new_channel, self._metadata = _connection(
+            token, tls_ca, tls_cert, tls_key, tls, channel_options)
         self._channel = self._new_channel(server)
         self._stub = pb_grpc.LossGuardStub(self._channel)
         # Where the last session was told to go (client thread only).

@@ -198,4 +198,21 @@ v1::Step ToProto(const analyzers::StepRecord& r) {
   return s;
 }
 
+v1::LrSuggestion ToProto(const analyzers::LrSuggestion& s) {
+  v1::LrSuggestion p;
+  p.set_suggested_lr(s.suggested_lr);
+  p.set_steep_lo_lr(s.steep_lo_lr);
+  p.set_steep_hi_lr(s.steep_hi_lr);
+  p.set_steep_mid_lr(s.steep_mid_lr);
+  p.set_min_loss_lr(s.min_loss_lr);
+  p.set_basin_lo_lr(s.basin_lo_lr);
+  p.set_basin_hi_lr(s.basin_hi_lr);
+  p.set_basin_mid_lr(s.basin_mid_lr);
+  p.set_diverge_lr(s.diverge_lr);
+  p.set_points_used(s.points_used);
+  p.set_still_descending(s.still_descending);
+  p.set_evidence(s.evidence);
+  return p;
+}
+
 }  // namespace lossguard::wire

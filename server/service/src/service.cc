@@ -29,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "lossguard/analyzers/lr_range_test.h"
 #include "lossguard/policy/advice_policy.h"
 #include "lossguard/policy/advisor.h"
 #include "lossguard/runs/curve_sampler.h"
@@ -191,6 +192,10 @@ class LossGuardServiceImpl final : public v1::LossGuard::CallbackService {
       grpc::CallbackServerContext* context,
       const v1::AnalyzeCurveRequest* request,
       v1::AnalyzeCurveResponse* reply) override;
+  grpc::ServerUnaryReactor* SuggestLearningRate(
+      grpc::CallbackServerContext* context,
+      const v1::SuggestLearningRateRequest* request,
+      v1::LrSuggestion* reply) override;
 
   // Ends every open stream with UNAVAILABLE; later streams end at once.
   void BeginShutdown();
@@ -1214,6 +1219,37 @@ grpc::ServerUnaryReactor* LossGuardServiceImpl::AnalyzeCurve(
         *reply->add_advice() = wire::ToProto(a, d, next_id++);
       }
     }
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* LossGuardServiceImpl::SuggestLearningRate(
+    grpc::CallbackServerContext* context,
+    const v1::SuggestLearningRateRequest* request, v1::LrSuggestion* reply) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // Stateless, but it costs CPU: any valid token.
+  if (absl::StatusOr<const auth::Principal*> caller = Caller(context); !caller.ok()) {
+    reactor->Finish(ToGrpc(caller.status()));
+    return reactor;
+  }
+  pool_->Submit([reactor, request, reply] {
+    std::vector<double> lrs;
+    std::vector<double> losses;
+    lrs.reserve(request->steps_size());
+    losses.reserve(request->steps_size());
+    for (const v1::Step& step : request->steps()) {
+      lrs.push_back(step.lr());
+      losses.push_back(step.loss());
+    }
+    // (Errors name a point by its index in `steps`.)
+    absl::StatusOr<analyzers::LrSuggestion> s =
+        analyzers::SuggestLearningRate(lrs, losses);
+    if (!s.ok()) {
+      reactor->Finish(ToGrpc(s.status()));
+      return;
+    }
+    *reply = wire::ToProto(*s);
     reactor->Finish(grpc::Status::OK);
   });
   return reactor;

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "lossguard/analyzers/lr_range_test.h"
 #include "lossguard/analyzers/types.h"
 #include "lossguard/policy/advice_policy.h"
 #include "lossguard/v1/lossguard.pb.h"
@@ -32,6 +33,7 @@ policy::Advice FromProto(const v1::Advice& p, double lr_when_sent,
 analyzers::StepRecord FromProto(const v1::Step& s);
 // The inverse (no wall time).
 v1::Step ToProto(const analyzers::StepRecord& r);
+v1::LrSuggestion ToProto(const analyzers::LrSuggestion& s);
 
 }  // namespace lossguard::wire
 
