@@ -9,7 +9,30 @@ The corpus in bench/lrfind-torch/ was produced with
     /usr/bin/python3 bench/lrfind_torch_corpus.py --out bench/lrfind-torch
     /usr/bin/python3 ../shared/tools/score_lrfind.py bench/lrfind-torch
 
-(Debian's Python only: torch 1.13 on the CPU, numpy, the standard library.)
+(885 s with --jobs 2), the held-out corpus bench/lrfind-torch-holdout/
+(HOLDOUT_TASKS, chosen after the suggestion rule of 58b05a2 was tuned on the
+main one; range tests with seed 3) with
+
+    /usr/bin/python3 bench/lrfind_torch_corpus.py --set holdout \
+        --out bench/lrfind-torch-holdout
+
+(1430 s with --jobs 2, a C++ build sharing the two cores for the first ~17
+minutes; 1443 s user + 312 s system CPU, so about 900 s on an idle machine;
+no grid had to be widened), and bench/lrfind-torch-seed2/, the main tasks'
+range tests rerun with seed 2 and the labels (sweep, best_lr) copied from
+bench/lrfind-torch/, to measure how far a suggestion moves with the range
+test's own randomness, with
+
+    /usr/bin/python3 bench/lrfind_torch_corpus.py --range-only --range-seed 2 \
+        --labels-from bench/lrfind-torch --out bench/lrfind-torch-seed2
+
+(10 s).  Scored the same way, e.g.
+    /usr/bin/python3 ../shared/tools/score_lrfind.py bench/lrfind-torch-holdout \
+        --cmd 'build/bin/lossguard lr-find {csv} --json' --name lossguard
+
+(Debian's Python only: torch 1.13 on the CPU, numpy, the standard library; run
+with another python3 that lacks them, the script re-executes itself with
+/usr/bin/python3.)
 
 Protocol, the dev corpus' one, for every task (model x optimizer x batch):
   - data: Fashion-MNIST from /usr/share/datasets/fashion-mnist/, pixels in
@@ -21,7 +44,8 @@ Protocol, the dev corpus' one, for every task (model x optimizer x batch):
     before the model is built (weights, dropout).  One thread per process.
     Every Linear layer is computed as a 1x1 convolution (Dense below: same
     function and same initial weights, 4x faster with Debian's netlib BLAS).
-  - range test (seed 1): lr starts at 1e-7 and is multiplied by 1.06 after
+  - range test (seed 1 for the main set, 3 for the held-out one; --range-seed
+    overrides): lr starts at 1e-7 and is multiplied by 1.06 after
     every step, one minibatch per step, row (step, lr used, raw minibatch
     loss); it stops when the loss is non-finite, or when the debiased EMA
     (beta 0.98) of the loss exceeds 4x its best value so far (the stopping
@@ -40,12 +64,18 @@ Protocol, the dev corpus' one, for every task (model x optimizer x batch):
   - one line per task in lrfind.jsonl (task, range_test_run,
     range_test_file, sweep_optimizer, sweep_batch, sweep_steps, best_lr_rule,
     sweep [{lr, final_val_loss}], best_lr, range_test {lr0, factor, points,
-    lr_at_stop}, model).  With --tasks, the lines of the other
-    tasks already in OUT/lrfind.jsonl are kept (order: the TASKS table).
+    lr_at_stop}, model).  range_test also has "seed" in every corpus but the
+    main one with seed 1 (whose lines are unchanged from the first version).
+    With --range-only the line is the --labels-from corpus' one with
+    range_test_run, range_test_file and range_test replaced, plus
+    "labels_from".  With --tasks, the lines of the other tasks already in
+    OUT/lrfind.jsonl are kept (order: the set's table).
     Runtime with --jobs 2 on this 2-core machine: 885 s for the ten tasks.
 
 A task whose best LR is the lowest or highest of its grid is reported as
-such: its grid should be widened ("grid" in TASKS) and the task rerun.
+such: its grid should be widened ("grid" in TASKS) and the task rerun; so is
+a near tie (the runner-up LR within 0.5% of the best) and a range test that
+ends without the 4x stop (at the lr cap or on a non-finite loss).
 """
 import argparse
 import concurrent.futures
@@ -56,9 +86,18 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-from torch import nn
+try:
+    import numpy as np
+    import torch
+    from torch import nn
+except ImportError:
+    # Another python3 first in PATH (pyenv, a venv) without torch: rerun with
+    # Debian's, the one this corpus is defined with.
+    if (os.path.exists("/usr/bin/python3")
+            and os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3")):
+        os.execv("/usr/bin/python3",
+                 ["/usr/bin/python3", os.path.abspath(__file__)] + sys.argv[1:])
+    raise
 
 DATA = "/usr/share/datasets/fashion-mnist"
 N_TRAIN, N_VAL = 10000, 2000
@@ -67,7 +106,7 @@ LR0, FACTOR, LR_MAX = 1e-7, 1.06, 10.0
 BETA, STOP_FACTOR = 0.98, 4.0
 EVAL_EVERY, LAST_K = 50, 5
 SEEDS = [1, 2]
-RANGE_SEED = 1
+RANGE_SEED = {"main": 1, "holdout": 3}   # default range-test seed per task set
 BEST_LR_RULE = ("lowest mean over seeds of the mean of the last 5 validation losses "
                 "(non-finite runs excluded)")
 
@@ -77,6 +116,9 @@ GRIDS = {
 }
 GRIDS["sgdm"] = GRIDS["sgd"]
 GRIDS["adamw"] = GRIDS["adam"]
+GRIDS["sgdm-nesterov"] = GRIDS["sgd"]
+GRIDS["adamw-wd0.05"] = GRIDS["adam"]
+GRIDS["rmsprop"] = GRIDS["adam"]
 
 MODELS = {
     "linear": "logistic regression: Flatten, Linear 784->10",
@@ -88,12 +130,22 @@ MODELS = {
            "Flatten, Linear(784->10)",
     "cnnbn": "CNN Conv(1->8,3,pad1)-BN-ReLU-MaxPool2, Conv(8->16,3,pad1)-BN-ReLU-MaxPool2, "
              "Flatten, Linear(784->10)",
+    # held-out set
+    "mlp2gelu": "MLP 784->256->128->10, GELU",
+    "mlp1bn": "MLP Linear 784->256, BatchNorm, ReLU, Linear 256->10",
+    "cnn16": "CNN Conv(1->16,3,pad1)-ReLU-MaxPool2, Conv(16->32,3,pad1)-ReLU-MaxPool2, "
+             "Flatten, Linear(1568->10)",
+    "mlp4": "MLP 784->128->128->128->128->10, ReLU",
 }
 OPTIMIZERS = {
     "sgd": "SGD, no momentum",
     "sgdm": "SGD, momentum 0.9",
     "adam": "Adam (default betas)",
     "adamw": "AdamW, weight_decay 0.01",
+    # held-out set
+    "adamw-wd0.05": "AdamW, weight_decay 0.05",
+    "rmsprop": "RMSprop (defaults, alpha 0.99)",
+    "sgdm-nesterov": "SGD, momentum 0.9, Nesterov",
 }
 
 # task id, model, optimizer, batch size; "grid" overrides GRIDS[optimizer]; cost: seconds
@@ -110,7 +162,25 @@ TASKS = [
     dict(task="fmnist-cnnbn-adam-b64", model="cnnbn", opt="adam", batch=64, cost=2.27),
     dict(task="fmnist-cnn-sgd-b16", model="cnn", opt="sgd", batch=16, cost=0.94),
 ]
-TASK_BY_NAME = {t["task"]: t for t in TASKS}
+# Held-out tasks (--set holdout): chosen after the suggestion rule of 58b05a2
+# was tuned on TASKS, to check it on data it was not chosen on.  Same protocol,
+# range test with seed 3.  (Their costs were timed with the validation passes
+# included, about 1.4x the main table's measure; only the order matters.)
+HOLDOUT_TASKS = [
+    dict(task="fmnist-mlp2gelu-adamw-b256", model="mlp2gelu", opt="adamw-wd0.05", batch=256,
+         cost=1.95),
+    dict(task="fmnist-mlp1bn-sgdm-b128", model="mlp1bn", opt="sgdm", batch=128, cost=0.82),
+    dict(task="fmnist-cnn16-adam-b32", model="cnn16", opt="adam", batch=32, cost=2.46),
+    dict(task="fmnist-cnn-rmsprop-b64", model="cnn", opt="rmsprop", batch=64, cost=1.85),
+    dict(task="fmnist-mlp4-sgd-b32", model="mlp4", opt="sgd", batch=32, cost=0.53),
+    dict(task="fmnist-linear-adam-b64", model="linear", opt="adam", batch=64, cost=0.13),
+    dict(task="fmnist-cnnbn-sgdm-b32", model="cnnbn", opt="sgdm", batch=32, cost=1.81),
+    dict(task="fmnist-mlp1-nesterov-b16", model="mlp1", opt="sgdm-nesterov", batch=16,
+         cost=0.22),
+]
+TASK_SETS = {"main": TASKS, "holdout": HOLDOUT_TASKS}
+TASK_BY_NAME = {t["task"]: t for t in TASKS + HOLDOUT_TASKS}
+assert len(TASK_BY_NAME) == len(TASKS) + len(HOLDOUT_TASKS)
 
 
 def grid(task):
@@ -179,6 +249,14 @@ class Dense(nn.Conv2d):
         return super().forward(x.reshape(x.shape[0], -1, 1, 1)).flatten(1)
 
 
+class Conv1x1(Dense):
+    """Dense whose output keeps the (N, n_out, 1, 1) shape, for a BatchNorm2d
+    after it (= BatchNorm1d after nn.Linear)."""
+
+    def forward(self, x):
+        return nn.Conv2d.forward(self, x.reshape(x.shape[0], -1, 1, 1))
+
+
 def build_model(name):
     if name == "linear":
         return nn.Sequential(nn.Flatten(), Dense(784, 10))
@@ -198,6 +276,21 @@ def build_model(name):
                  ([nn.BatchNorm2d(16)] if bn else []) + \
                  [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), Dense(16 * 7 * 7, 10)]
         return nn.Sequential(*layers)
+    if name == "mlp2gelu":
+        return nn.Sequential(nn.Flatten(), Dense(784, 256), nn.GELU(), Dense(256, 128), nn.GELU(),
+                             Dense(128, 10))
+    if name == "mlp1bn":
+        # BatchNorm1d over 256 features, as BatchNorm2d on Dense's (N, 256, 1, 1) output.
+        return nn.Sequential(nn.Flatten(), Conv1x1(784, 256), nn.BatchNorm2d(256), nn.ReLU(),
+                             Dense(256, 10))
+    if name == "cnn16":
+        return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), Dense(32 * 7 * 7, 10))
+    if name == "mlp4":
+        return nn.Sequential(nn.Flatten(), Dense(784, 128), nn.ReLU(), Dense(128, 128), nn.ReLU(),
+                             Dense(128, 128), nn.ReLU(), Dense(128, 128), nn.ReLU(),
+                             Dense(128, 10))
     raise ValueError(f"unknown model {name}")
 
 
@@ -210,6 +303,12 @@ def build_optimizer(name, params, lr):
         return torch.optim.Adam(params, lr=lr)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if name == "adamw-wd0.05":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    if name == "sgdm-nesterov":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
     raise ValueError(f"unknown optimizer {name}")
 
 
@@ -244,29 +343,34 @@ def init_worker():
     data()
 
 
-def range_test(name):
-    """[(step, lr, loss)] of the seed-1 range test of task `name`."""
+def range_test(name, seed):
+    """([(step, lr, loss)], why it stopped) of the range test of task `name`
+    with `seed` (weights and minibatch order)."""
     task = TASK_BY_NAME[name]
     xtr, ytr, _, _ = data()
-    model, opt = setup(task, RANGE_SEED, LR0)
+    model, opt = setup(task, seed, LR0)
     rows = []
     avg, best, lr = 0.0, math.inf, LR0
-    for step, idx in enumerate(batches(RANGE_SEED, N_TRAIN, task["batch"])):
+    stop = None
+    for step, idx in enumerate(batches(seed, N_TRAIN, task["batch"])):
         if lr > LR_MAX:
+            stop = f"lr cap {LR_MAX:g}"
             break
         for g in opt.param_groups:
             g["lr"] = lr
         loss = train_step(model, opt, xtr[idx], ytr[idx])
         rows.append((step, lr, loss))
         if not math.isfinite(loss):
+            stop = "non-finite loss"
             break
         avg = BETA * avg + (1 - BETA) * loss
         smooth = avg / (1 - BETA ** (step + 1))
         best = min(best, smooth)
         if smooth > STOP_FACTOR * best:
+            stop = f"{STOP_FACTOR:g}x stop"
             break
         lr *= FACTOR
-    return rows
+    return rows, stop
 
 
 def sweep_run(name, lr, seed, steps):
@@ -292,7 +396,7 @@ def sweep_run(name, lr, seed, steps):
 def run_job(job):
     t = time.time()
     if job[0] == "range":
-        out = range_test(job[1])
+        out = range_test(*job[1:])
     else:
         out = sweep_run(*job[1:])
     return out, time.time() - t
@@ -310,23 +414,66 @@ def nan_to_none(v):
     return v if math.isfinite(v) else None
 
 
+def read_jsonl(path):
+    entries = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                e = json.loads(line)
+                entries[e["task"]] = e
+    return entries
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="corpus directory (lrfind.jsonl, lrfind/*.csv)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    ap.add_argument("--tasks", nargs="+", choices=[t["task"] for t in TASKS],
-                    help="only these tasks (others already in OUT/lrfind.jsonl are kept)")
+    ap.add_argument("--set", choices=sorted(TASK_SETS), default="main",
+                    help="task table: main (TASKS, bench/lrfind-torch) or holdout "
+                         "(HOLDOUT_TASKS, bench/lrfind-torch-holdout); default main")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASK_BY_NAME), metavar="TASK",
+                    help="only these tasks of the set (others already in OUT/lrfind.jsonl "
+                         "are kept)")
     ap.add_argument("--sweep-steps", type=int, default=1000)
+    ap.add_argument("--range-seed", type=int,
+                    help="seed of the range tests (default: 1 for main, 3 for holdout)")
+    ap.add_argument("--range-only", action="store_true",
+                    help="run only the range tests; the sweep and best_lr of each task are "
+                         "copied from --labels-from")
+    ap.add_argument("--labels-from", metavar="DIR",
+                    help="with --range-only: corpus whose lrfind.jsonl gives the labels "
+                         "(e.g. bench/lrfind-torch)")
     args = ap.parse_args()
+    if args.range_only != bool(args.labels_from):
+        ap.error("--range-only and --labels-from go together")
+    table = TASK_SETS[args.set]
+    set_names = [t["task"] for t in table]
+    if args.tasks:
+        other = [n for n in args.tasks if n not in set_names]
+        if other:
+            ap.error(f"not in --set {args.set}: {' '.join(other)}")
+    range_seed = RANGE_SEED[args.set] if args.range_seed is None else args.range_seed
+    # The main corpus' range_test objects have no "seed" (it was always 1); any
+    # other corpus records it.
+    record_seed = args.set != "main" or range_seed != RANGE_SEED["main"]
+    labels = {}
+    if args.range_only:
+        labels = read_jsonl(os.path.join(args.labels_from, "lrfind.jsonl"))
 
     torch.set_num_threads(1)
-    names = args.tasks or [t["task"] for t in TASKS]
+    names = [n for n in set_names if n in args.tasks] if args.tasks else set_names
+    if args.range_only:
+        missing = [n for n in names if n not in labels]
+        if missing:
+            ap.error(f"no labels in {args.labels_from} for {' '.join(missing)}")
     os.makedirs(os.path.join(args.out, "lrfind"), exist_ok=True)
     start = time.time()
 
     jobs = []
     for name in names:
-        jobs.append(("range", name))
+        jobs.append(("range", name, range_seed))
+        if args.range_only:
+            continue
         for lr in grid(TASK_BY_NAME[name]):
             for seed in SEEDS:
                 jobs.append(("sweep", name, lr, seed, args.sweep_steps))
@@ -341,21 +488,40 @@ def main():
             job = futs[fut]
             out, secs = fut.result()
             results[job] = out
-            what = (f"range test, {len(out)} points, stop at lr {out[-1][1]:.3g}"
-                    if job[0] == "range" else f"lr {job[2]:g} seed {job[3]}: {out:.4f}")
+            if job[0] == "range":
+                rows, stop = out
+                what = (f"range test (seed {job[2]}), {len(rows)} points, "
+                        f"stop at lr {rows[-1][1]:.3g} ({stop})")
+            else:
+                what = f"lr {job[2]:g} seed {job[3]}: {out:.4f}"
             print(f"[{n}/{len(jobs)} {time.time() - start:6.0f}s] {job[1]} {what} "
                   f"({secs:.1f}s)", flush=True)
 
     entries = {}
     path = os.path.join(args.out, "lrfind.jsonl")
     if args.tasks and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    e = json.loads(line)
-                    entries[e["task"]] = e
+        entries = read_jsonl(path)
     for name in names:
         task = TASK_BY_NAME[name]
+        rows, stop = results[("range", name, range_seed)]
+        run = f"{name}-lrrange"
+        rel = f"lrfind/{run}.csv"
+        range_info = {"lr0": LR0, "factor": FACTOR, "points": len(rows),
+                      "lr_at_stop": rows[-1][1]}
+        if record_seed:
+            range_info["seed"] = range_seed
+        if not stop.endswith("x stop"):
+            print(f"{name}: the range test never hit the {STOP_FACTOR:g}x stop ({stop})",
+                  flush=True)
+        if args.range_only:
+            e = dict(labels[name])
+            e.update({"range_test_run": run, "range_test_file": rel, "range_test": range_info,
+                      "labels_from": os.path.normpath(args.labels_from)})
+            write_curve(os.path.join(args.out, rel), rows)
+            entries[name] = e
+            print(f"{name}: {len(rows)} points, stop at lr {rows[-1][1]:.3g}; "
+                  f"best LR {e['best_lr']:g} (from {args.labels_from})", flush=True)
+            continue
         lrs = grid(task)
         sweep = []
         for lr in lrs:
@@ -370,9 +536,12 @@ def main():
         edge = " (AT THE EDGE OF THE GRID: widen it)" if best in (lrs[0], lrs[-1]) else ""
         print(f"{name}: best LR {best:g}{edge} "
               + " ".join(f"{r['lr']:g}:{r['final_val_loss']:.4f}" for r in sweep), flush=True)
-        rows = results[("range", name)]
-        run = f"{name}-lrrange"
-        rel = f"lrfind/{run}.csv"
+        ranked = sorted(ok, key=lambda r: r["final_val_loss"])
+        if len(ranked) > 1:
+            gap = ranked[1]["final_val_loss"] / ranked[0]["final_val_loss"] - 1
+            if gap < 0.005:
+                print(f"{name}: NEAR TIE: lr {ranked[1]['lr']:g} is within {100 * gap:.2f}% "
+                      f"of the best", flush=True)
         write_curve(os.path.join(args.out, rel), rows)
         entries[name] = {
             "task": name, "range_test_run": run, "range_test_file": rel,
@@ -381,13 +550,12 @@ def main():
             "sweep": [{"lr": r["lr"], "final_val_loss": nan_to_none(r["final_val_loss"])}
                       for r in sweep],
             "best_lr": best,
-            "range_test": {"lr0": LR0, "factor": FACTOR, "points": len(rows),
-                           "lr_at_stop": rows[-1][1]},
+            "range_test": range_info,
             "model": f"{MODELS[task['model']]}; {OPTIMIZERS[task['opt']]}, batch {task['batch']}",
         }
-    order = [t["task"] for t in TASKS]
     with open(path, "w") as f:
-        for name in sorted(entries, key=lambda k: order.index(k) if k in order else len(order)):
+        for name in sorted(entries, key=lambda k: (set_names.index(k) if k in set_names
+                                                   else len(set_names))):
             f.write(json.dumps(entries[name]) + "\n")
     print(f"{len(names)} tasks in {args.out} ({time.time() - start:.0f} s)", flush=True)
     return 0
