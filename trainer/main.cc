@@ -27,6 +27,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "lossguard/analyzers/lr_range_test.h"
+#include "lossguard/torch/lr_range_test.h"
 #include "lossguard/client/client.h"
 #include "lossguard/schedule/lr_schedule.h"
 #include "lossguard/torch/guard.h"
@@ -302,28 +303,23 @@ int main(int argc, char** argv) {
     // LR grown exponentially from 1e-7 to 10 over `steps` steps (fastai's and
     // Smith's test), stopped when the smoothed loss passes 4x its best.
     const int64_t range_steps = std::max<int64_t>(steps, 100);
-    const double factor = std::pow(10.0 / 1e-7, 1.0 / static_cast<double>(range_steps - 1));
-    std::vector<double> lrs, losses;
-    double smooth = 0.0, best = std::numeric_limits<double>::infinity();
-    for (int64_t s = 0; s < range_steps; ++s) {
-      const double step_lr = 1e-7 * std::pow(factor, static_cast<double>(s));
-      for (auto& g : optimizer->param_groups()) g.options().set_lr(step_lr);
-      auto [x, y] = batch_at(s);
-      optimizer->zero_grad();
-      torch::Tensor loss = torch::nn::functional::cross_entropy(forward(x), y);
-      loss.backward();
-      optimizer->step();
-      const double l = loss.item<double>();
-      lrs.push_back(step_lr);
-      losses.push_back(l);
-      smooth = 0.98 * smooth + 0.02 * l;
-      const double debiased = smooth / (1.0 - std::pow(0.98, static_cast<double>(s + 1)));
-      best = std::min(best, debiased);
-      if (!std::isfinite(l) || debiased > 4.0 * best) break;
-    }
-    auto suggestion = lossguard::analyzers::SuggestLearningRate(lrs, losses);
+    lossguard::torch::LrRangeTestOptions range;
+    range.factor = std::pow(range.end_lr / range.start_lr,
+                            1.0 / static_cast<double>(range_steps - 1));
+    range.max_steps = range_steps;
+    absl::StatusOr<lossguard::torch::LrRangeTest> test =
+        lossguard::torch::RunLrRangeTest(
+            *optimizer,
+            [&](int64_t s) {
+              auto [x, y] = batch_at(s);
+              return torch::nn::functional::cross_entropy(forward(x), y);
+            },
+            range);
+    if (!test.ok()) return Fail(std::string(test.status().message()));
+    const auto& suggestion = test->suggestion;
     nlohmann::ordered_json j;
-    j["points"] = lrs.size();
+    j["points"] = test->lrs.size();
+    j["stop_reason"] = test->stop_reason;
     if (suggestion.ok()) {
       std::printf("suggested lr %.3g\n%s\n", suggestion->suggested_lr,
                   suggestion->evidence.c_str());
@@ -333,8 +329,8 @@ int main(int argc, char** argv) {
       std::printf("no suggestion: %s\n", std::string(suggestion.status().message()).c_str());
       j["error"] = std::string(suggestion.status().message());
     }
-    j["lr"] = lrs;
-    j["loss"] = losses;
+    j["lr"] = test->lrs;
+    j["loss"] = test->losses;
     if (!absl::GetFlag(FLAGS_metrics_out).empty()) {
       std::ofstream(absl::GetFlag(FLAGS_metrics_out)) << j.dump(1) << "\n";
     }

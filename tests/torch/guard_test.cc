@@ -4,6 +4,7 @@
 // own) actions.
 
 #include "lossguard/torch/guard.h"
+#include "lossguard/torch/lr_range_test.h"
 
 #include <torch/torch.h>
 
@@ -444,6 +445,102 @@ TEST(GuardEmbeddedTest, RollbackRestoresTheWeightsItsSnapshotWasJudgedBy) {
   ASSERT_FALSE(guard.events().empty());
   EXPECT_THAT(guard.events().back().note, ::testing::HasSubstr("rolled back to step 2"));
   EXPECT_TRUE(::torch::equal(p.l1->weight, after[2]));
+}
+
+TEST(LrRangeTestTest, RampsEveryGroupRestoresAndSuggests) {
+  Problem p;
+  auto opt = p.Sgd(10.0);  // groups at 10 and 1
+  ::torch::nn::Module net;
+  net.register_module("l1", p.l1);
+  net.register_module("l2", p.l2);
+  std::vector<::torch::Tensor> before;
+  for (const auto& t : net.parameters()) before.push_back(t.detach().clone());
+  std::vector<std::pair<double, double>> group_lrs;
+  LrRangeTestOptions options;
+  options.restore_module = &net;
+  absl::StatusOr<LrRangeTest> test = RunLrRangeTest(
+      *opt,
+      [&](int64_t) {
+        group_lrs.emplace_back(GroupLr(*opt, 0), GroupLr(*opt, 1));
+        return p.Loss();
+      },
+      options);
+  ASSERT_TRUE(test.ok()) << test.status();
+  // The weights and the LRs are back.
+  std::size_t i = 0;
+  for (const auto& t : net.parameters()) EXPECT_TRUE(t.equal(before[i++]));
+  EXPECT_DOUBLE_EQ(GroupLr(*opt, 0), 10.0);
+  EXPECT_DOUBLE_EQ(GroupLr(*opt, 1), 1.0);
+  // x1.06 a step from 1e-7, the second group at a tenth of the first,
+  // until the loss blew up (long before lr 10).
+  ASSERT_GT(test->lrs.size(), 100u);
+  ASSERT_EQ(test->lrs.size(), test->losses.size());
+  ASSERT_EQ(group_lrs.size(), test->lrs.size());
+  EXPECT_DOUBLE_EQ(test->lrs[0], 1e-7);
+  for (std::size_t k = 0; k < test->lrs.size(); ++k) {
+    if (k > 0) {
+      EXPECT_NEAR(test->lrs[k] / test->lrs[k - 1], 1.06, 1e-12);
+    }
+    EXPECT_DOUBLE_EQ(group_lrs[k].first, test->lrs[k]);
+    EXPECT_NEAR(group_lrs[k].second, test->lrs[k] / 10, 1e-15 + 1e-12 * test->lrs[k]);
+  }
+  EXPECT_LT(test->lrs.back(), 10.0);
+  EXPECT_THAT(test->stop_reason, ::testing::AnyOf(::testing::HasSubstr("smoothed loss"),
+                                                  ::testing::HasSubstr("the loss was")));
+  ASSERT_TRUE(test->suggestion.ok()) << test->suggestion.status();
+  const double lr = test->suggestion->suggested_lr;
+  EXPECT_GT(lr, test->lrs.front());
+  EXPECT_LT(lr, test->lrs.back());
+  // Training from the restored weights at the suggestion learns.
+  opt->param_groups()[0].options().set_lr(lr);
+  opt->param_groups()[1].options().set_lr(lr / 10);
+  const double first = p.Loss().item<double>();
+  double last = first;
+  for (int step = 0; step < 100; ++step) {
+    opt->zero_grad();
+    ::torch::Tensor loss = p.Loss();
+    loss.backward();
+    opt->step();
+    last = loss.item<double>();
+  }
+  EXPECT_LT(last, 0.5 * first);
+}
+
+TEST(LrRangeTestTest, RestoresTheOptimizerStateAndRejectsBadOptions) {
+  Problem p;
+  ::torch::optim::Adam adam(p.l1->parameters(), ::torch::optim::AdamOptions(1e-3));
+  adam.zero_grad();
+  p.Loss().backward();
+  adam.step();  // Adam now has moments
+  const ::torch::Tensor moment = ::torch::Tensor(
+      static_cast<::torch::optim::AdamParamState&>(
+          *adam.state().at(c10::guts::to_string(p.l1->weight.unsafeGetTensorImpl())))
+          .exp_avg()).clone();
+  LrRangeTestOptions options;
+  options.max_steps = 50;
+  absl::StatusOr<LrRangeTest> test =
+      RunLrRangeTest(adam, [&](int64_t) { return p.Loss(); }, options);
+  ASSERT_TRUE(test.ok()) << test.status();
+  EXPECT_EQ(test->lrs.size(), 50u);
+  EXPECT_EQ(test->stop_reason, "max_steps 50");
+  EXPECT_DOUBLE_EQ(GroupLr(adam, 0), 1e-3);
+  auto& state = static_cast<::torch::optim::AdamParamState&>(
+      *adam.state().at(c10::guts::to_string(p.l1->weight.unsafeGetTensorImpl())));
+  EXPECT_TRUE(state.exp_avg().equal(moment));
+  EXPECT_EQ(state.step(), 1);
+  // 50 steps up to lr ~2e-6 move nothing: no usable descent, said.
+  EXPECT_EQ(test->suggestion.status().code(), absl::StatusCode::kFailedPrecondition);
+
+  for (auto bad : {+[](LrRangeTestOptions& o) { o.start_lr = 0; },
+                   +[](LrRangeTestOptions& o) { o.end_lr = 1e-8; },
+                   +[](LrRangeTestOptions& o) { o.factor = 1.0; },
+                   +[](LrRangeTestOptions& o) { o.stop_factor = 0.5; },
+                   +[](LrRangeTestOptions& o) { o.max_steps = 0; }}) {
+    LrRangeTestOptions o;
+    bad(o);
+    EXPECT_EQ(RunLrRangeTest(adam, [&](int64_t) { return p.Loss(); }, o).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
 }
 
 }  // namespace
