@@ -26,7 +26,6 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "lossguard/analyzers/lr_range_test.h"
 #include "lossguard/torch/lr_range_test.h"
 #include "lossguard/client/client.h"
 #include "lossguard/schedule/lr_schedule.h"

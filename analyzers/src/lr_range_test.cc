@@ -598,7 +598,8 @@ absl::StatusOr<LrSuggestion> SuggestLearningRate(
       "region lies in the most significant descent, lr %.3g .. %.3g (loss "
       "%.4g to %.4g). The smoothed loss starts at %.4g and is lowest, %.4g, "
       "at lr %.3g%s; the basin holds the LRs within %g of the descent's "
-      "drop of it plus %g standard errors. %d of %d points used (lr %.3g .. %.3g%s); %s.",
+      "drop of it plus %g standard errors. %d of %d points used (lr %.3g .. "
+      "%.3g%s); %s.",
       out.suggested_lr, out.steep_mid_lr, out.steep_lo_lr, out.steep_hi_lr,
       out.basin_mid_lr, out.basin_lo_lr, out.basin_hi_lr, x[hi] - x[lo],
       out.region_start_loss, out.region_end_loss, options.steep_fraction,
@@ -609,8 +610,8 @@ absl::StatusOr<LrSuggestion> SuggestLearningRate(
           ? " (the last usable point: the loss was still falling, so the "
             "test may have stopped too early)"
           : "",
-      options.basin_fraction, options.basin_sigmas, cut_point, lrs.size(), lrs[0], lrs[cut_point - 1], pooled_words,
-      diverge_words);
+      options.basin_fraction, options.basin_sigmas, cut_point, lrs.size(),
+      lrs[0], lrs[cut_point - 1], pooled_words, diverge_words);
   return out;
 }
 
