@@ -87,5 +87,5 @@ if [ -n "${PY_BATCHES:-}" ]; then
     --daemon "${daemon_env[*]} $daemon" --pythonpath "${PY_PATH:-build/python}" \
     --data_dir "$py_data" \
     --batch_sizes "$PY_BATCHES" --reps "${REPS:-5}" \
-    --variants "${PY_VARIANTS:-no guard,attached,1 step in flight,no gradient norm}"
+    --variants "${PY_VARIANTS:-no guard,attached,every step,no gradient norm}"
 fi

@@ -13,9 +13,13 @@ background thread; the LR is sound, so no action), and the guard in
 embedded mode (the analyzers in the training process). Prints the median
 training time per step of each and the overhead against no guard, and the
 host time spent in the guard's calls per step (waits for the device
-included). --more adds two attached variants that tell where the cost is:
-waiting at every step for the previous step's values (--steps_in_flight=1)
-and no gradient norm (--grad_norm=false).
+included) and the share of steps it measured. The guard keeps within its
+overhead budget (--max_overhead, 1% by default) by measuring only some
+steps where measuring all would cost more; "attached, every step"
+(--max_overhead=0) measures all of them, as the guard did before the
+budget. --more adds two attached variants, every step, that tell where the
+cost is: waiting at every step for the previous step's values
+(--steps_in_flight=1) and no gradient norm (--grad_norm=false).
 """
 import argparse
 import json
@@ -60,12 +64,15 @@ def measure(args, model):
         "guard, attached": ["--server", f"127.0.0.1:{port}", "--mode", "observe"],
         "guard, embedded": ["--embedded", "--mode", "observe"],
     }
+    attached = variants["guard, attached"]
+    variants["attached, every step"] = attached + ["--max_overhead=0"]
     if args.more:
-        attached = variants["guard, attached"]
-        variants["attached, 1 in flight"] = attached + ["--steps_in_flight=1"]
-        variants["attached, no norm"] = attached + ["--grad_norm=false"]
+        variants["attached, 1 in flight"] = attached + ["--steps_in_flight=1",
+                                                        "--max_overhead=0"]
+        variants["attached, no norm"] = attached + ["--grad_norm=false", "--max_overhead=0"]
     times = {k: [] for k in variants}
     guard_us = {k: [] for k in variants}
+    measured = {k: [] for k in variants}  # share of steps measured
     device = None
     try:
         for rep in range(args.reps):
@@ -85,6 +92,9 @@ def measure(args, model):
                 times[name].append(m["ms_per_step"])
                 if "guard_us_per_step" in m:
                     guard_us[name].append(m["guard_us_per_step"])
+                if "guard_measured_steps" in m:
+                    measured[name].append(m["guard_measured_steps"] / max(
+                        1, m["guard_measured_steps"] + m["guard_skipped_steps"]))
                 device = m["device"]
     finally:
         daemon.terminate()
@@ -94,11 +104,13 @@ def measure(args, model):
     print(f"device {device}, model {model}, batch {args.batch_size}, {args.steps} steps "
           f"({args.steps - args.timing_warmup} timed) x {args.reps} runs each "
           f"(median ms per training step; overhead vs no guard; host time in the "
-          f"guard's calls per step):", flush=True)
+          f"guard's calls per step; steps measured):", flush=True)
     for name, ts in times.items():
         med = statistics.median(ts)
         g = (f"guard {statistics.median(guard_us[name]):7.1f} us"
              if guard_us[name] else " " * 16)
+        g += (f"  measured {100.0 * statistics.median(measured[name]):5.1f}%"
+              if measured[name] else " " * 16)
         print(f"  {name:22s} {med:8.3f} ms   {100.0 * (med / base - 1.0):+6.2f}%   {g}   "
               f"(runs: {', '.join(f'{t:.3f}' for t in ts)})", flush=True)
 

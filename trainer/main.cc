@@ -78,6 +78,10 @@ ABSL_FLAG(int32_t, steps_in_flight, lossguard::torch::GuardOptions{}.max_steps_i
 ABSL_FLAG(bool, grad_norm, true,
           "measure and report the gradient norm at every step (false: the "
           "loss only; gradient explosions are not diagnosed)");
+ABSL_FLAG(double, max_overhead, lossguard::torch::GuardOptions{}.max_overhead,
+          "the most the guard may add to a step, as a fraction of its time: "
+          "on steps too short for that it measures only some steps (0: "
+          "every step)");
 ABSL_FLAG(bool, quiet, false, "print only advice and the summary");
 ABSL_FLAG(bool, guard, true,
           "false: no lossguard at all, the schedule set directly (the "
@@ -375,6 +379,8 @@ int main(int argc, char** argv) {
   gopts.snapshot_every = eval_every;
   gopts.max_steps_in_flight = absl::GetFlag(FLAGS_steps_in_flight);
   gopts.grad_norm = absl::GetFlag(FLAGS_grad_norm);
+  gopts.max_overhead = absl::GetFlag(FLAGS_max_overhead);
+  if (!(gopts.max_overhead >= 0.0)) return Fail("--max_overhead must be at least 0");
   if (gopts.max_steps_in_flight < 1) return Fail("--steps_in_flight must be at least 1");
   struct Received {
     int64_t step;
@@ -595,6 +601,12 @@ int main(int argc, char** argv) {
     j["ms_per_step"] = 1000.0 * train_seconds / static_cast<double>(timed_steps);
     if (guard) j["guard_us_per_step"] = 1e6 * guard_seconds / static_cast<double>(timed_steps);
     j["timed_steps"] = timed_steps;
+    if (guard) {
+      // Steps reported to lossguard, and steps left out to keep within
+      // --max_overhead.
+      j["guard_measured_steps"] = guard->measured_steps();
+      j["guard_skipped_steps"] = guard->skipped_steps();
+    }
     j["final_lr"] = current_lr();
     j["guard"] = use_guard;
     j["train_loss"] = std::isfinite(train_loss) ? nlohmann::json(train_loss) : nlohmann::json(nullptr);

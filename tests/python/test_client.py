@@ -9,6 +9,7 @@ import csv
 import datetime
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -300,7 +301,7 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
             net = torch.nn.Linear(4, 1)
             opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
             sched = make_scheduler(opt)
-            guard = lossguard.TorchGuard(opt, client=None, scheduler=sched)
+            guard = lossguard.TorchGuard(opt, client=None, max_overhead=0, scheduler=sched)
             out = []
             for step in range(steps_before + steps_after):
                 if step == scale_at:
@@ -329,7 +330,7 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
                                {"params": net[1].parameters()}], lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, [lambda s: min(1.0, s / 4), lambda s: 0.5 * min(1.0, s / 2)])
-        guard = lossguard.TorchGuard(opt, client=None, scheduler=sched)
+        guard = lossguard.TorchGuard(opt, client=None, max_overhead=0, scheduler=sched)
         for _ in range(3):
             opt.step()
             sched.step()
@@ -353,7 +354,7 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
             def ack(self, *args, **kwargs):
                 pass
 
-        guard = lossguard.TorchGuard(opt, client=AutoClient(), scheduler=sched)
+        guard = lossguard.TorchGuard(opt, client=AutoClient(), max_overhead=0, scheduler=sched)
         for _ in range(6):
             opt.step()
             sched.step()
@@ -378,7 +379,7 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
             def ack(self, *args, **kwargs):
                 pass
 
-        guard = lossguard.TorchGuard(opt, client=AutoClient())
+        guard = lossguard.TorchGuard(opt, client=AutoClient(), max_overhead=0)
         guard._apply(9, pb.Advice(advice_id=1, action=pb.Action(
             ramp_lr=pb.RampLr(factor_per_step=2.0, steps=3, decay_steps=10,
                               decay_eta_min=8e-5))))
@@ -413,7 +414,7 @@ class SchedulerFollowsTheCorrectionTest(unittest.TestCase):
                 self.acks.append((advice_id, applied, note))
 
         client = RecordingClient()
-        guard = lossguard.TorchGuard(opt, client=client, scheduler=sched)
+        guard = lossguard.TorchGuard(opt, client=client, max_overhead=0, scheduler=sched)
         self.assertEqual(opt.param_groups[0]["lr"], 0.0)
         guard._apply(0, pb.Advice(advice_id=7, action=pb.Action(set_lr=pb.SetLr(lr=0.05))))
         self.assertEqual(opt.param_groups[0]["lr"], 0.0)
@@ -451,7 +452,7 @@ class TorchGuardStagingTest(unittest.TestCase):
         for group in opt.param_groups:
             group["lr"] = 0.01
         client = RecordingClient()
-        guard = lossguard.TorchGuard(opt, client, grad_norm=False)
+        guard = lossguard.TorchGuard(opt, client, max_overhead=0, grad_norm=False)
         self.train(guard, net, opt, x, y, 5)
         guard.flush()
         self.assertEqual([r[0] for r in client.reports], [0, 1, 2, 3, 4])
@@ -459,12 +460,80 @@ class TorchGuardStagingTest(unittest.TestCase):
         self.assertTrue(all(math.isfinite(r[1]) for r in client.reports))
         # Clipping needs the norm: with it on, the norm is measured and reported.
         client = RecordingClient()
-        guard = lossguard.TorchGuard(opt, client, grad_norm=False, clip_max_norm=1e9)
+        guard = lossguard.TorchGuard(opt, client, max_overhead=0, grad_norm=False, clip_max_norm=1e9)
         self.train(guard, net, opt, x, y, 3)
         guard.flush()
         self.assertTrue(all(r[3] is not None and r[3] > 0 for r in client.reports))
         with self.assertRaises(ValueError):
-            lossguard.TorchGuard(opt, client, max_steps_in_flight=0)
+            lossguard.TorchGuard(opt, client, max_overhead=0, max_steps_in_flight=0)
+
+    def test_over_the_overhead_budget_only_the_needed_steps_are_measured(self):
+        """Over max_overhead the guard skips steps, but still measures the
+        steps rollback judges its snapshots by, a step a validation loss
+        is reported with, and the last one, each with its own number. (A
+        budget of 1e-9 is spent by the first step and never earned back
+        here, so which steps are measured is known.)"""
+        x, y, net, opt = problem()
+        for group in opt.param_groups:
+            group["lr"] = 0.01
+
+        class AutoClient(RecordingClient):
+            mode = "auto"
+
+            def ack(self, *args, **kwargs):
+                pass
+
+        client = AutoClient()
+        guard = lossguard.TorchGuard(opt, client, max_overhead=1e-9, model=net,
+                                     snapshot_every=20)
+        for step in range(100):
+            guarded_step(guard, net, opt, x, y, step)
+            if step == 49:
+                guard.report_validation(49, 0.25)
+        guard.flush()
+        self.assertEqual([r[0] for r in client.reports],
+                         [0, 1, 20, 21, 40, 41, 49, 60, 61, 80, 81, 99])
+        for step, loss, val, norm in client.reports:
+            self.assertTrue(math.isfinite(loss), step)
+            self.assertEqual(val, 0.25 if step == 49 else None, step)
+            # Staged later (validation, the end), no norm: the gradients
+            # may be gone by then.
+            self.assertEqual(norm is None, step in (49, 99), step)
+        self.assertEqual((guard.measured_steps, guard.skipped_steps), (12, 88))
+        # Rollback still finds judged snapshots (after steps 0, 20, ..., 80).
+        advice = pb.Advice(advice_id=1, diagnosis=pb.Diagnosis(kind=pb.DIVERGENCE, onset=70),
+                           action=pb.Action(scale_lr=pb.ScaleLr(factor=0.1),
+                                            restore_checkpoint=True))
+        guard._apply(100, advice)
+        self.assertIn("rolled back to step 60", guard.events[-1][3])
+        with self.assertRaises(ValueError):
+            lossguard.TorchGuard(opt, client, max_overhead=-0.1)
+
+    def test_within_the_overhead_budget_every_step_is_measured(self):
+        x, y, net, opt = problem()
+        for group in opt.param_groups:
+            group["lr"] = 0.01
+        for budget in (0, 1e9):
+            client = RecordingClient()
+            guard = lossguard.TorchGuard(opt, client, max_overhead=budget)
+            self.train(guard, net, opt, x, y, 30)
+            guard.flush()
+            self.assertEqual([r[0] for r in client.reports], list(range(30)), budget)
+            self.assertEqual((guard.measured_steps, guard.skipped_steps), (30, 0))
+
+    def test_lightning_callback_over_the_overhead_budget(self):
+        """The callback shares the guard's budget: over it, the first step,
+        the steps with a validation loss (every 50 batches here) and the
+        last are reported, with the mean loss of their batches."""
+        x, y, net, _ = problem()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        client = RecordingClient()
+        cb = lossguard.LossGuardCallback(client, max_overhead=1e-9)
+        drive_lightning(cb, net, opt, x, y, 240, None, accumulate=2)
+        self.assertEqual([r[0] for r in client.reports], [0, 24, 49, 74, 99, 119])
+        self.assertEqual([r[2] for r in client.reports], [None, 1.0, 1.0, 1.0, 1.0, None])
+        self.assertEqual((cb.guard.measured_steps, cb.guard.skipped_steps), (6, 114))
+        self.assertTrue(all(math.isfinite(r[1]) and 0 < r[1] < 10 for r in client.reports))
 
     @unittest.skipUnless(torch.cuda.is_available(), "needs CUDA")
     def test_on_cuda_every_step_is_reported_once_with_its_own_values(self):
@@ -480,7 +549,7 @@ class TorchGuardStagingTest(unittest.TestCase):
             x = torch.randn(64, 8, device="cuda")
             y = torch.randn(64, 1, device="cuda")
             client = RecordingClient()
-            guard = lossguard.TorchGuard(opt, client, max_steps_in_flight=n)
+            guard = lossguard.TorchGuard(opt, client, max_overhead=0, max_steps_in_flight=n)
             want = []  # (loss, norm) as device tensors, read after the loop
             lag = []
             for step in range(12):
@@ -522,7 +591,7 @@ class TorchGuardStagingTest(unittest.TestCase):
             def ack(self, *args, **kwargs):
                 pass
 
-        guard = lossguard.TorchGuard(opt, AutoClient(), model=net, snapshot_every=2)
+        guard = lossguard.TorchGuard(opt, AutoClient(), max_overhead=0, model=net, snapshot_every=2)
         weights = self.train(guard, net, opt, x, y, 6)
         # Reported so far: steps 0-4. Snapshots of the weights after steps
         # 0 and 2 are judged (by the losses of steps 1 and 3); that of
@@ -641,7 +710,7 @@ class TorchGuardTest(DaemonTestCase):
         x, y, net, opt = problem()
         client = lossguard.Client(self.daemon.address, "py-guard", mode="auto",
                                   max_batch_delay=0.001)
-        guard = lossguard.TorchGuard(opt, client)
+        guard = lossguard.TorchGuard(opt, client, max_overhead=0)
         for step in range(200):
             guarded_step(guard, net, opt, x, y, step)
             if step % 10 == 9:
@@ -671,7 +740,7 @@ class TorchGuardTest(DaemonTestCase):
         x, y, net, opt = problem()
         client = lossguard.Client(self.daemon.address, "py-rollback", mode="auto",
                                   max_batch_delay=0.001)
-        guard = lossguard.TorchGuard(opt, client, model=net, snapshot_every=1)
+        guard = lossguard.TorchGuard(opt, client, max_overhead=0, model=net, snapshot_every=1)
         losses = []
         for step in range(300):
             loss = guarded_step(guard, net, opt, x, y, step)
@@ -694,7 +763,7 @@ class TorchGuardTest(DaemonTestCase):
                                {"params": net.l2.parameters(), "lr": 1e-5}], lr=1e-4)
         client = lossguard.Client(self.daemon.address, "py-ramp", mode="auto",
                                   max_batch_delay=0.001)
-        guard = lossguard.TorchGuard(opt, client)
+        guard = lossguard.TorchGuard(opt, client, max_overhead=0)
         losses, max_lr = [], 0.0
         for step in range(300):
             loss = guarded_step(guard, net, opt, x, y, step)
@@ -718,7 +787,7 @@ class TorchGuardTest(DaemonTestCase):
         x, y, net, opt = problem()
         client = lossguard.Client(self.daemon.address, "py-lightning", mode="auto",
                                   max_batch_delay=0.001)
-        cb = lossguard.LossGuardCallback(client)
+        cb = lossguard.LossGuardCallback(client, max_overhead=0)
         drive_lightning(cb, net, opt, x, y, 150, client)
         self.assertTrue(any(applied for _, _, applied, _ in cb.guard.events))
         self.assertLess(opt.param_groups[0]["lr"], 10.0)
@@ -735,7 +804,7 @@ class TorchGuardTest(DaemonTestCase):
                                {"params": net.l2.parameters(), "lr": 1e-5}], lr=1e-4)
         client = lossguard.Client(self.daemon.address, "py-lightning-ramp",
                                   mode="auto", max_batch_delay=0.001)
-        cb = lossguard.LossGuardCallback(client)
+        cb = lossguard.LossGuardCallback(client, max_overhead=0)
         losses, max_lr = drive_lightning(cb, net, opt, x, y, 300, client)
         ramps = [n for _, a, applied, n in cb.guard.events
                  if applied and a.action.WhichOneof("kind") == "ramp_lr"]
@@ -752,7 +821,7 @@ class TorchGuardTest(DaemonTestCase):
         opt = torch.optim.SGD(net.parameters(), lr=1e-4)
         client = lossguard.Client(self.daemon.address, "py-lightning-accumulate",
                                   mode="auto", max_batch_delay=0.001)
-        cb = lossguard.LossGuardCallback(client)
+        cb = lossguard.LossGuardCallback(client, max_overhead=0)
         _, max_lr = drive_lightning(cb, net, opt, x, y, 800, client,
                                     accumulate=4)
         self.assertEqual(client.stats.rejected_steps, 0)
@@ -773,7 +842,7 @@ class TorchGuardTest(DaemonTestCase):
         x, y, net, _ = problem()
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
         client = RecordingClient()
-        cb = lossguard.LossGuardCallback(client)
+        cb = lossguard.LossGuardCallback(client, max_overhead=0)
         # The same steps without the callback, measured directly.
         ref = copy.deepcopy(net)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-3)
@@ -805,7 +874,7 @@ class TorchGuardTest(DaemonTestCase):
         x, y, net, _ = problem()
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
         client = RecordingClient()
-        cb = lossguard.LossGuardCallback(client)
+        cb = lossguard.LossGuardCallback(client, max_overhead=0)
         losses, _ = drive_lightning(cb, net, opt, x, y, 8, client, accumulate=2,
                                     no_loss_at={3})
         want = [(losses[0] + losses[1]) / 2, losses[2], (losses[4] + losses[5]) / 2,
@@ -823,7 +892,7 @@ class TorchGuardTest(DaemonTestCase):
             callback_metrics = {"val_loss": torch.tensor(1.0)}
             global_step = 0
 
-        cb = lossguard.LossGuardCallback(RecordingClient())
+        cb = lossguard.LossGuardCallback(RecordingClient(), max_overhead=0)
         cb.on_validation_end(ValidateOnly(), torch.nn.Linear(2, 1))
         self.assertIsNone(cb.guard)
 
@@ -833,7 +902,7 @@ class TorchGuardTest(DaemonTestCase):
         x, y, net, opt = problem()
         client = lossguard.Client(self.daemon.address, "py-lightning-rollback",
                                   mode="auto", max_batch_delay=0.001)
-        cb = lossguard.LossGuardCallback(client, rollback=True, snapshot_every=1)
+        cb = lossguard.LossGuardCallback(client, max_overhead=0, rollback=True, snapshot_every=1)
         losses, _ = drive_lightning(cb, net, opt, x, y, 300, client)
         notes = [note for _, _, applied, note in cb.guard.events if applied]
         self.assertTrue(any("rolled back" in n for n in notes), cb.guard.events)
@@ -884,7 +953,7 @@ def _ddp_worker(rank, world, init_file, address, out_dir):
               if rank == 0 else None)
     # Syncs at steps that are not snapshot steps: a snapshot is still
     # awaiting rank 0's verdict at some of them.
-    guard = lossguard.TorchGuard(opt, client, model=net, snapshot_every=5,
+    guard = lossguard.TorchGuard(opt, client, max_overhead=0, model=net, snapshot_every=5,
                                  sync_every=3)
     for step in range(300):
         _ddp_step(guard, ddp, xs, ys, opt, client, step)
@@ -902,7 +971,7 @@ def _ddp_lightning_worker(rank, world, init_file, address, out_dir):
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     client = (lossguard.Client(address, "py-ddp-lightning", mode="auto",
                                max_batch_delay=0.001) if rank == 0 else None)
-    cb = lossguard.LossGuardCallback(client, rollback=True, snapshot_every=5,
+    cb = lossguard.LossGuardCallback(client, max_overhead=0, rollback=True, snapshot_every=5,
                                      sync_every=3)
     drive_lightning(cb, net, opt, x[rank::world], y[rank::world], 300, client,
                     forward=ddp)
@@ -916,7 +985,7 @@ def _ddp_misconfigured_worker(rank, world, init_file, address, out_dir):
     dist = _join_gloo(rank, world, init_file)
     _, _, _, opt = problem()
     try:
-        lossguard.TorchGuard(opt, RecordingClient())
+        lossguard.TorchGuard(opt, RecordingClient(), max_overhead=0)
     except ValueError as e:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(str(e))
@@ -936,7 +1005,7 @@ def _ddp_accept_raises_worker(rank, world, init_file, address, out_dir):
     def accept(advice):
         raise KeyError("the user's callback failed")
 
-    guard = lossguard.TorchGuard(opt, client, accept=accept, sync_every=3)
+    guard = lossguard.TorchGuard(opt, client, max_overhead=0, accept=accept, sync_every=3)
     outcome = "finished"
     try:
         for step in range(300):
@@ -1082,7 +1151,15 @@ class ExampleTest(DaemonTestCase):
         self.assertIn("lossguard @ step", out.stdout)
         self.assertIn("final: val_acc", out.stdout)
         h = self.daemon.health("py-example")
-        self.assertEqual(h.summary.steps_stored, 80)
+        # Every step the guard measured is stored, the last one included
+        # (on this CPU most are measured; the rest were skipped to keep the
+        # guard within 1% of the step time).
+        measured, total = map(int, re.search(r"lossguard measured (\d+) of (\d+) steps",
+                                             out.stdout).groups())
+        self.assertEqual(total, 80)
+        self.assertGreater(measured, 40)
+        self.assertEqual(h.summary.steps_stored, measured)
+        self.assertEqual(h.summary.last_step, 79)
         self.assertEqual(h.summary.state, pb.FINISHED)
         # The LR 10x too large is cut (perhaps after clipping first): with
         # fewer than 100 of the 80 planned steps left, by a plain scale

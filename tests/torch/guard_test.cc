@@ -55,9 +55,17 @@ double GroupLr(::torch::optim::Optimizer& opt, int i) {
   return opt.param_groups()[i].options().get_lr();
 }
 
+// Options that measure every step: the tiny model's steps are so short
+// that the default overhead budget would measure few of them.
+GuardOptions EveryStep() {
+  GuardOptions o;
+  o.max_overhead = 0.0;
+  return o;
+}
+
 // A cosine from the optimizer's LR to 0 over `t_max` steps.
 GuardOptions CosineOptions(int64_t t_max) {
-  GuardOptions o;
+  GuardOptions o = EveryStep();
   o.schedule.kind = schedule::ScheduleKind::kCosine;
   o.schedule.t_max = t_max;
   return o;
@@ -90,7 +98,7 @@ TEST(GuardTest, OwnsTheScheduleAndKeepsGroupRatios) {
 TEST(GuardTest, GradNormIsTorchsAndClippingMatchesClipGradNorm) {
   Problem p;
   auto opt = p.Sgd(0.01);
-  Guard guard(*opt, GuardOptions());
+  Guard guard(*opt, EveryStep());
   opt->zero_grad();
   ::torch::Tensor loss = p.Loss();
   loss.backward();
@@ -112,7 +120,7 @@ TEST(GuardTest, GradNormIsTorchsAndClippingMatchesClipGradNorm) {
   EXPECT_FALSE(guard.clip_max_norm().has_value());
 
   // Clipping at half the norm gives what clip_grad_norm_ gives.
-  GuardOptions clip;
+  GuardOptions clip = EveryStep();
   clip.clip_max_norm = want / 2;
   Guard clipping(*opt, clip);
   for (size_t i = 0; i < params.size(); ++i) params[i].grad().copy_(saved[i]);
@@ -185,7 +193,7 @@ TEST_F(GuardDaemonTest, AutoModeAppliesTheDaemonsLrCutToEveryGroup) {
   Problem p;
   auto opt = p.Sgd(10.0);  // diverges: the loss is NaN within steps
   Client client(Options("guard-auto"));
-  Guard guard(&client, *opt, GuardOptions());
+  Guard guard(&client, *opt, EveryStep());
   TrainUntilCut(p, *opt, guard, &client, 400);
   guard.Flush();
   ASSERT_TRUE(client.Flush(absl::Seconds(30)));
@@ -209,7 +217,7 @@ TEST_F(GuardDaemonTest, ValidationLossIsReportedWithItsStep) {
   Problem p;
   auto opt = p.Sgd(0.01);
   Client client(Options("guard-val"));
-  Guard guard(&client, *opt, GuardOptions());
+  Guard guard(&client, *opt, EveryStep());
   for (int64_t step = 0; step < 20; ++step) {
     GuardedStep(p, *opt, guard, step);
     if (step % 5 == 4) guard.ReportValidation(step, 0.5 + step);
@@ -260,7 +268,7 @@ TEST(GuardEmbeddedTest, EmbeddedModeRunsTheAnalyzersInProcess) {
   Problem p;
   auto opt = p.Sgd(10.0);
   std::vector<std::string> seen;
-  GuardOptions o;
+  GuardOptions o = EveryStep();
   o.on_advice = [&](const v1::Advice& a, bool applied) {
     seen.push_back(absl::StrCat(v1::DiagnosisKind_Name(a.diagnosis().kind()),
                                 applied ? " applied" : " not applied"));
@@ -279,7 +287,7 @@ TEST(GuardEmbeddedTest, EmbeddedModeRunsTheAnalyzersInProcess) {
 TEST(GuardEmbeddedTest, StarvedRunIsRampedUntilItLearns) {
   Problem p;
   auto opt = p.Sgd(1e-4);
-  GuardOptions o;
+  GuardOptions o = EveryStep();
   Guard guard(*opt, o);
   const double lr0 = guard.lr();
   double first_loss = 0.0, last_loss = 0.0, max_lr = 0.0;
@@ -311,7 +319,7 @@ TEST(GuardEmbeddedTest, StarvedRunIsRampedUntilItLearns) {
 TEST(GuardEmbeddedTest, StarvedRunOfKnownLengthDecaysToItsEnd) {
   Problem p;
   auto opt = p.Sgd(1e-4);
-  GuardOptions o;
+  GuardOptions o = EveryStep();
   o.planned_steps = 400;
   Guard guard(*opt, o);
   double first_loss = 0.0, last_loss = 0.0, max_lr = 0.0, last_lr = 0.0;
@@ -339,7 +347,7 @@ TEST(GuardEmbeddedTest, AdviseModeAsksAndObserveModeOnlyWatches) {
     Problem p;
     auto opt = p.Sgd(10.0);
     int asked = 0;
-    GuardOptions o;
+    GuardOptions o = EveryStep();
     o.mode = mode;
     o.accept = [&](const v1::Advice&) {
       ++asked;
@@ -360,7 +368,7 @@ TEST(GuardEmbeddedTest, RollbackRestoresFiniteWeightsWithTheLrCut) {
   Problem p;
   ::torch::nn::Sequential net(p.l1, ::torch::nn::ReLU(), p.l2);
   auto opt = p.Sgd(10.0);  // NaN weights within a few steps
-  GuardOptions o;
+  GuardOptions o = EveryStep();
   o.rollback_module = net.ptr().get();
   o.snapshot_every = 1;
   Guard guard(*opt, o);
@@ -398,7 +406,7 @@ TEST(GuardEmbeddedTest, WithoutTheGradNormOnlyTheLossIsReported) {
   Problem p;
   auto opt = p.Sgd(0.01);
   for (const bool clip : {false, true}) {
-    GuardOptions o;
+    GuardOptions o = EveryStep();
     o.grad_norm = false;
     if (clip) o.clip_max_norm = 1e9;  // clipping measures the norm anyway
     std::vector<analyzers::StepRecord> seen;
@@ -417,13 +425,79 @@ TEST(GuardEmbeddedTest, WithoutTheGradNormOnlyTheLossIsReported) {
   }
 }
 
+// Over the overhead budget the guard skips steps, but it still measures the
+// steps rollback judges its snapshots by, a step a validation loss is
+// reported with, and the last one; the steps measured keep their numbers.
+// (A budget of 1e-9 is spent by the first step's measurement and never
+// earned back within the test, so which steps are measured is known.)
+TEST(GuardEmbeddedTest, OverTheOverheadBudgetOnlyTheNeededStepsAreMeasured) {
+  Problem p;
+  ::torch::nn::Sequential net(p.l1, ::torch::nn::ReLU(), p.l2);
+  auto opt = p.Sgd(0.01);
+  GuardOptions o;
+  o.max_overhead = 1e-9;
+  o.rollback_module = net.ptr().get();
+  o.snapshot_every = 20;
+  std::vector<analyzers::StepRecord> seen;
+  o.on_report = [&seen](const analyzers::StepRecord& r) { seen.push_back(r); };
+  Guard guard(*opt, o);
+  for (int64_t step = 0; step < 100; ++step) {
+    GuardedStep(p, *opt, guard, step);
+    if (step == 49) guard.ReportValidation(step, 0.25);
+  }
+  guard.Flush();
+  std::vector<int64_t> steps;
+  for (const auto& r : seen) {
+    steps.push_back(r.step);
+    EXPECT_TRUE(std::isfinite(r.loss)) << r.step;
+    EXPECT_EQ(r.val_loss.has_value(), r.step == 49) << r.step;
+    // Measured at its step, the norm; staged later (validation, the end),
+    // none: the gradients may be gone by then.
+    EXPECT_EQ(r.grad_norm.has_value(), r.step != 49 && r.step != 99) << r.step;
+  }
+  EXPECT_THAT(steps, ::testing::ElementsAre(0, 1, 20, 21, 40, 41, 49, 60, 61,
+                                            80, 81, 99));
+  EXPECT_EQ(guard.measured_steps(), 12);
+  EXPECT_EQ(guard.skipped_steps(), 88);
+  // Rollback still finds judged snapshots (of the weights after steps 0,
+  // 20, 40, 60, 80).
+  v1::Advice advice;
+  advice.set_advice_id(1);
+  advice.mutable_diagnosis()->set_kind(v1::DIVERGENCE);
+  advice.mutable_diagnosis()->set_onset(70);
+  advice.mutable_action()->mutable_scale_lr()->set_factor(0.1);
+  advice.mutable_action()->set_restore_checkpoint(true);
+  guard.Apply(100, advice);
+  EXPECT_THAT(guard.events().back().note, ::testing::HasSubstr("rolled back to step 60"));
+}
+
+// With a budget larger than any cost, and with none (0), every step is
+// measured.
+TEST(GuardEmbeddedTest, WithinTheOverheadBudgetEveryStepIsMeasured) {
+  Problem p;
+  auto opt = p.Sgd(0.01);
+  for (const double budget : {0.0, 1e9}) {
+    GuardOptions o;
+    o.max_overhead = budget;
+    std::vector<int64_t> steps;
+    o.on_report = [&steps](const analyzers::StepRecord& r) { steps.push_back(r.step); };
+    Guard guard(*opt, o);
+    for (int64_t step = 0; step < 30; ++step) GuardedStep(p, *opt, guard, step);
+    guard.Flush();
+    ASSERT_EQ(steps.size(), 30u) << budget;
+    for (size_t i = 0; i < steps.size(); ++i) EXPECT_EQ(steps[i], static_cast<int64_t>(i));
+    EXPECT_EQ(guard.measured_steps(), 30);
+    EXPECT_EQ(guard.skipped_steps(), 0);
+  }
+}
+
 // A snapshot of the weights after step s counts once step s + 1's loss,
 // computed from them, is sound; a rollback restores exactly those weights.
 TEST(GuardEmbeddedTest, RollbackRestoresTheWeightsItsSnapshotWasJudgedBy) {
   Problem p;
   ::torch::nn::Sequential net(p.l1, ::torch::nn::ReLU(), p.l2);
   auto opt = p.Sgd(0.01);
-  GuardOptions o;
+  GuardOptions o = EveryStep();
   o.rollback_module = net.ptr().get();
   o.snapshot_every = 2;
   Guard guard(*opt, o);

@@ -30,6 +30,7 @@ says restore_checkpoint.
 
 import importlib
 import sys
+import time
 
 import torch
 
@@ -58,21 +59,22 @@ class LossGuardCallback(_Base):
     def __init__(self, client, *, accept=None, clip_max_norm=None, on_advice=None,
                  finish_on_train_end=True, rollback=False, snapshot_every=50,
                  snapshots_kept=3, sync_every=10, process_group=None,
-                 max_steps_in_flight=2, grad_norm=True):
+                 max_steps_in_flight=2, grad_norm=True, max_overhead=0.01):
         self.client = client
         self._options = dict(accept=accept, clip_max_norm=clip_max_norm,
                              on_advice=on_advice, snapshot_every=snapshot_every,
                              snapshots_kept=snapshots_kept, sync_every=sync_every,
                              process_group=process_group,
-                             max_steps_in_flight=max_steps_in_flight, grad_norm=grad_norm)
+                             max_steps_in_flight=max_steps_in_flight, grad_norm=grad_norm,
+                             max_overhead=max_overhead)
         self._rollback = rollback
         self._finish = finish_on_train_end
         self.guard = None
         self._grad_norm = None
+        self._measuring = True     # whether the step being taken is measured
         self._started_step = None  # global_step at the last before_step
         self._ended_step = None    # global_step at the last reported step
-        self._loss_sum = None      # the losses of the step's batches so far
-        self._loss_count = 0
+        self._losses = []          # the losses of the step's batches so far
 
     def _ensure_guard(self, trainer, pl_module):
         if self.guard is None:
@@ -99,34 +101,51 @@ class LossGuardCallback(_Base):
         # Not on_after_backward: there, under mixed precision, the gradients
         # are still multiplied by the loss scale (2**16 at first).
         guard = self._ensure_guard(trainer, pl_module)
-        if not guard._measuring:
-            return
-        params = [p for p in pl_module.parameters() if p.grad is not None]
-        if params:
-            self._grad_norm = guard._measure(params, params[0].device)
+        # The overhead budget (TorchGuard max_overhead): is this optimizer
+        # step measured?
+        entry = guard._begin_step()
+        self._measuring = guard._should_measure(int(trainer.global_step))
+        clipping = guard.clip_max_norm is not None
+        if clipping or (self._measuring and guard.grad_norm and guard.client is not None):
+            params = [p for p in pl_module.parameters() if p.grad is not None]
+            if params:
+                self._grad_norm = guard._measure(params, params[0].device)
+        if not clipping:  # (clipping asked for measures the norm anyway)
+            guard._charge(entry)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         guard = self._ensure_guard(trainer, pl_module)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):  # (none: the batch gave no loss)
-            loss = loss.detach().reshape(()).to(torch.float64)
-            if getattr(pl_module, "automatic_optimization", True):
-                # Lightning divides the loss by accumulate_grad_batches
-                # before backward and hands that on as outputs["loss"].
-                loss = loss * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_count += 1
+            self._losses.append(loss.detach())  # no device work yet
         global_step = int(trainer.global_step)
         if self._ended_step is not None and global_step == self._ended_step:
             return  # accumulating: no optimizer step was taken yet
         self._ended_step = global_step
         step = global_step - 1  # the optimizer step just taken
         norm, self._grad_norm = self._grad_norm, None
-        if self._loss_count:
-            loss = self._loss_sum / self._loss_count
-            self._loss_sum, self._loss_count = None, 0
-            guard._report_pending()
-            guard._stage(step, loss, norm)
+        if self._losses:
+            losses, self._losses = self._losses, []
+            scale = 1
+            if getattr(pl_module, "automatic_optimization", True):
+                # Lightning divides the loss by accumulate_grad_batches
+                # before backward and hands that on as outputs["loss"].
+                scale = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+
+            def step_loss():
+                # The mean loss of the step's batches, in float64.
+                total = losses[0].reshape(()).to(torch.float64)
+                for other in losses[1:]:
+                    total = total + other.reshape(()).to(torch.float64)
+                return total * (scale / len(losses)) if scale != len(losses) else total
+
+            if self._measuring:
+                mark = time.perf_counter()
+                waited = guard._report_pending()
+                guard._stage(step, step_loss(), norm)
+                guard._charge(mark, waited)
+            else:
+                guard._skip(step, step_loss)
         # The weights now are those after optimizer step `step` (on every
         # rank, loss or not).
         guard._take_candidate(step)

@@ -2,6 +2,7 @@
 
 import collections
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,21 @@ class TorchGuard:
     without it gradient explosions are not diagnosed; clipping, when on,
     measures it anyway.
 
+    Overhead budget: `max_overhead` (default 0.01) is the most the guard may
+    add to a training step, as a fraction of the step's time without it.
+    Where measuring a step (the norm's launches, the copies, the report)
+    costs more than that, as on a small model whose step is bound by the
+    host launching kernels, the guard measures only some steps: it times
+    its own work and the step, earns max_overhead x the step's time at
+    every step, and measures the next step once what it spent is earned
+    back. On a GPU-bound or CPU step that is every step. The steps measured
+    carry their own numbers (the analyzers read them like a coarser log);
+    a step is always measured when rollback needs its loss, when a
+    validation loss is reported with it, and at flush (the last step).
+    Clipping, when on, still clips every step. Waits for the device are not
+    counted. 0 measures every step. `measured_steps` and `skipped_steps`
+    count them.
+
     Actions: scale_lr / set_lr change every param group's LR keeping their
     ratios (and scale a torch LR scheduler's base_lrs, when one is given, so
     the schedule goes on from the corrected LR); restart_cosine takes the LR
@@ -78,7 +94,8 @@ class TorchGuard:
     def __init__(self, optimizer, client, *, scheduler=None, accept=None,
                  clip_max_norm=None, on_advice=None, model=None,
                  snapshot_every=50, snapshots_kept=3, sync_every=10,
-                 process_group=None, max_steps_in_flight=2, grad_norm=True):
+                 process_group=None, max_steps_in_flight=2, grad_norm=True,
+                 max_overhead=0.01):
         self.optimizer = optimizer
         self.client = client
         self.scheduler = scheduler
@@ -91,6 +108,18 @@ class TorchGuard:
             raise ValueError(f"max_steps_in_flight must be at least 1, not {max_steps_in_flight}")
         self.max_steps_in_flight = max_steps_in_flight
         self.grad_norm = grad_norm
+        if not max_overhead >= 0:
+            raise ValueError(f"max_overhead must be at least 0, not {max_overhead}")
+        self.max_overhead = float(max_overhead)
+        self.measured_steps = 0
+        self.skipped_steps = 0
+        # The overhead budget: seconds earned and not yet spent (at most 0:
+        # spending waits until it is earned back), the guard's time charged
+        # since the last step began, and when that was.
+        self._credit = 0.0
+        self._charged = 0.0
+        self._last_entry = None
+        self._unmeasured = None   # (step, lr, loss tensor): the last step not measured
         # Staged steps, oldest first: [step, lr, loss, norm (or None),
         # staging slot (CUDA) or None, val_loss].
         self._pending = collections.deque()
@@ -169,12 +198,78 @@ class TorchGuard:
             self._set_lr(eta_min + (eta_max - eta_min) * (1 + math.cos(math.pi * t / t0)) / 2)
 
     def after_backward(self, step, loss):
-        self._report_pending()
-        total = self._measure(self._params(), loss.device) if self._measuring else None
-        # The weights now are those after optimizer step `step` - 1.
+        entry = self._begin_step()
+        measure = self._should_measure(step)
+        waited = self._report_pending()
+        mark = self._charge(entry, waited)
+        total = None
+        if self.clip_max_norm is not None or (measure and self.grad_norm
+                                              and self.client is not None):
+            total = self._measure(self._params(), loss.device)
+        if self.clip_max_norm is None:
+            mark = self._charge(mark)
+        else:  # clipping asked for measures the norm anyway: not the guard's cost
+            mark = time.perf_counter()
+        if measure:
+            self._stage(step, loss, total)
+            self._charge(mark)
+        else:
+            self._skip(step, loss)
+        # The weights now are those after optimizer step `step` - 1 (a copy
+        # of the model: rollback's cost, not counted).
         self._take_candidate(step - 1)
-        self._stage(step, loss, total)
         self._advise(step)
+
+    def _begin_step(self):
+        """A step begins (after its backward): the step since the last one
+        earns its share of the overhead budget, less the guard's own time
+        in it. Returns the time now."""
+        now = time.perf_counter()
+        if self.max_overhead > 0:
+            if self._last_entry is not None:
+                earned = self.max_overhead * max(0.0, now - self._last_entry - self._charged)
+                self._credit = min(0.0, self._credit + earned)
+            self._last_entry = now
+            self._charged = 0.0
+        return now
+
+    def _should_measure(self, step):
+        """Whether step `step` is measured: within the overhead budget, or
+        needed by rollback (the snapshot of the weights after step s - 1, s
+        - 1 a multiple of snapshot_every, is judged by the loss of step s
+        against that of step s - 1)."""
+        if self.max_overhead <= 0 or self._credit >= 0:
+            return True
+        if self.model is not None and self.snapshot_every > 0:
+            return step % self.snapshot_every in (0, 1 % self.snapshot_every)
+        return False
+
+    def _charge(self, since, waited=0.0):
+        """Charges the guard's time since `since` (less `waited`, spent
+        waiting for the device) to the overhead budget; returns the time
+        now."""
+        now = time.perf_counter()
+        if self.max_overhead > 0:
+            spent = now - since - waited
+            self._charged += spent
+            self._credit -= spent
+        return now
+
+    def _skip(self, step, loss):
+        """Step `step` is not measured: its loss tensor (or a function that
+        makes it) is kept, with no device work, in case a validation loss is
+        reported with it."""
+        self.skipped_steps += 1
+        self._unmeasured = (step, self.lr, loss)
+
+    def _stage_unmeasured(self, step=None):
+        """Stages the last step not measured (that of `step`, if given)."""
+        if self._unmeasured is None or (step is not None and self._unmeasured[0] != step):
+            return
+        u_step, u_lr, u_loss = self._unmeasured
+        self.skipped_steps -= 1  # measured after all
+        self._report_pending()  # (frees a staging slot)
+        self._stage(u_step, u_loss() if callable(u_loss) else u_loss, None, lr=u_lr)
 
     @property
     def _measuring(self):
@@ -218,10 +313,12 @@ class TorchGuard:
             # the one rank 0 sees) and says so at a sync.
             self._unjudged.append((weights_step, self._copy_state()))
 
-    def _stage(self, step, loss, total):
+    def _stage(self, step, loss, total, lr=None):
         """Keeps step `step`'s loss and gradient norm (device tensors, the
         norm may be None) to be reported later, without waiting for the
         device now."""
+        self._unmeasured = None
+        self.measured_steps += 1
         if self.client is None:  # nothing is reported from this rank
             return
         loss = loss.detach().reshape(())
@@ -252,10 +349,11 @@ class TorchGuard:
                 buf[1].copy_(total, non_blocking=True)
             # On the stream the copies went to: the loss's device's.
             buf[2].record(torch.cuda.current_stream(loss.device))
-        self._pending.append([step, self.lr, loss, total, slot, None])
+        self._pending.append([step, self.lr if lr is None else lr, loss, total, slot, None])
 
     def report_validation(self, step, val_loss):
         """The validation loss after optimizer step `step`."""
+        self._stage_unmeasured(step)  # measured after all, with its validation loss
         if self._pending and self._pending[-1][0] == step:
             self._pending[-1][5] = float(val_loss)
         self._report_pending(wait_all=True)
@@ -264,7 +362,9 @@ class TorchGuard:
     def flush(self):
         """Reports what is pending (call at the end of training). Under
         torch.distributed, rank 0 answers the advice it has not synced yet:
-        not applied, as the other ranks will not apply it."""
+        not applied, as the other ranks will not apply it. The last step is
+        reported even if it was not measured: the curve's end."""
+        self._stage_unmeasured()
         self._report_pending(wait_all=True)
         if self._dist is not None and self.client is not None:
             for advice in self._outbox:
@@ -318,7 +418,8 @@ class TorchGuard:
     def _report_pending(self, wait_all=False):
         """Reports the staged steps that are ready, oldest first, waiting
         for the oldest while too many are in flight (with `wait_all`, for
-        every one)."""
+        every one). Returns the seconds spent waiting for the device."""
+        waited = 0.0
         keep = 0 if wait_all else self.max_steps_in_flight - 1
         while self._pending:
             step, lr, loss, norm, slot, val = self._pending[0]
@@ -326,8 +427,10 @@ class TorchGuard:
                 host_loss, host_norm, event, _ = self._slots[slot]
                 if not event.query():
                     if len(self._pending) <= keep:
-                        return  # not copied yet: reported later
+                        return waited  # not copied yet: reported later
+                    start = time.perf_counter()
                     event.synchronize()
+                    waited += time.perf_counter() - start
                 loss, norm = host_loss, (host_norm if norm is not None else None)
             self._pending.popleft()
             loss = loss.item()
@@ -336,6 +439,7 @@ class TorchGuard:
                 self._peak = (loss, step)
             self._judge_snapshots(step, loss)
             self.client.report(step, lr, loss, val_loss=val, grad_norm=norm)
+        return waited
 
     def _handle_advice(self, step):
         if self.client is None:

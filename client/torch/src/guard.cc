@@ -24,6 +24,10 @@ schedule::ScheduleConfig ResolveSchedule(schedule::ScheduleConfig config,
   return config;
 }
 
+double Micros(std::chrono::steady_clock::duration d) {
+  return std::chrono::duration<double, std::micro>(d).count();
+}
+
 }  // namespace
 
 // The analyzers and policy in-process, for a guard without a daemon.
@@ -141,18 +145,54 @@ void Guard::BeforeStep(int64_t step) {
   SetLr(schedule_.LrAt(step));
 }
 
+bool Guard::ShouldMeasure(int64_t step) const {
+  if (!(options_.max_overhead > 0.0) || credit_us_ >= 0.0) return true;
+  // Rollback judges the snapshot of the weights after step s - 1 (s - 1 a
+  // multiple of snapshot_every) by the loss of step s against that of step
+  // s - 1: both are measured.
+  if (options_.rollback_module != nullptr && options_.snapshot_every > 0) {
+    const int64_t r = step % options_.snapshot_every;
+    if (r == 0 || r == 1 % options_.snapshot_every) return true;
+  }
+  return false;
+}
+
+void Guard::Charge(std::chrono::steady_clock::time_point start,
+                   double waited_us) {
+  const double us = Micros(std::chrono::steady_clock::now() - start) - waited_us;
+  charged_us_ += us;
+  credit_us_ -= us;
+}
+
 void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
+  const bool budget = options_.max_overhead > 0.0;
+  const auto entry = std::chrono::steady_clock::now();
+  if (budget) {
+    // The step since the last call earns its share, less the guard's own
+    // time in it.
+    if (last_entry_.has_value()) {
+      const double period_us = Micros(entry - *last_entry_);
+      credit_us_ = std::min(0.0, credit_us_ + options_.max_overhead *
+                                                  std::max(0.0, period_us - charged_us_));
+    }
+    last_entry_ = entry;
+    charged_us_ = 0.0;
+  }
+  const bool measure = ShouldMeasure(step);
   // Earlier steps go out first: those whose values are ready by now, and
   // the oldest, waited for, while too many are in flight.
-  ReportPending(/*wait_all=*/false);
+  double waited_us = 0.0;
+  ReportPending(/*wait_all=*/false, &waited_us);
+  if (budget) Charge(entry, waited_us);
   step_ = step;
 
   // Global L2 norm of the gradients, before clipping, on the device and in
   // a handful of kernels whatever the number of parameters: _foreach_norm
   // is one fused launch on CUDA (as in torch.nn.utils.clip_grad_norm_ with
   // foreach), then one stack and one reduction, accumulated in double.
+  const auto norm_start = std::chrono::steady_clock::now();
   ::torch::Tensor total;
-  if (options_.grad_norm || clip_.has_value()) {
+  if ((measure && options_.grad_norm) || clip_.has_value()) {
     // The gradients themselves, not detached aliases (one dispatcher call
     // each): autograd records nothing of the norm and the clipping.
     ::torch::NoGradGuard no_grad;
@@ -173,20 +213,42 @@ void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
       for (const auto& g : grads) g.mul_(coef.to(g.dtype()));
     }
   }
+  // Clipping asked for measures the norm anyway: it is not the guard's
+  // overhead.
+  if (budget && !clip_.has_value()) Charge(norm_start, 0.0);
 
+  if (measure) {
+    const auto stage_start = std::chrono::steady_clock::now();
+    Stage(step, lr(), loss, total);
+    ++measured_steps_;
+    unmeasured_step_ = -1;
+    unmeasured_loss_ = ::torch::Tensor();
+    if (budget) Charge(stage_start, 0.0);
+    if (options_.rollback_module != nullptr && options_.snapshot_every > 0 &&
+        step > 0 && (step - 1) % options_.snapshot_every == 0) {
+      // The weights now are those after optimizer step `step` - 1 (a copy
+      // of the model: rollback's cost, not counted as the guard's).
+      pending_.back()->candidate = TakeSnapshot(step - 1);
+    }
+  } else {
+    ++skipped_steps_;
+    unmeasured_step_ = step;
+    unmeasured_lr_ = lr();
+    unmeasured_loss_ = loss;  // a reference, no device work
+  }
+  HandleAdvice(step);
+}
+
+void Guard::Stage(int64_t step, double lr, const ::torch::Tensor& loss,
+                  ::torch::Tensor norm) {
   auto pending = std::make_unique<Pending>();
   pending->step = step;
-  pending->lr = lr();
+  pending->lr = lr;
   pending->loss = loss.detach().reshape({});
-  if (total.defined()) {
-    pending->norm = total.device() == pending->loss.device()
-                        ? total
-                        : total.to(pending->loss.device());
-  }
-  if (options_.rollback_module != nullptr && options_.snapshot_every > 0 &&
-      step > 0 && (step - 1) % options_.snapshot_every == 0) {
-    // The weights now are those after optimizer step `step` - 1.
-    pending->candidate = TakeSnapshot(step - 1);
+  if (norm.defined()) {
+    pending->norm = norm.device() == pending->loss.device()
+                        ? std::move(norm)
+                        : norm.to(pending->loss.device());
   }
   if (pending->loss.is_cuda()) {
     if (staging_ == nullptr) {
@@ -223,21 +285,37 @@ void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
     pending->slot = static_cast<int>(i);
   }
   pending_.push_back(std::move(pending));
-  HandleAdvice(step);
+}
+
+void Guard::StageUnmeasured() {
+  if (unmeasured_step_ < 0 || !unmeasured_loss_.defined()) return;
+  // At most max_steps_in_flight - 1 stay pending, so that its slot is free.
+  ReportPending(/*wait_all=*/false, nullptr);
+  Stage(unmeasured_step_, unmeasured_lr_, unmeasured_loss_, ::torch::Tensor());
+  ++measured_steps_;
+  --skipped_steps_;
+  unmeasured_step_ = -1;
+  unmeasured_loss_ = ::torch::Tensor();
 }
 
 void Guard::ReportValidation(int64_t step, double val_loss) {
+  // A step not measured is, now that it has a validation loss.
+  if (unmeasured_step_ == step) StageUnmeasured();
   if (!pending_.empty() && pending_.back()->step == step) {
     pending_.back()->val_loss = val_loss;
   }
   schedule_.ObserveMetric(val_loss);
-  ReportPending(/*wait_all=*/true);
+  ReportPending(/*wait_all=*/true, nullptr);
   HandleAdvice(step);
 }
 
-void Guard::Flush() { ReportPending(/*wait_all=*/true); }
+void Guard::Flush() {
+  // The last step goes out even if it was not measured: the curve's end.
+  StageUnmeasured();
+  ReportPending(/*wait_all=*/true, nullptr);
+}
 
-void Guard::ReportPending(bool wait_all) {
+void Guard::ReportPending(bool wait_all, double* waited_us) {
   // On CUDA, at most max_steps_in_flight - 1 stay pending, so that the
   // step about to be staged finds its slot free.
   const size_t keep =
@@ -252,7 +330,11 @@ void Guard::ReportPending(bool wait_all) {
         if (pending_.size() <= keep) return;  // not ready: reported later
         // (c10::Event::synchronize is not in every LibTorch this builds
         // with; CUDA's own event wait spins the same way by default.)
+        const auto wait_start = std::chrono::steady_clock::now();
         while (!slot.copied->query()) std::this_thread::yield();
+        if (waited_us != nullptr) {
+          *waited_us += Micros(std::chrono::steady_clock::now() - wait_start);
+        }
       }
       loss = slot.loss.item<double>();
       if (p.norm.defined()) grad_norm = slot.norm.item<double>();

@@ -3,6 +3,7 @@
 
 #include <torch/torch.h>
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -71,6 +72,20 @@ struct GuardOptions {
   // gradient explosions are not diagnosed and clipping advice has no norm
   // to go by. Clipping, when on, measures it anyway.
   bool grad_norm = true;
+  // The most the guard may add to a training step, as a fraction of the
+  // step's time without it. Where measuring a step (the gradient norm's
+  // launches, the copies, the report) costs more than that, as on a small
+  // model whose step is bound by the host launching kernels, the guard
+  // measures only some steps: it times its own work and the step, earns
+  // `max_overhead` x the step's time at every step, and measures the next
+  // step once what it spent is earned back. On a GPU-bound or CPU step
+  // that is every step. The steps measured carry their own step numbers
+  // (the analyzers read them like a coarser log), and a step is always
+  // measured when rollback needs its loss or a validation loss is
+  // reported with it. Clipping, when on, still clips every step. Waits
+  // for the device (max_steps_in_flight) are not counted. 0 measures
+  // every step.
+  double max_overhead = 0.01;
   // Embedded mode (no client): the analyzer's and the policy's options,
   // and the run's planned length in steps (0: unknown). With a constant
   // schedule and a known length, an LR cut decays the LR to the planned
@@ -109,7 +124,9 @@ struct GuardEvent {
 // to pinned memory without blocking and read once their copy is done, so
 // the guard adds no host-device synchronisation to a step unless the host
 // runs GuardOptions::max_steps_in_flight steps ahead of the device.
-// ReportValidation and Flush read every step in flight.
+// ReportValidation and Flush read every step in flight. Where measuring
+// a step costs more than GuardOptions::max_overhead of it (1%; a tiny
+// model on a GPU), only some steps are measured and reported.
 //
 // Without a client (the second constructor) the same analyzers and policy
 // run in-process (embedded mode).
@@ -154,6 +171,10 @@ class Guard {
   double lr() const;  // LR of param group 0 now
   std::optional<double> clip_max_norm() const { return clip_; }
   const std::vector<GuardEvent>& events() const { return events_; }
+  // Steps measured and reported, and steps skipped to stay within
+  // GuardOptions::max_overhead.
+  int64_t measured_steps() const { return measured_steps_; }
+  int64_t skipped_steps() const { return skipped_steps_; }
   const schedule::LrSchedule& schedule() const { return schedule_; }
 
  private:
@@ -163,7 +184,9 @@ class Guard {
 
   // Reports the pending steps that are ready, oldest first, waiting for
   // the oldest while too many are in flight; with `wait_all`, every one.
-  void ReportPending(bool wait_all);
+  // The time spent waiting for the device is added to `waited_us`
+  // (nullable).
+  void ReportPending(bool wait_all, double* waited_us);
   void Report(Pending& p, double loss, std::optional<double> grad_norm);
   // Judges the weights staged with `p` (if any) by its loss.
   void MaybeSnapshot(Pending& p, double loss);
@@ -171,6 +194,18 @@ class Guard {
   bool RollBack(int64_t onset, std::string* note);
   void HandleAdvice(int64_t step);
   void SetLr(double lr0);
+  // Whether step `step` is measured: within the overhead budget, or
+  // needed by rollback.
+  bool ShouldMeasure(int64_t step) const;
+  // Stages `loss` (and `norm`, if defined) of step `step` to be reported.
+  void Stage(int64_t step, double lr, const ::torch::Tensor& loss,
+             ::torch::Tensor norm);
+  // Stages the last step if it was not measured (for a validation loss,
+  // or at the end).
+  void StageUnmeasured();
+  // Charges the guard's time since `start` (less `waited_us`) against the
+  // overhead budget.
+  void Charge(std::chrono::steady_clock::time_point start, double waited_us);
 
   Client* const client_;
   ::torch::optim::Optimizer& optimizer_;
@@ -204,6 +239,19 @@ class Guard {
   Snapshot TakeSnapshot(int64_t step) const;
   std::vector<Snapshot> snapshots_;  // good ones, oldest first
   std::vector<GuardEvent> events_;
+  // The overhead budget (max_overhead): microseconds earned and not yet
+  // spent (at most 0: spending waits until it is earned back), the guard's
+  // time charged since the last AfterBackward, and when that began.
+  double credit_us_ = 0.0;
+  double charged_us_ = 0.0;
+  std::optional<std::chrono::steady_clock::time_point> last_entry_;
+  int64_t measured_steps_ = 0;
+  int64_t skipped_steps_ = 0;
+  // The last step not measured, its LR and its loss (on the device): staged
+  // if a validation loss is reported with it.
+  int64_t unmeasured_step_ = -1;
+  double unmeasured_lr_ = 0.0;
+  ::torch::Tensor unmeasured_loss_;
 };
 
 }  // namespace lossguard::torch
