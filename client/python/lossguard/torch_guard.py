@@ -200,7 +200,7 @@ class TorchGuard:
     def after_backward(self, step, loss):
         entry = self._begin_step()
         measure = self._should_measure(step)
-        waited = self._report_pending()
+        waited = self._report_pending() if self._pending else 0.0
         mark = self._charge(entry, waited)
         total = None
         if self.clip_max_norm is not None or (measure and self.grad_norm
@@ -217,7 +217,8 @@ class TorchGuard:
             self._skip(step, loss)
         # The weights now are those after optimizer step `step` - 1 (a copy
         # of the model: rollback's cost, not counted).
-        self._take_candidate(step - 1)
+        if self.model is not None:
+            self._take_candidate(step - 1)
         self._advise(step)
 
     def _begin_step(self):
