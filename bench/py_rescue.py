@@ -113,13 +113,16 @@ def train(args, data, opt_name, lr, seed, method, server, run_id):
             for row in curve:
                 f.write(",".join(str(v) for v in row) + "\n")
     advice = []
+    measured = None
     if guard is not None:
         guard.flush()
         client.finish(timeout=10.0)
         advice = [f"{step}:{pb_name(a.diagnosis.kind)}->{note or 'no action'}"
                   f"{'' if applied else ' (not applied)'}"
                   for step, a, applied, note in guard.events]
-    return acc, advice
+        # Steps measured within the guard's overhead budget (max_overhead).
+        measured = [guard.measured_steps, guard.measured_steps + guard.skipped_steps]
+    return acc, advice, measured
 
 
 def pb_name(kind):
@@ -161,7 +164,8 @@ def main():
         reference = {}
         for opt in args.optimizers:
             for seed in args.seeds:
-                acc, _ = train(args, data, opt, REFERENCE_LR[opt], seed, "unattended", server, "")
+                acc, _, _ = train(args, data, opt, REFERENCE_LR[opt], seed, "unattended",
+                                  server, "")
                 reference[(opt, seed)] = acc
                 print(f"reference {opt} lr {REFERENCE_LR[opt]:g} seed {seed}: {acc:.4f}",
                       flush=True)
@@ -172,12 +176,13 @@ def main():
                     row = {"optimizer": opt, "factor": factor, "lr": lr, "seed": seed,
                            "reference": reference[(opt, seed)]}
                     for method in args.methods:
-                        acc, advice = train(args, data, opt, lr, seed, method, server,
-                                            f"py-rescue-{opt}-{lr:g}-s{seed}")
+                        acc, advice, measured = train(args, data, opt, lr, seed, method,
+                                                      server, f"py-rescue-{opt}-{lr:g}-s{seed}")
                         row[method] = acc
                         row[method + "_rescued"] = acc >= reference[(opt, seed)] - 0.02
                         if method == "lossguard":
                             row["advice"] = advice
+                            row["measured_steps"] = measured
                     results.append(row)
                     print(f"{opt} lr {lr:.3g} ({factor:g}x) seed {seed}: " +
                           "  ".join(f"{k} {row[k]:.3f}{'*' if row[k + '_rescued'] else ''}"

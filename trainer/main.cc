@@ -584,6 +584,14 @@ int main(int argc, char** argv) {
               attached ? absl::StrFormat(", %d advice received", received.size()).c_str()
                        : " (unattended)");
 
+  if (guard && attached && guard->skipped_steps() > 0) {
+    // Steps too short for the guard's budget: say how coarse the curve was.
+    std::printf("lossguard measured %lld of %lld steps (--max_overhead %g)\n",
+                static_cast<long long>(guard->measured_steps()),
+                static_cast<long long>(guard->measured_steps() + guard->skipped_steps()),
+                gopts.max_overhead);
+  }
+
   const std::string out = absl::GetFlag(FLAGS_metrics_out);
   if (!out.empty()) {
     nlohmann::ordered_json j;

@@ -216,6 +216,14 @@ class RecordingClient:
         return True
 
 
+class AutoRecordingClient(RecordingClient):
+    """A RecordingClient in AUTO mode that takes acks."""
+    mode = "auto"
+
+    def ack(self, *args, **kwargs):
+        pass
+
+
 def problem():
     torch.manual_seed(0)
     x = torch.randn(256, 8)
@@ -477,13 +485,7 @@ class TorchGuardStagingTest(unittest.TestCase):
         for group in opt.param_groups:
             group["lr"] = 0.01
 
-        class AutoClient(RecordingClient):
-            mode = "auto"
-
-            def ack(self, *args, **kwargs):
-                pass
-
-        client = AutoClient()
+        client = AutoRecordingClient()
         guard = lossguard.TorchGuard(opt, client, max_overhead=1e-9, model=net,
                                      snapshot_every=20)
         for step in range(100):
@@ -585,13 +587,8 @@ class TorchGuardStagingTest(unittest.TestCase):
         for group in opt.param_groups:
             group["lr"] = 0.01
 
-        class AutoClient(RecordingClient):
-            mode = "auto"
-
-            def ack(self, *args, **kwargs):
-                pass
-
-        guard = lossguard.TorchGuard(opt, AutoClient(), max_overhead=0, model=net, snapshot_every=2)
+        guard = lossguard.TorchGuard(opt, AutoRecordingClient(), max_overhead=0, model=net,
+                                     snapshot_every=2)
         weights = self.train(guard, net, opt, x, y, 6)
         # Reported so far: steps 0-4. Snapshots of the weights after steps
         # 0 and 2 are judged (by the losses of steps 1 and 3); that of

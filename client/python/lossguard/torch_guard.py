@@ -1,6 +1,7 @@
 """lossguard.TorchGuard: report a plain PyTorch loop and apply the advice."""
 
 import collections
+import logging
 import math
 import time
 
@@ -120,6 +121,7 @@ class TorchGuard:
         self._charged = 0.0
         self._last_entry = None
         self._unmeasured = None   # (step, lr, loss tensor): the last step not measured
+        self._said_skipping = False
         # Staged steps, oldest first: [step, lr, loss, norm (or None),
         # staging slot (CUDA) or None, val_loss].
         self._pending = collections.deque()
@@ -260,6 +262,12 @@ class TorchGuard:
         """Step `step` is not measured: its loss tensor (or a function that
         makes it) is kept, with no device work, in case a validation loss is
         reported with it."""
+        if not self._said_skipping:
+            self._said_skipping = True
+            logging.getLogger("lossguard").info(
+                "lossguard: from step %d on, measuring only the steps that keep the "
+                "guard within max_overhead=%g of the step time (max_overhead=0 "
+                "measures every step)", step, self.max_overhead)
         self.skipped_steps += 1
         self._unmeasured = (step, self.lr, loss)
 
