@@ -82,6 +82,9 @@ ABSL_FLAG(double, max_overhead, lossguard::torch::GuardOptions{}.max_overhead,
           "the most the guard may add to a step, as a fraction of its time: "
           "on steps too short for that it measures only some steps (0: "
           "every step)");
+ABSL_FLAG(int64_t, dense_steps, lossguard::torch::GuardOptions{}.dense_steps,
+          "steps measured whatever --max_overhead at the start and after each "
+          "correction applied");
 ABSL_FLAG(bool, quiet, false, "print only advice and the summary");
 ABSL_FLAG(bool, guard, true,
           "false: no lossguard at all, the schedule set directly (the "
@@ -380,6 +383,8 @@ int main(int argc, char** argv) {
   gopts.max_steps_in_flight = absl::GetFlag(FLAGS_steps_in_flight);
   gopts.grad_norm = absl::GetFlag(FLAGS_grad_norm);
   gopts.max_overhead = absl::GetFlag(FLAGS_max_overhead);
+  gopts.dense_steps = absl::GetFlag(FLAGS_dense_steps);
+  if (gopts.dense_steps < 0) return Fail("--dense_steps must be at least 0");
   if (!(gopts.max_overhead >= 0.0)) return Fail("--max_overhead must be at least 0");
   if (gopts.max_steps_in_flight < 1) return Fail("--steps_in_flight must be at least 1");
   struct Received {

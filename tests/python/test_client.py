@@ -486,8 +486,8 @@ class TorchGuardStagingTest(unittest.TestCase):
             group["lr"] = 0.01
 
         client = AutoRecordingClient()
-        guard = lossguard.TorchGuard(opt, client, max_overhead=1e-9, model=net,
-                                     snapshot_every=20)
+        guard = lossguard.TorchGuard(opt, client, max_overhead=1e-9, dense_steps=0,
+                                     model=net, snapshot_every=20)
         for step in range(100):
             guarded_step(guard, net, opt, x, y, step)
             if step == 49:
@@ -511,6 +511,26 @@ class TorchGuardStagingTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             lossguard.TorchGuard(opt, client, max_overhead=-0.1)
 
+    def test_the_start_and_the_steps_after_a_correction_are_measured_densely(self):
+        """The first dense_steps steps of a run (from wherever it starts),
+        and as many after each action applied, are measured whatever the
+        budget; the budget's first step after them costs what 1e-9 never
+        earns back."""
+        x, y, net, opt = problem()
+        for group in opt.param_groups:
+            group["lr"] = 0.01
+        client = AutoRecordingClient()
+        guard = lossguard.TorchGuard(opt, client, max_overhead=1e-9, dense_steps=10)
+        for step in range(5, 80):  # a run resumed at step 5
+            guarded_step(guard, net, opt, x, y, step)
+            if step == 40:
+                guard._apply(step, pb.Advice(advice_id=1, action=pb.Action(
+                    scale_lr=pb.ScaleLr(factor=0.5))))
+        guard.flush()
+        want = list(range(5, 16)) + list(range(41, 51)) + [79]
+        self.assertEqual([r[0] for r in client.reports], want)
+        self.assertEqual((guard.measured_steps, guard.skipped_steps), (22, 53))
+
     def test_within_the_overhead_budget_every_step_is_measured(self):
         x, y, net, opt = problem()
         for group in opt.param_groups:
@@ -530,7 +550,7 @@ class TorchGuardStagingTest(unittest.TestCase):
         x, y, net, _ = problem()
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         client = RecordingClient()
-        cb = lossguard.LossGuardCallback(client, max_overhead=1e-9)
+        cb = lossguard.LossGuardCallback(client, max_overhead=1e-9, dense_steps=0)
         drive_lightning(cb, net, opt, x, y, 240, None, accumulate=2)
         self.assertEqual([r[0] for r in client.reports], [0, 24, 49, 74, 99, 119])
         self.assertEqual([r[2] for r in client.reports], [None, 1.0, 1.0, 1.0, 1.0, None])

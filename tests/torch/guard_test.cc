@@ -436,6 +436,7 @@ TEST(GuardEmbeddedTest, OverTheOverheadBudgetOnlyTheNeededStepsAreMeasured) {
   auto opt = p.Sgd(0.01);
   GuardOptions o;
   o.max_overhead = 1e-9;
+  o.dense_steps = 0;
   o.rollback_module = net.ptr().get();
   o.snapshot_every = 20;
   std::vector<analyzers::StepRecord> seen;
@@ -469,6 +470,38 @@ TEST(GuardEmbeddedTest, OverTheOverheadBudgetOnlyTheNeededStepsAreMeasured) {
   advice.mutable_action()->set_restore_checkpoint(true);
   guard.Apply(100, advice);
   EXPECT_THAT(guard.events().back().note, ::testing::HasSubstr("rolled back to step 60"));
+}
+
+// The run's first `dense_steps` steps, and as many after each action
+// applied, are measured whatever the budget.
+TEST(GuardEmbeddedTest, TheStartAndTheStepsAfterACorrectionAreMeasuredDensely) {
+  Problem p;
+  auto opt = p.Sgd(0.01);
+  GuardOptions o;
+  o.max_overhead = 1e-9;
+  o.dense_steps = 10;
+  std::vector<int64_t> steps;
+  o.on_report = [&steps](const analyzers::StepRecord& r) { steps.push_back(r.step); };
+  Guard guard(*opt, o);
+  for (int64_t step = 5; step < 80; ++step) {  // a run resumed at step 5
+    GuardedStep(p, *opt, guard, step);
+    if (step == 40) {
+      v1::Advice advice;
+      advice.set_advice_id(1);
+      advice.mutable_action()->mutable_scale_lr()->set_factor(0.5);
+      guard.Apply(step, advice);
+    }
+  }
+  guard.Flush();
+  std::vector<int64_t> want;
+  // Steps 5-14 dense; 15, the budget's first, costs what it never earns
+  // back; 41-50 dense after the correction at 40; 79 the last.
+  for (int64_t s = 5; s <= 15; ++s) want.push_back(s);
+  for (int64_t s = 41; s < 51; ++s) want.push_back(s);
+  want.push_back(79);
+  EXPECT_EQ(steps, want);
+  EXPECT_EQ(guard.measured_steps(), 22);
+  EXPECT_EQ(guard.skipped_steps(), 53);
 }
 
 // With a budget larger than any cost, and with none (0), every step is

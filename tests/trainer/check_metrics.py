@@ -40,11 +40,13 @@ def main():
         assert abs(float(rows[-1][1]) - m["final_lr"]) < 1e-6 + 0.1 * m["final_lr"], (rows[-1], m)
         # Training time per step, and the host time of the guard's calls in it.
         assert m["ms_per_step"] > 0 and 0 < m["guard_us_per_step"] < 1000 * m["ms_per_step"], m
-        # A budget so small that only what must be reported is: the first
-        # step, and the steps with a validation loss (the last among them).
+        # A budget so small that only what must be reported is (no dense
+        # start): the first step, and the steps with a validation loss (the
+        # last among them).
         subprocess.run([binary, "--steps", "40", "--train-subset", "1000",
                         "--val-size", "300", "--eval-every", "20", "--quiet",
-                        "--max_overhead=1e-9", "--metrics-out", out, "--curve-out", curve],
+                        "--max_overhead=1e-9", "--dense_steps=0", "--metrics-out", out,
+                        "--curve-out", curve],
                        check=True)
         m = json.load(open(out))
         rows = [line.split(",") for line in open(curve).read().splitlines()[1:]]

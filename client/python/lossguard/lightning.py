@@ -59,14 +59,15 @@ class LossGuardCallback(_Base):
     def __init__(self, client, *, accept=None, clip_max_norm=None, on_advice=None,
                  finish_on_train_end=True, rollback=False, snapshot_every=50,
                  snapshots_kept=3, sync_every=10, process_group=None,
-                 max_steps_in_flight=2, grad_norm=True, max_overhead=0.01):
+                 max_steps_in_flight=2, grad_norm=True, max_overhead=0.01,
+                 dense_steps=100):
         self.client = client
         self._options = dict(accept=accept, clip_max_norm=clip_max_norm,
                              on_advice=on_advice, snapshot_every=snapshot_every,
                              snapshots_kept=snapshots_kept, sync_every=sync_every,
                              process_group=process_group,
                              max_steps_in_flight=max_steps_in_flight, grad_norm=grad_norm,
-                             max_overhead=max_overhead)
+                             max_overhead=max_overhead, dense_steps=dense_steps)
         self._rollback = rollback
         self._finish = finish_on_train_end
         self.guard = None
@@ -103,8 +104,10 @@ class LossGuardCallback(_Base):
         guard = self._ensure_guard(trainer, pl_module)
         # The overhead budget (TorchGuard max_overhead): is this optimizer
         # step measured?
-        entry = guard._begin_step()
-        self._measuring = guard._should_measure(int(trainer.global_step))
+        step = int(trainer.global_step)  # the optimizer step about to be taken
+        guard._step = step
+        entry = guard._begin_step(step)
+        self._measuring = guard._should_measure(step)
         clipping = guard.clip_max_norm is not None
         if clipping or (self._measuring and guard.grad_norm and guard.client is not None):
             params = [p for p in pl_module.parameters() if p.grad is not None]

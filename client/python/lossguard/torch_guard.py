@@ -55,8 +55,11 @@ class TorchGuard:
     a step is always measured when rollback needs its loss, when a
     validation loss is reported with it, and at flush (the last step).
     Clipping, when on, still clips every step. Waits for the device are not
-    counted. 0 measures every step. `measured_steps` and `skipped_steps`
-    count them.
+    counted. 0 measures every step. The first `dense_steps` steps (100), and
+    as many after each action applied, are all measured, outside the
+    budget: a bad start and a correction's outcome are judged at full
+    resolution (the analyzers' windows are 50-64 points).
+    `measured_steps` and `skipped_steps` count them.
 
     Actions: scale_lr / set_lr change every param group's LR keeping their
     ratios (and scale a torch LR scheduler's base_lrs, when one is given, so
@@ -96,7 +99,7 @@ class TorchGuard:
                  clip_max_norm=None, on_advice=None, model=None,
                  snapshot_every=50, snapshots_kept=3, sync_every=10,
                  process_group=None, max_steps_in_flight=2, grad_norm=True,
-                 max_overhead=0.01):
+                 max_overhead=0.01, dense_steps=100):
         self.optimizer = optimizer
         self.client = client
         self.scheduler = scheduler
@@ -122,6 +125,9 @@ class TorchGuard:
         self._last_entry = None
         self._unmeasured = None   # (step, lr, loss tensor): the last step not measured
         self._said_skipping = False
+        self.dense_steps = max(0, int(dense_steps))
+        self._dense_until = None  # steps before it are all measured
+        self._step = None         # the step being taken
         # Staged steps, oldest first: [step, lr, loss, norm (or None),
         # staging slot (CUDA) or None, val_loss].
         self._pending = collections.deque()
@@ -200,7 +206,8 @@ class TorchGuard:
             self._set_lr(eta_min + (eta_max - eta_min) * (1 + math.cos(math.pi * t / t0)) / 2)
 
     def after_backward(self, step, loss):
-        entry = self._begin_step()
+        self._step = step
+        entry = self._begin_step(step)
         measure = self._should_measure(step)
         waited = self._report_pending() if self._pending else 0.0
         mark = self._charge(entry, waited)
@@ -223,12 +230,14 @@ class TorchGuard:
             self._take_candidate(step - 1)
         self._advise(step)
 
-    def _begin_step(self):
-        """A step begins (after its backward): the step since the last one
-        earns its share of the overhead budget, less the guard's own time
-        in it. Returns the time now."""
+    def _begin_step(self, step):
+        """Step `step` begins (after its backward): the step since the last
+        one earns its share of the overhead budget, less the guard's own
+        time in it. Returns the time now."""
         now = time.perf_counter()
-        if self.max_overhead > 0:
+        if self._dense_until is None:  # the run's first steps, wherever it starts
+            self._dense_until = step + self.dense_steps
+        if self._budgeted(step):
             if self._last_entry is not None:
                 earned = self.max_overhead * max(0.0, now - self._last_entry - self._charged)
                 self._credit = min(0.0, self._credit + earned)
@@ -236,12 +245,19 @@ class TorchGuard:
             self._charged = 0.0
         return now
 
+    def _budgeted(self, step):
+        """Whether step `step` is under the overhead budget (dense steps are
+        not: nothing is charged for them, so the budget resumes after them
+        without a debt)."""
+        return (self.max_overhead > 0 and step is not None and self._dense_until is not None
+                and step >= self._dense_until)
+
     def _should_measure(self, step):
         """Whether step `step` is measured: within the overhead budget, or
         needed by rollback (the snapshot of the weights after step s - 1, s
         - 1 a multiple of snapshot_every, is judged by the loss of step s
         against that of step s - 1)."""
-        if self.max_overhead <= 0 or self._credit >= 0:
+        if not self._budgeted(step) or self._credit >= 0:
             return True
         if self.model is not None and self.snapshot_every > 0:
             return step % self.snapshot_every in (0, 1 % self.snapshot_every)
@@ -249,10 +265,10 @@ class TorchGuard:
 
     def _charge(self, since, waited=0.0):
         """Charges the guard's time since `since` (less `waited`, spent
-        waiting for the device) to the overhead budget; returns the time
-        now."""
+        waiting for the device) to the overhead budget, at a budgeted step;
+        returns the time now."""
         now = time.perf_counter()
-        if self.max_overhead > 0:
+        if self._budgeted(self._step):
             spent = now - since - waited
             self._charged += spent
             self._credit -= spent
@@ -595,6 +611,9 @@ class TorchGuard:
                         "which this rank has no snapshot of")
                 else:
                     restored = None
+        if applied and self._dense_until is not None:
+            # The correction's outcome is judged at full resolution.
+            self._dense_until = max(self._dense_until, step + 1 + self.dense_steps)
         if asked:
             # Applied before this step's optimizer.step(): the next step's
             # loss is the first computed after it.

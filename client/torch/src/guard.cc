@@ -146,7 +146,9 @@ void Guard::BeforeStep(int64_t step) {
 }
 
 bool Guard::ShouldMeasure(int64_t step) const {
-  if (!(options_.max_overhead > 0.0) || credit_us_ >= 0.0) return true;
+  if (!(options_.max_overhead > 0.0) || credit_us_ >= 0.0 || step < dense_until_) {
+    return true;
+  }
   // Rollback judges the snapshot of the weights after step s - 1 (s - 1 a
   // multiple of snapshot_every) by the loss of step s against that of step
   // s - 1: both are measured.
@@ -165,7 +167,11 @@ void Guard::Charge(std::chrono::steady_clock::time_point start,
 }
 
 void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
-  const bool budget = options_.max_overhead > 0.0;
+  // The run's first steps (from wherever it starts) are measured densely.
+  if (dense_until_ < 0) dense_until_ = step + std::max<int64_t>(options_.dense_steps, 0);
+  // Dense steps are outside the budget: nothing is charged for them, so
+  // that the budget resumes after them without a debt.
+  const bool budget = options_.max_overhead > 0.0 && step >= dense_until_;
   const auto entry = std::chrono::steady_clock::now();
   if (budget) {
     // The step since the last call earns its share, less the guard's own
@@ -569,6 +575,8 @@ void Guard::Apply(int64_t step, const v1::Advice& advice) {
                &event.note);
     }
     event.applied = true;
+    // The correction's outcome is judged at full resolution.
+    dense_until_ = std::max(dense_until_, step + 1 + std::max<int64_t>(options_.dense_steps, 0));
   }
   if (client_ != nullptr && advice.has_action() &&
       (options_.mode == v1::AUTO ||

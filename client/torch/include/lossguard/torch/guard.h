@@ -86,6 +86,12 @@ struct GuardOptions {
   // for the device (max_steps_in_flight) are not counted. 0 measures
   // every step.
   double max_overhead = 0.01;
+  // ...except that the first `dense_steps` steps, and the `dense_steps`
+  // after each action applied, are all measured, outside the budget: a bad
+  // start and the outcome of a correction are judged at full resolution
+  // (the analyzers' windows are 50-64 points), and the rest of a long run
+  // pays the 1%.
+  int64_t dense_steps = 100;
   // Embedded mode (no client): the analyzer's and the policy's options,
   // and the run's planned length in steps (0: unknown). With a constant
   // schedule and a known length, an LR cut decays the LR to the planned
@@ -244,6 +250,9 @@ class Guard {
   // time charged since the last AfterBackward, and when that began.
   double credit_us_ = 0.0;
   double charged_us_ = 0.0;
+  // Steps before this one are all measured (dense_steps); -1: the first
+  // step has not come yet.
+  int64_t dense_until_ = -1;
   std::optional<std::chrono::steady_clock::time_point> last_entry_;
   int64_t measured_steps_ = 0;
   int64_t skipped_steps_ = 0;
