@@ -71,6 +71,17 @@ GuardOptions CosineOptions(int64_t t_max) {
   return o;
 }
 
+// A divergence from `onset` with an LR cut x0.1 that restores a snapshot.
+v1::Advice DivergenceCutWithRollback(int64_t onset) {
+  v1::Advice advice;
+  advice.set_advice_id(1);
+  advice.mutable_diagnosis()->set_kind(v1::DIVERGENCE);
+  advice.mutable_diagnosis()->set_onset(onset);
+  advice.mutable_action()->mutable_scale_lr()->set_factor(0.1);
+  advice.mutable_action()->set_restore_checkpoint(true);
+  return advice;
+}
+
 // One training step of `p` with `guard` around it; returns its loss.
 ::torch::Tensor GuardedStep(Problem& p, ::torch::optim::Optimizer& opt, Guard& guard,
                             int64_t step) {
@@ -462,13 +473,7 @@ TEST(GuardEmbeddedTest, OverTheOverheadBudgetOnlyTheNeededStepsAreMeasured) {
   EXPECT_EQ(guard.skipped_steps(), 88);
   // Rollback still finds judged snapshots (of the weights after steps 0,
   // 20, 40, 60, 80).
-  v1::Advice advice;
-  advice.set_advice_id(1);
-  advice.mutable_diagnosis()->set_kind(v1::DIVERGENCE);
-  advice.mutable_diagnosis()->set_onset(70);
-  advice.mutable_action()->mutable_scale_lr()->set_factor(0.1);
-  advice.mutable_action()->set_restore_checkpoint(true);
-  guard.Apply(100, advice);
+  guard.Apply(100, DivergenceCutWithRollback(70));
   EXPECT_THAT(guard.events().back().note, ::testing::HasSubstr("rolled back to step 60"));
 }
 
@@ -542,13 +547,7 @@ TEST(GuardEmbeddedTest, RollbackRestoresTheWeightsItsSnapshotWasJudgedBy) {
   // Reported: steps 0-4. The snapshots of the weights after steps 0 and 2
   // are judged (by the losses of steps 1 and 3); that of step 4 waits for
   // step 5's.
-  v1::Advice advice;
-  advice.set_advice_id(1);
-  advice.mutable_diagnosis()->set_kind(v1::DIVERGENCE);
-  advice.mutable_diagnosis()->set_onset(5);
-  advice.mutable_action()->mutable_scale_lr()->set_factor(0.1);
-  advice.mutable_action()->set_restore_checkpoint(true);
-  guard.Apply(6, advice);
+  guard.Apply(6, DivergenceCutWithRollback(5));
   ASSERT_FALSE(guard.events().empty());
   EXPECT_THAT(guard.events().back().note, ::testing::HasSubstr("rolled back to step 2"));
   EXPECT_TRUE(::torch::equal(p.l1->weight, after[2]));

@@ -159,11 +159,13 @@ bool Guard::ShouldMeasure(int64_t step) const {
   return false;
 }
 
-void Guard::Charge(std::chrono::steady_clock::time_point start,
-                   double waited_us) {
-  const double us = Micros(std::chrono::steady_clock::now() - start) - waited_us;
+std::chrono::steady_clock::time_point Guard::Charge(
+    std::chrono::steady_clock::time_point start, double waited_us) {
+  const auto now = std::chrono::steady_clock::now();
+  const double us = Micros(now - start) - waited_us;
   charged_us_ += us;
   credit_us_ -= us;
+  return now;
 }
 
 void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
@@ -189,14 +191,14 @@ void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
   // the oldest, waited for, while too many are in flight.
   double waited_us = 0.0;
   ReportPending(/*wait_all=*/false, &waited_us);
-  if (budget) Charge(entry, waited_us);
+  // The start of the next stretch charged (read only under the budget).
+  auto mark = budget ? Charge(entry, waited_us) : entry;
   step_ = step;
 
   // Global L2 norm of the gradients, before clipping, on the device and in
   // a handful of kernels whatever the number of parameters: _foreach_norm
   // is one fused launch on CUDA (as in torch.nn.utils.clip_grad_norm_ with
   // foreach), then one stack and one reduction, accumulated in double.
-  const auto norm_start = std::chrono::steady_clock::now();
   ::torch::Tensor total;
   if ((measure && options_.grad_norm) || clip_.has_value()) {
     // The gradients themselves, not detached aliases (one dispatcher call
@@ -221,15 +223,16 @@ void Guard::AfterBackward(int64_t step, const ::torch::Tensor& loss) {
   }
   // Clipping asked for measures the norm anyway: it is not the guard's
   // overhead.
-  if (budget && !clip_.has_value()) Charge(norm_start, 0.0);
+  if (budget) {
+    mark = clip_.has_value() ? std::chrono::steady_clock::now() : Charge(mark, 0.0);
+  }
 
   if (measure) {
-    const auto stage_start = std::chrono::steady_clock::now();
     Stage(step, lr(), loss, total);
     ++measured_steps_;
     unmeasured_step_ = -1;
     unmeasured_loss_ = ::torch::Tensor();
-    if (budget) Charge(stage_start, 0.0);
+    if (budget) Charge(mark, 0.0);
     if (options_.rollback_module != nullptr && options_.snapshot_every > 0 &&
         step > 0 && (step - 1) % options_.snapshot_every == 0) {
       // The weights now are those after optimizer step `step` - 1 (a copy

@@ -210,8 +210,9 @@ class Guard {
   // or at the end).
   void StageUnmeasured();
   // Charges the guard's time since `start` (less `waited_us`) against the
-  // overhead budget.
-  void Charge(std::chrono::steady_clock::time_point start, double waited_us);
+  // overhead budget; returns the time now.
+  std::chrono::steady_clock::time_point Charge(
+      std::chrono::steady_clock::time_point start, double waited_us);
 
   Client* const client_;
   ::torch::optim::Optimizer& optimizer_;
