@@ -174,6 +174,7 @@ absl::Status ValidateOptions(const AnalyzerOptions& o) {
       {o.oscillation_min_rel_std >= 0, "oscillation_min_rel_std", ">= 0"},
       {o.oscillation_recent_windows >= 1 && o.oscillation_recent_windows <= 31,
        "oscillation_recent_windows", "in [1, 31]"},
+      {o.oscillation_marginal_swing >= 0, "oscillation_marginal_swing", ">= 0"},
       {o.oscillation_confirm_windows >= 1 &&
            o.oscillation_confirm_windows <= o.oscillation_recent_windows,
        "oscillation_confirm_windows", "in [1, oscillation_recent_windows]"},

@@ -82,8 +82,14 @@ void OscillationDetector::OnPoint(const StepRecord& rec,
     streak_ = true;
     streak_start_ = window_start_;
   }
+  // A marginal swing is as likely minibatch noise as an LR too large: it
+  // must hold in every recent window, not just `confirm_windows` of them.
+  const double marginal =
+      options_.oscillation_marginal_swing * options_.oscillation_swing;
+  const int needed =
+      swing < marginal ? recent : options_.oscillation_confirm_windows;
   // A pending divergence rise is a lasting rise in the making, not a swing.
-  if (!swinging || flagged < options_.oscillation_confirm_windows ||
+  if (!swinging || flagged < needed ||
       findings->IsActive(DiagnosisKind::kOscillation) || diverged ||
       rise_pending) {
     return;

@@ -13,6 +13,7 @@
 #include <memory>
 #include <numbers>
 #include <ostream>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -688,7 +689,9 @@ TEST(CurveAnalyzerTest, RecoveredSpikeIsNotOscillation) {
 // the *linear* loss carries the outlier for ~10 points, and the single-window
 // strong-swing rule confirms it. Expected: nothing (no oscillation, no
 // divergence, no spike event) for an isolated outlier, which the block medians
-// already ignore.
+// already ignore. Since oscillation_marginal_swing this seed passes, but only
+// because the outlier's second window swings 0.134, under the marginal 0.14:
+// a larger outlier is still reported, so the test stays disabled.
 TEST(CurveAnalyzerTest, DISABLED_SingleBadMinibatchIsNotOscillation) {
   std::vector<StepRecord> recs = Generate(HealthySpec(3000, 100.0));
   recs[1500].loss *= 50.0;
@@ -782,6 +785,60 @@ TEST(CurveAnalyzerTest, SwingsWhileRisingAreNotOscillation) {
            std::exp(0.8 * std::sin(2 * kPi * t / 20.0));
   };
   EXPECT_FALSE(Has(Analyze(Generate(spec)), DiagnosisKind::kOscillation));
+}
+
+// Converged to 0.5 by step ~1000, then swings by e^(+-amplitude) with a
+// period of 20 steps in the oscillation windows that `swings(window)` picks
+// (windows of 50 points counted from point 4, where L0 is known).
+CurveSpec WindowSwingSpec(double amplitude, std::function<bool(int64_t)> swings) {
+  CurveSpec spec;
+  spec.points = 2000;
+  spec.loss = [amplitude, swings](int64_t i) {
+    const double base = ExpDecay(static_cast<double>(i), kL0, 0.5, 150.0);
+    if (i < 1004 || !swings((i - 4) / 50)) return base;
+    return base * std::exp(amplitude * std::sin(2 * kPi * i / 20.0));
+  };
+  return spec;
+}
+
+// The swing a report of `spec` states, with marginal swings treated as any
+// other (or NaN without a report).
+double ReportedSwing(const CurveSpec& spec) {
+  AnalyzerOptions o;
+  o.oscillation_marginal_swing = 0.0;
+  const std::vector<Diagnosis> osc =
+      OfKind(Analyze(Generate(spec), o), DiagnosisKind::kOscillation);
+  if (osc.empty()) return std::nan("");
+  std::smatch m;
+  const std::regex re("swing ([0-9.]+), threshold");
+  if (!std::regex_search(osc[0].evidence, m, re)) return std::nan("");
+  return std::stod(m[1].str());
+}
+
+// A swing just over the threshold is as likely minibatch noise as an LR too
+// large: it is reported once it holds in every recent window, not in 2 of
+// 3; a clear swing is reported from 2 of 3.
+TEST(CurveAnalyzerTest, MarginalSwingsMustHoldInEveryRecentWindow) {
+  const double threshold = AnalyzerOptions().oscillation_swing;
+  const double marginal = AnalyzerOptions().oscillation_marginal_swing;
+  const auto two_of_three = [](int64_t w) { return w % 3 != 2; };
+  const auto every = [](int64_t) { return true; };
+
+  const CurveSpec weak = WindowSwingSpec(0.46, two_of_three);
+  const double weak_swing = ReportedSwing(weak);
+  ASSERT_GT(weak_swing, threshold);
+  ASSERT_LT(weak_swing, marginal * threshold);
+  const std::vector<Diagnosis> weak_ds = Analyze(Generate(weak));
+  EXPECT_FALSE(Has(weak_ds, DiagnosisKind::kOscillation)) << Describe(weak_ds);
+
+  const std::vector<Diagnosis> weak_every =
+      Analyze(Generate(WindowSwingSpec(0.46, every)));
+  EXPECT_TRUE(Has(weak_every, DiagnosisKind::kOscillation)) << Describe(weak_every);
+
+  const CurveSpec strong = WindowSwingSpec(0.8, two_of_three);
+  ASSERT_GT(ReportedSwing(strong), marginal * threshold);
+  const std::vector<Diagnosis> strong_ds = Analyze(Generate(strong));
+  EXPECT_TRUE(Has(strong_ds, DiagnosisKind::kOscillation)) << Describe(strong_ds);
 }
 
 TEST(CurveAnalyzerTest, OscillationClearsWhenSwingsStop) {

@@ -106,6 +106,13 @@ struct AnalyzerOptions {
   // `oscillation_recent_windows` windows swing...
   int oscillation_confirm_windows = 2;
   int oscillation_recent_windows = 3;
+  // A swing under this multiple of `oscillation_swing` is marginal: its
+  // report's confidence (0.5 + 0.25 (swing / threshold - 1)) is under 0.6,
+  // and on the dev corpus and bench/detect-torch such first reports were
+  // right about as often as not. A marginal swing must hold in all
+  // `oscillation_recent_windows` windows, not just `confirm_windows` of
+  // them. 0 treats every swing alike.
+  double oscillation_marginal_swing = 1.4;
   // ...when, over them, the smoothed loss neither fell nor rose by more
   // than this factor (no net progress, no lasting rise).
   double oscillation_progress_factor = 2.0;
