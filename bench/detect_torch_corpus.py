@@ -85,8 +85,11 @@ DIV_LASTING = 0.1       # "never comes back": for the last >= 10% of the run
 STAG_FAR = 0.5          # "far above what the task reaches with a good LR": not
                         #   even half way (in log-loss) from the initial loss down
                         #   to the good run's final loss
-STAG_PROGRESS = 0.10    # "almost no downward slope": at the stretch's rate a run
-                        #   length covers < 10% of the way to the good run's loss
+STAG_PROGRESS = 0.05    # "almost no downward slope": at the stretch's rate a run
+                        #   length covers < 5% of the way to the good run's loss
+                        #   (dev's labelled stagnations: 0-3.2%)...
+STAG_SLOW = 0.25        # ...and up to 25% is slow, not flat: unclear (dev leaves
+                        #   its sweep runs at 7.5-22.5% out of its labels)
 STAG_LR_DROP = 4.0      # a plateau that starts with an LR cut >= 4x (in the
                         #   stretch's first 10% of the run) starts at the cut
 STAG_LONG = 0.3         # "for a long stretch": >= 30% of the run, to its end
@@ -166,11 +169,15 @@ def label_run(rows, ref_rows, eval_every):
       at least 30% of it, whose smoothed loss stays "far above" the good
       run's final loss (less than half way down from the initial loss, in
       log-loss) and which makes almost no progress: at its rate, one run
-      length would cover less than 10% of the way (in log-loss) from its
+      length would cover less than 5% of the way (in log-loss) from its
       starting level to the good run's final loss (levels: the median losses
       of its first and last fifths, so that spikes are not levels); onset is
       its start (to 5 steps), or an LR cut by 4x or more in its first 10%
       of the run (a plateau after an LR decayed too early starts there).
+      A run far above the good one that covers 5-25% of the way per run
+      length is slow rather than flat: unclear, left out (dev's labelled
+      stagnations cover 0-3.2%, and its sweep runs at 7.5-22.5% are not
+      among its labelled runs).
     - overfitting: the validation loss smoothed over 3 evaluations (a
       centred mean) has its minimum before the last 2 evaluations, rises at
       least 10% above it by the end, and the smoothed training loss at the
@@ -285,8 +292,10 @@ def label_run(rows, ref_rows, eval_every):
             if near(longest, STAG_LONG) or near(progress(start), STAG_PROGRESS):
                 unclear.append(f"stagnation: stretch {100 * longest:.0f}% of the run, "
                                f"progress {100 * progress(start):.0f}%")
-        elif floor[0] > far and near(progress(0), STAG_PROGRESS):
-            unclear.append(f"stagnation: progress {100 * progress(0):.0f}% per run length")
+        elif floor[0] > far and (near(progress(0), STAG_PROGRESS)
+                                 or STAG_PROGRESS <= progress(0) < STAG_SLOW):
+            unclear.append(f"stagnation: progress {100 * progress(0):.0f}% per run length "
+                           f"(slow, not flat)")
 
     # overfitting
     vals = [(r[0], r[3]) for r in rows if r[3] is not None and math.isfinite(r[3])]
