@@ -47,6 +47,7 @@ that did not clearly fit a rule.
 """
 import argparse
 import concurrent.futures
+import csv
 import json
 import math
 import os
@@ -151,7 +152,7 @@ def near(value, threshold):
     return threshold != 0 and abs(value - threshold) <= MARGIN * abs(threshold)
 
 
-def label_run(rows, ref_rows, eval_every):
+def label_run(rows, ref_rows):
     """FORMAT.md's labelling rules on one whole run. Returns (labels, notes,
     ambiguous): labels as [{"kind", "onset"}], notes in words with the
     numbers, and the reasons the run does not clearly fit a rule (empty when
@@ -416,13 +417,16 @@ def write_run(path, rows):
 
 
 def read_run(path):
+    """(step, lr, loss, val_loss, grad_norm) rows of a FORMAT.md file (columns
+    by name; empty cells None)."""
     rows = []
-    with open(path) as f:
-        next(f)
-        for line in f:
-            step, lr, loss, val, norm = line.rstrip("\n").split(",")[:5]
-            rows.append((int(step), float(lr), float(loss), float(val) if val else None,
-                         float(norm) if norm else None))
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            def num(key):
+                v = r.get(key)
+                return float(v) if v not in (None, "") else None
+            rows.append((int(r["step"]), num("lr"), num("loss"), num("val_loss"),
+                         num("grad_norm")))
     return rows
 
 
@@ -438,13 +442,13 @@ def best_lrs():
     return out
 
 
-def label_corpus(out_dir, runs, eval_every):
+def label_corpus(out_dir, runs):
     """Labels every run in `runs` ({run: meta}) against its task's good run."""
     kept, left_out = [], []
     for run, meta in runs.items():
         rows = read_run(os.path.join(out_dir, run + ".csv"))
         ref = read_run(os.path.join(out_dir, meta["ref"] + ".csv"))
-        labels, notes, unclear = label_run(rows, ref, eval_every)
+        labels, notes, unclear = label_run(rows, ref)
         entry = {"run": run, "labels": labels, "task": meta["task"], "config": meta["config"],
                  "notes": notes}
         (left_out if unclear else kept).append((entry, unclear))
@@ -472,22 +476,7 @@ def label_corpus(out_dir, runs, eval_every):
           + f"), left out {len(left_out)} as unclear", flush=True)
 
 
-def read_csv_rows(path):
-    """(step, lr, loss, val_loss, grad_norm) rows of a FORMAT.md file (columns
-    by name; empty cells None)."""
-    import csv
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            def num(key):
-                v = r.get(key)
-                return float(v) if v not in (None, "") else None
-            rows.append((int(r["step"]), num("lr"), num("loss"), num("val_loss"),
-                         num("grad_norm")))
-    return rows
-
-
-def agreement(corpus, eval_every):
+def agreement(corpus):
     """How `label_run` agrees with a labelled corpus' own labels: each run
     labelled against its task's best-LR sweep run (`lrfind.jsonl`)."""
     refs = {}
@@ -504,10 +493,9 @@ def agreement(corpus, eval_every):
             if e["task"] not in refs:
                 continue
             runs += 1
-            rows = read_csv_rows(os.path.join(corpus, e["run"] + ".csv"))
+            rows = read_run(os.path.join(corpus, e["run"] + ".csv"))
             with np.errstate(divide="ignore", invalid="ignore"):
-                labels, _, unclear = label_run(rows, read_csv_rows(refs[e["task"]]),
-                                               eval_every)
+                labels, _, unclear = label_run(rows, read_run(refs[e["task"]]))
             unclear_runs += bool(unclear)
             theirs = {x["kind"]: x["onset"] for x in e["labels"]}
             mine = {x["kind"]: x["onset"] for x in labels}
@@ -545,7 +533,7 @@ def main():
                          "that has lrfind.jsonl (e.g. ../shared/curves/dev)")
     args = ap.parse_args()
     if args.agreement:
-        agreement(args.agreement, args.eval_every)
+        agreement(args.agreement)
         return 0
     if not args.out:
         ap.error("--out is required")
@@ -561,7 +549,7 @@ def main():
         with open(meta_path) as f:
             runs = {m["run"]: m for m in map(json.loads, filter(str.strip, f))}
     if args.label_only:
-        label_corpus(args.out, runs, args.eval_every)
+        label_corpus(args.out, runs)
         return 0
 
     best = best_lrs()
@@ -601,7 +589,7 @@ def main():
     with open(meta_path, "w") as f:
         for run in order:
             f.write(json.dumps(runs[run]) + "\n")
-    label_corpus(args.out, {r: runs[r] for r in order}, args.eval_every)
+    label_corpus(args.out, {r: runs[r] for r in order})
     print(f"{len(jobs)} runs trained, {len(order)} in {args.out} "
           f"({time.time() - start:.0f} s)", flush=True)
     return 0

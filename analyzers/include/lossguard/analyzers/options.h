@@ -106,13 +106,6 @@ struct AnalyzerOptions {
   // `oscillation_recent_windows` windows swing...
   int oscillation_confirm_windows = 2;
   int oscillation_recent_windows = 3;
-  // A swing under this multiple of `oscillation_swing` is marginal: its
-  // report's confidence (0.5 + 0.25 (swing / threshold - 1)) is under 0.6,
-  // and on the dev corpus and bench/detect-torch such first reports were
-  // right about as often as not. A marginal swing must hold in all
-  // `oscillation_recent_windows` windows, not just `confirm_windows` of
-  // them. 0 treats every swing alike.
-  double oscillation_marginal_swing = 1.4;
   // ...when, over them, the smoothed loss neither fell nor rose by more
   // than this factor (no net progress, no lasting rise).
   double oscillation_progress_factor = 2.0;
@@ -125,6 +118,13 @@ struct AnalyzerOptions {
   // (a lasting rise is divergence's to judge). 0 restores the symmetric
   // rule.
   double oscillation_progress_swing_sds = 1.0;
+  // A swing under this multiple of `oscillation_swing` is marginal: its
+  // report's confidence (0.5 + 0.25 (swing / threshold - 1)) is under 0.6,
+  // and on the dev corpus and bench/detect-torch such first reports were
+  // right about as often as not. A marginal swing must hold in all
+  // `oscillation_recent_windows` windows, not just `confirm_windows` of
+  // them. 0 treats every swing alike.
+  double oscillation_marginal_swing = 1.4;
 
   // --- stagnation -----------------------------------------------------------
   // Fewest points before stagnation may be decided...
